@@ -1,0 +1,137 @@
+"""A uniform, lazy view of a model's tensors, whatever holds them.
+
+`open_source` accepts a state dict, an `nn.Module`, a `.safetensors` file, or a directory holding
+`model.safetensors` or a sharded `model.safetensors.index.json`. Shapes and dtypes come from headers,
+so inputs can be checked before any tensor data is read; `get` reads one tensor (memory-mapped for files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorSource:
+    """Names, shapes and dtypes of a model's tensors, and the tensors themselves on demand."""
+
+    def __init__(self, label: str, specs: dict[str, tuple[torch.Size, torch.dtype]], reader):
+        self.label = label
+        self.specs = specs
+        self._reader = reader
+
+    def keys(self) -> list[str]:
+        return list(self.specs)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.specs[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.specs[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.specs:
+            raise KeyError(f"{self.label}: no tensor named {key!r}")
+        return self._reader(key)
+
+
+def _from_mapping(tensors: Mapping[str, torch.Tensor], label: str) -> TensorSource:
+    specs = {}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{label}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        specs[key] = (value.shape, value.dtype)
+    return TensorSource(label, specs, lambda key: tensors[key].detach())
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header size)")
+        size = int.from_bytes(size_bytes, "little")
+        if size > os.path.getsize(path):
+            raise ValueError(f"{path}: not a safetensors file (header size {size} exceeds the file)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _from_safetensors(files: dict[str, Path], label: str) -> TensorSource:
+    """`files` maps each tensor name to the file holding it."""
+    from safetensors import safe_open
+
+    specs = {}
+    for path in sorted(set(files.values())):
+        for key, info in _safetensors_header(path).items():
+            if key in files and files[key] != path:
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise TypeError(f"{label}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            specs[key] = (torch.Size(info["shape"]), dtype)
+    missing = sorted(k for k in files if k not in specs)
+    if missing:
+        raise KeyError(f"{label}: the index lists {missing[:3]} but their shard does not hold them")
+    handles: dict[Path, object] = {}
+
+    def read(key: str) -> torch.Tensor:
+        path = files[key]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(key)
+
+    return TensorSource(label, specs, read)
+
+
+def _files_of(path: Path) -> dict[str, Path]:
+    if path.is_dir():
+        index = path / SAFETENSORS_INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {key: path / name for key, name in weight_map.items()}
+            for shard in set(files.values()):
+                if not shard.exists():
+                    raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing")
+            return files
+        single = path / SAFETENSORS_SINGLE
+        if single.exists():
+            path = single
+        else:
+            raise FileNotFoundError(
+                f"{path}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} (only safetensors checkpoints are read)"
+            )
+    elif not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return {key: path for key in _safetensors_header(path)}
+
+
+def open_source(model, label: str | None = None) -> TensorSource:
+    """A lazy `TensorSource` over a state dict, module, safetensors file or checkpoint directory."""
+    if isinstance(model, TensorSource):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return _from_mapping(model.state_dict(), label or type(model).__name__)
+    if isinstance(model, Mapping):
+        return _from_mapping(model, label or "state dict")
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        return _from_safetensors(_files_of(path), label or str(path))
+    raise TypeError(
+        f"{label or 'model'}: expected a state dict, nn.Module or safetensors path, got {type(model).__name__}"
+    )

@@ -1,0 +1,279 @@
+"""`concrete_merge`: sample the Concrete mask, apply and rescale it, and sum the weighted task vectors.
+
+    out_j = base_j + r_j * sum_i w[i, seg(j)] * tv[i, j],   r_j = m_j / mean_{k in seg(j)} m_k
+
+Registered once with `torch.library` (forward and fused backward are both ops, so autograd and
+`torch.compile` see one op each); the backend named by `backend=` (or picked by device for "auto")
+runs the phases documented in `pyfuse.ops.reference`. A segment whose mask is all zero (possible with
+hard or threshold masks) has nothing to rescale: its elements stay at the base value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import backends
+from .profiling import nvtx_range
+from .reference import MODES, RELAXED
+
+__all__ = ["concrete_merge", "sample_concrete_mask", "MODES"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every error names the argument and the offending shape, dtype or value.
+# ---------------------------------------------------------------------------------------------
+def _check_scalars(seed: int, step: int, temperature: float, mask: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
+        raise ValueError(f"step must be an integer in [0, 2^32), got {step!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if mask not in MODES:
+        raise ValueError(f"mask must be one of {MODES}, got {mask!r}")
+
+
+def _check_logits(logits: torch.Tensor, compute_dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 1:
+        raise ValueError(f"logits must be a 1-D tensor [D], got shape {tuple(getattr(logits, 'shape', ()))}")
+    if logits.dtype not in compute_dtypes:
+        raise TypeError(f"logits must be {' or '.join(map(str, compute_dtypes))} for this backend, got {logits.dtype}")
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).nonzero()[0])
+        raise ValueError(f"logits must be finite; logits[{bad}] = {logits[bad].item()}")
+
+
+def _check_offsets(offsets: torch.Tensor, numel: int) -> torch.Tensor:
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(f"offsets must be a 1-D integer tensor [S+1] with S >= 1, got {offsets!r:.80}")
+    if offsets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"offsets must be int64 (or int32), got {offsets.dtype}")
+    host = offsets.tolist()
+    if host[0] != 0 or host[-1] != numel:
+        raise ValueError(f"offsets must run from 0 to D={numel}, got {host[0]} .. {host[-1]}")
+    steps = [b - a for a, b in zip(host[:-1], host[1:])]
+    if min(steps) <= 0:
+        s = steps.index(min(steps))
+        raise ValueError(f"offsets must be strictly increasing; segment {s} is [{host[s]}, {host[s + 1]})")
+    return offsets.to(torch.int64).contiguous()
+
+
+def _validate(base, task_vectors, logits, weights, offsets, backend_name):
+    tensors = {"base": base, "task_vectors": task_vectors, "logits": logits, "weights": weights, "offsets": offsets}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+    resolved = backends.resolve(backend_name, base.device)
+    _check_logits(logits, backends.BACKENDS[resolved].compute_dtypes)
+    numel = logits.numel()
+    if base.dim() != 1 or base.numel() != numel:
+        raise ValueError(f"base must be [D] with D = len(logits) = {numel}, got shape {tuple(base.shape)}")
+    if task_vectors.dim() != 2 or task_vectors.shape[1] != numel or task_vectors.shape[0] < 1:
+        raise ValueError(f"task_vectors must be [n, D] with D = {numel}, n >= 1, got shape {tuple(task_vectors.shape)}")
+    for name in ("base", "task_vectors", "weights"):
+        if tensors[name].dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a floating tensor, got {tensors[name].dtype}")
+    offsets = _check_offsets(offsets, numel)
+    n, num_segments = task_vectors.shape[0], offsets.numel() - 1
+    if weights.shape not in ((n,), (n, num_segments)):
+        raise ValueError(
+            f"weights must be task-wise [n]={[n]} or layer-wise [n, S]={[n, num_segments]}, got {list(weights.shape)}"
+        )
+    return resolved, offsets
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered ops. Seeds travel through the op schema as signed 64-bit words.
+# ---------------------------------------------------------------------------------------------
+def _to_i64(seed: int) -> int:
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _to_u64(seed: int) -> int:
+    return seed + 2**64 if seed < 0 else seed
+
+
+def _segment_scale(seg_sum: torch.Tensor, offsets: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """1 / mean of the mask per segment (0 for an all-zero segment); 1 without rescaling."""
+    if not rescale:
+        return torch.ones_like(seg_sum)
+    lengths = (offsets[1:] - offsets[:-1]).to(seg_sum.dtype)
+    return torch.where(seg_sum > 0, lengths / seg_sum, torch.zeros_like(seg_sum))
+
+
+@torch.library.custom_op("pyfuse::concrete_merge", mutates_args=())
+def _merge_op(
+    base: torch.Tensor,
+    task_vectors: torch.Tensor,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor,
+    seed: int,
+    step: int,
+    temperature: float,
+    mode: str,
+    rescale: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    phases = backends.phases(backend)
+    seed, mode_id = _to_u64(seed), MODES.index(mode)
+    out = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device)
+    with nvtx_range("concrete_merge.forward"):
+        with nvtx_range("concrete_merge.mask_sums"):
+            seg_sum = phases.mask_sums(logits, offsets, seed, step, temperature, mode_id, out)
+        seg_scale = _segment_scale(seg_sum, offsets, rescale)
+        with nvtx_range("concrete_merge.merge_apply"):
+            phases.merge_apply(base, task_vectors, weights, offsets, seg_scale, out)
+    return out, seg_sum
+
+
+@_merge_op.register_fake
+def _(base, task_vectors, logits, weights, offsets, seed, step, temperature, mode, rescale, backend):
+    return logits.new_empty(logits.shape), logits.new_empty(offsets.shape[0] - 1)
+
+
+@torch.library.custom_op("pyfuse::concrete_merge_backward", mutates_args=())
+def _merge_backward_op(
+    grad_out: torch.Tensor,
+    task_vectors: torch.Tensor,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor,
+    seg_sum: torch.Tensor,
+    seed: int,
+    step: int,
+    temperature: float,
+    mode: str,
+    rescale: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    phases = backends.phases(backend)
+    seed, mode_id = _to_u64(seed), MODES.index(mode)
+    grad_out = grad_out.to(logits.dtype).contiguous()
+    seg_scale = _segment_scale(seg_sum, offsets, rescale)
+    grad_logits = torch.empty_like(logits)
+    with nvtx_range("concrete_merge.backward"):
+        with nvtx_range("concrete_merge.backward_accumulate"):
+            grad_weights, seg_gam = phases.backward_accumulate(
+                grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode_id,
+                grad_logits,
+            )
+        if mode_id != RELAXED:  # hard, threshold and constant masks have zero derivative in the logits
+            grad_logits.zero_()
+        else:
+            with nvtx_range("concrete_merge.backward_logits"):
+                if rescale:
+                    # d r_j / d m_k couples a segment through its mean: the -sum_j g_j a_j m_j / (|s| M_s^2) term
+                    lengths = (offsets[1:] - offsets[:-1]).to(seg_sum.dtype)
+                    seg_corr = seg_gam * seg_scale * seg_scale / lengths
+                else:
+                    seg_corr = torch.zeros_like(seg_sum)
+                phases.backward_logits(grad_logits, logits, offsets, seg_scale, seg_corr, seed, step, temperature)
+    return grad_logits, grad_weights
+
+
+@_merge_backward_op.register_fake
+def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, temperature, mode, rescale, backend):
+    return logits.new_empty(logits.shape), weights.new_empty(weights.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    base, task_vectors, logits, weights, offsets, seed, step, temperature, mode, rescale, backend = inputs
+    ctx.save_for_backward(task_vectors, logits, weights, offsets, output[1])
+    ctx.args = (seed, step, temperature, mode, rescale, backend)
+    ctx.weights_dtype = weights.dtype
+
+
+def _backward(ctx, grad_out, _grad_seg_sum):
+    task_vectors, logits, weights, offsets, seg_sum = ctx.saved_tensors
+    grad_logits, grad_weights = _merge_backward_op(
+        grad_out, task_vectors, logits, weights, offsets, seg_sum, *ctx.args
+    )
+    return None, None, grad_logits, grad_weights.to(ctx.weights_dtype), None, None, None, None, None, None, None
+
+
+_merge_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def concrete_merge(
+    base: torch.Tensor,
+    task_vectors: torch.Tensor,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    seed: int,
+    step: int = 0,
+    temperature: float = 0.5,
+    mask: str = "relaxed",
+    rescale: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The merged flat parameters `[D]`, differentiable w.r.t. `logits` and `weights`.
+
+    Args:
+        base: pre-trained parameters `[D]` (fp32/bf16/fp16).
+        task_vectors: `[n, D]` fine-tuned minus base (fp32/bf16/fp16; accumulated in fp32).
+        logits: mask logits `[D]`, fp32.
+        weights: task-wise `[n]` or layer-wise `[n, S]` merge coefficients.
+        offsets: int64 `[S+1]` segment boundaries (one segment per parameter tensor).
+        seed, step: the Philox key and the outer-loop step; the same pair gives the same mask everywhere.
+        temperature: Concrete temperature T.
+        mask: "relaxed" (training), "hard" (Bernoulli sample), "threshold" (logits > 0) or "none".
+        rescale: divide the mask by its mean over each segment.
+        backend: "auto", "triton", "cpp" or "reference".
+
+    Returns:
+        fp32 `[D]` (fp64 only with fp64 logits on the reference backend).
+    """
+    _check_scalars(seed, step, temperature, mask)
+    name, offsets = _validate(base, task_vectors, logits, weights, offsets, backend)
+    compute = logits.dtype
+    layerwise = weights if weights.dim() == 2 else weights.unsqueeze(1).expand(-1, offsets.numel() - 1)
+    out, _ = _merge_op(
+        base.contiguous(),
+        task_vectors.contiguous(),
+        logits.contiguous(),
+        layerwise.to(compute).contiguous(),
+        offsets,
+        _to_i64(seed),
+        step,
+        float(temperature),
+        mask,
+        bool(rescale),
+        name,
+    )
+    return out
+
+
+def sample_concrete_mask(
+    logits: torch.Tensor,
+    *,
+    seed: int,
+    step: int = 0,
+    temperature: float = 0.5,
+    mask: str = "relaxed",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exactly the mask `m` (before rescaling) that `concrete_merge` applies for the same arguments."""
+    _check_scalars(seed, step, temperature, mask)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    name = backends.resolve(backend, logits.device)
+    _check_logits(logits, backends.BACKENDS[name].compute_dtypes)
+    whole = torch.tensor([0, logits.numel()], dtype=torch.int64, device=logits.device)
+    m = torch.empty_like(logits)
+    with nvtx_range("concrete_merge.sample_mask"):
+        backends.phases(name).mask_sums(logits.contiguous(), whole, seed, step, float(temperature), MODES.index(mask), m)
+    return m
