@@ -42,7 +42,8 @@ def _check_logits(logits: torch.Tensor, compute_dtypes: tuple[torch.dtype, ...])
         raise ValueError(f"logits must be a 1-D tensor [D], got shape {tuple(getattr(logits, 'shape', ()))}")
     if logits.dtype not in compute_dtypes:
         raise TypeError(f"logits must be {' or '.join(map(str, compute_dtypes))} for this backend, got {logits.dtype}")
-    if not bool(torch.isfinite(logits).all()):
+    # Data-dependent checks can't be traced; under torch.compile they are left to eager runs.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).nonzero()[0])
         raise ValueError(f"logits must be finite; logits[{bad}] = {logits[bad].item()}")
 
@@ -52,6 +53,8 @@ def _check_offsets(offsets: torch.Tensor, numel: int) -> torch.Tensor:
         raise ValueError(f"offsets must be a 1-D integer tensor [S+1] with S >= 1, got {offsets!r:.80}")
     if offsets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"offsets must be int64 (or int32), got {offsets.dtype}")
+    if torch.compiler.is_compiling():
+        return offsets.to(torch.int64).contiguous()
     host = offsets.tolist()
     if host[0] != 0 or host[-1] != numel:
         raise ValueError(f"offsets must run from 0 to D={numel}, got {host[0]} .. {host[-1]}")
@@ -275,5 +278,7 @@ def sample_concrete_mask(
     whole = torch.tensor([0, logits.numel()], dtype=torch.int64, device=logits.device)
     m = torch.empty_like(logits)
     with nvtx_range("concrete_merge.sample_mask"):
-        backends.phases(name).mask_sums(logits.contiguous(), whole, seed, step, float(temperature), MODES.index(mask), m)
+        backends.phases(name).mask_sums(
+            logits.contiguous(), whole, seed, step, float(temperature), MODES.index(mask), m
+        )
     return m

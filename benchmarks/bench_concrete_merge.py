@@ -1,0 +1,174 @@
+"""The fused Concrete merge (C++ backend) against the authors' eager per-tensor formula, side by side.
+
+For n task vectors over a CLIP-ViT-shaped layout (199 tensors; ViT-B/32 itself at D = 87.5M), each
+implementation runs in its own worker process (so memory is measured alike) and reports forward time,
+forward+backward time, extra peak anonymous memory beyond inputs and outputs, and the forward's
+effective bandwidth against a `copy_` measured in the same worker. Also prints the Triton kernel's
+expected H100 time from its bytes moved (an estimate, not a measurement: no GPU here).
+
+    python benchmarks/bench_concrete_merge.py --sizes 1M,8M,87.5M --tasks 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PeakRssAnon, clip_like_shapes, median_time, parse_size, print_table, write_json  # noqa: E402
+
+H100_HBM_BYTES_PER_S = 3.35e12
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(numel: int, n: int, dtype: torch.dtype):
+    shapes = clip_like_shapes(numel)
+    sizes = [torch.Size(s).numel() for s in shapes]
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
+    D = int(offsets[-1])
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(D, generator=gen)
+    tv = (torch.randn(n, D, generator=gen) * 0.01).to(dtype)
+    logits = torch.randn(D, generator=gen)
+    weights = torch.full((n, len(shapes)), 0.3)
+    grad = torch.randn(D, generator=gen)
+    return shapes, offsets, base, tv, logits, weights, grad
+
+
+def fused_impl(backend: str):
+    from pyfuse.ops import concrete_merge
+
+    def run(shapes, offsets, base, tv, logits, weights, grad, backward):
+        x = logits.requires_grad_(backward)
+        w = weights.requires_grad_(backward)
+        out = concrete_merge(base, tv, x, w, offsets, seed=0, step=1, temperature=0.5, backend=backend)
+        if backward:
+            out.backward(grad)
+            return [out, x.grad, w.grad]
+        return [out]
+
+    return run
+
+
+def eager_run(shapes, offsets, base, tv, logits, weights, grad, backward):
+    """The authors' formula: per tensor, a RelaxedBernoulli mask, m / m.mean(), and a loop over tasks."""
+    x = logits.requires_grad_(backward)
+    w = weights.requires_grad_(backward)
+    bounds = offsets.tolist()
+    outs = []
+    for s, shape in enumerate(shapes):
+        lo, hi = bounds[s], bounds[s + 1]
+        m = torch.distributions.RelaxedBernoulli(torch.tensor(0.5), logits=x[lo:hi].view(shape)).rsample()
+        m = m / m.mean()
+        merged = base[lo:hi].view(shape)
+        for i in range(tv.shape[0]):
+            merged = merged + w[i, s] * (m * tv[i, lo:hi].view(shape).float())
+        outs.append(merged)
+    if backward:
+        torch.autograd.backward(outs, [grad[bounds[s]:bounds[s + 1]].view(sh) for s, sh in enumerate(shapes)])
+        return [*outs, x.grad, w.grad]
+    return outs
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    impl = eager_run if args.impl == "eager" else fused_impl(args.impl.removeprefix("pyfuse-"))
+    inputs = make_inputs(args.size, args.tasks, DTYPES[args.dtype])
+    shapes, offsets, base, tv, logits, weights, grad = inputs
+    D, n = base.numel(), tv.shape[0]
+
+    def reset():
+        logits.grad = None
+        weights.grad = None
+
+    if args.measure == "memory":
+        with PeakRssAnon() as peak:
+            results = impl(*inputs, backward=True)
+        outputs = sum(t.nbytes for t in results)
+        return {"extra_peak_mb": max(0, peak.extra - outputs) / 2**20}
+    src, dst = torch.randn(D), torch.empty(D)
+    copy_s = median_time(lambda: dst.copy_(src), args.repeats)
+    with torch.no_grad():
+        fwd_s = median_time(lambda: impl(*inputs, backward=False), args.repeats)
+    fwd_bwd_s = median_time(lambda: (reset(), impl(*inputs, backward=True)), args.repeats)
+    min_bytes = D * 4 * 3 + tv.nbytes  # read base, logits, task vectors once; write out once
+    triton_fwd_bytes = D * 4 * 5 + tv.nbytes  # + the mask written and re-read through the output buffer
+    triton_bwd_bytes = D * 4 * 6 + tv.nbytes  # grad, logits (x2), base-free; ga written and re-read
+    return {
+        "impl": args.impl, "D": D, "n": n, "tensors": len(shapes), "dtype": args.dtype, "threads": args.threads,
+        "fwd_ms": fwd_s * 1e3, "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "copy_gbps": 2 * D * 4 / copy_s / 1e9, "fwd_gbps": min_bytes / fwd_s / 1e9,
+        "fwd_frac_of_copy": (min_bytes / fwd_s) / (2 * D * 4 / copy_s),
+        "h100_fwd_estimate_ms": triton_fwd_bytes / H100_HBM_BYTES_PER_S * 1e3,
+        "h100_fwd_bwd_estimate_ms": (triton_fwd_bytes + triton_bwd_bytes) / H100_HBM_BYTES_PER_S * 1e3,
+    }
+
+
+def run_worker(impl: str, size: int, args) -> dict:
+    """Times in one fresh process, peak memory in another, so neither measurement disturbs the other."""
+    row = {}
+    for measure in ("time", "memory"):
+        cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--size", str(size), "--tasks", str(args.tasks),
+               "--dtype", args.dtype, "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--measure", measure]
+        env = dict(os.environ)
+        if measure == "memory":
+            # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors
+            # (it would slow the timed runs with page faults, hence a separate process).
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"worker {impl} ({measure}) at D={size} failed:\n{done.stderr[-3000:]}")
+        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1M,8M,32M,87.5M", help="comma-separated D values (K/M/G suffixes)")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="task-vector storage dtype")
+    parser.add_argument("--impls", default="pyfuse-cpp,eager", help="pyfuse-<backend> and/or eager")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    rows = []
+    for size in map(parse_size, args.sizes.split(",")):
+        group = [run_worker(impl, size, args) for impl in args.impls.split(",")]
+        eager = next((r for r in group if r["impl"] == "eager"), None)
+        for row in group:
+            if eager is not None and row is not eager:
+                row["fwd_bwd_speedup_vs_eager"] = eager["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+                row["extra_peak_vs_eager"] = row["extra_peak_mb"] / max(eager["extra_peak_mb"], 1e-9)
+        rows += group
+    print(f"concrete_merge: n={args.tasks} task vectors ({args.dtype}), CLIP-ViT layout (199 tensors), "
+          f"{args.threads} threads")
+    print_table(rows, [
+        ("impl", "impl", "s"), ("D", "D", ",d"), ("fwd_ms", "fwd ms", ".1f"), ("fwd_bwd_ms", "fwd+bwd ms", ".1f"),
+        ("fwd_bwd_speedup_vs_eager", "speedup", ".2f"), ("extra_peak_mb", "extra peak MiB", ".1f"),
+        ("extra_peak_vs_eager", "mem vs eager", ".3f"), ("fwd_gbps", "fwd GB/s", ".2f"),
+        ("copy_gbps", "copy GB/s", ".2f"), ("fwd_frac_of_copy", "fwd/copy", ".2f"),
+    ])
+    print("Triton on an H100 (ESTIMATE from bytes moved at 3.35 TB/s, not measured):")
+    for row in rows:
+        if row["impl"] != "eager":
+            print(f"  D={row['D']:,}: forward ~{row['h100_fwd_estimate_ms']:.2f} ms, "
+                  f"forward+backward ~{row['h100_fwd_bwd_estimate_ms']:.2f} ms")
+    write_json(args.json, {"benchmark": "concrete_merge", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
