@@ -70,3 +70,13 @@ def test_backend_streams_are_bit_identical(backend, seed, step, start):
     else:
         from pyfuse.kernels import concrete_merge as module
     assert torch.equal(module.uniform(seed, step, start, 300), concrete_uniform(seed, step, start, 300))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_public_sample_uniform(backend):
+    from pyfuse.ops import sample_uniform
+
+    u = sample_uniform(50, seed=2**63 + 1, step=7, start=2**32 - 10, backend=backend)
+    assert torch.equal(u, concrete_uniform(2**63 + 1, 7, 2**32 - 10, 50))
+    with pytest.raises(ValueError, match="start"):
+        sample_uniform(5, seed=0, start=-1)

@@ -1,5 +1,6 @@
-"""Reading models lazily, one tensor at a time, from state dicts, modules and safetensors files."""
+"""Reading models lazily, one tensor at a time, and writing merged checkpoints, all or nothing."""
 
-from .sources import TensorSource, open_source
+from .sources import TensorSource, checkpoint_files, open_source
+from .writer import ShardedWriter
 
-__all__ = ["TensorSource", "open_source"]
+__all__ = ["ShardedWriter", "TensorSource", "checkpoint_files", "open_source"]

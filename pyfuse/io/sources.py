@@ -135,3 +135,10 @@ def open_source(model, label: str | None = None) -> TensorSource:
     raise TypeError(
         f"{label or 'model'}: expected a state dict, nn.Module or safetensors path, got {type(model).__name__}"
     )
+
+
+def checkpoint_files(model) -> list[Path]:
+    """The files holding the tensors of a safetensors path (one file, or the shards of a directory); [] otherwise."""
+    if not isinstance(model, (str, os.PathLike)):
+        return []
+    return sorted(set(_files_of(Path(model)).values()))

@@ -18,7 +18,7 @@ from . import backends
 from .profiling import nvtx_range
 from .reference import MODES, RELAXED
 
-__all__ = ["concrete_merge", "sample_concrete_mask", "MODES"]
+__all__ = ["concrete_merge", "sample_concrete_mask", "sample_uniform", "MODES"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -282,3 +282,20 @@ def sample_concrete_mask(
             logits.contiguous(), whole, seed, step, float(temperature), MODES.index(mask), m
         )
     return m
+
+
+def sample_uniform(
+    count: int, *, seed: int, step: int = 0, start: int = 0, device: torch.device | str = "cpu", backend: str = "auto"
+) -> torch.Tensor:
+    """The Concrete noise u_j for flat indices j in [start, start + count): the stream every mask draws from.
+
+    Methods that need reproducible randomness indexed by flat position (DARE's drops) use it, so their
+    results do not depend on chunking or threads.
+    """
+    _check_scalars(seed, step, 0.5, "relaxed")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0 or count < 0 or start + count > 2**63:
+        raise ValueError(f"need 0 <= start and start + count <= 2^63, got start={start!r}, count={count!r}")
+    device = torch.device(device)
+    name = backends.resolve(backend, device)
+    with nvtx_range("concrete_merge.sample_uniform"):
+        return backends.phases(name).uniform(seed, step, start, count).to(device)

@@ -91,3 +91,8 @@ def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, 
     seg = segment_ids(offsets)
     m = concrete_mask(logits, seed, step, temperature, RELAXED)
     ga_inout.copy_((ga_inout * seg_scale[seg] - seg_corr[seg]) * m * (1 - m) / temperature)
+
+
+def uniform(seed, step, start, count, device=None):
+    """The clamped uniforms u_j for j in [start, start + count)."""
+    return concrete_uniform(seed, step, start, count, device=device)

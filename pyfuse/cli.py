@@ -1,0 +1,268 @@
+"""The `pyfuse` command line. Subcommands register in `COMMANDS`; today: `merge`.
+
+Only this module prints: the library returns values and reports, and the commands turn them into text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_MAIN_EPILOG = """\
+examples:
+  pyfuse merge merge.yaml ./merged                 merge the models a config names into ./merged
+  pyfuse merge merge.yaml ./merged --dry-run       check everything, predict memory and size, read no weights
+  pyfuse merge --help                              the config format and every option
+
+Python: pyfuse.merge("ties", base, [model_a, model_b], density=0.5) returns the merged state dict.
+"""
+
+_MERGE_EPILOG = """\
+config (YAML):
+  method: ties                  # average | task_arithmetic | ties | dare | concrete
+  base: ./llama-base            # the pre-trained model: HF model directory, sharded
+                                #   safetensors directory with its index, or a .safetensors file
+  models:                       # the fine-tuned models
+    - path: ./llama-math
+      weight: 1.0               # optional per-model weight (default 1)
+    - ./llama-code              # a bare path when no weight is needed
+  parameters:                   # the method's parameters; anything left out takes its default
+    density: 0.5
+    scaling: 0.3
+  dtype: bfloat16               # optional output dtype (default: the base's)
+  shard_size: 5GB               # optional maximum shard size (default 5GB)
+
+Relative paths are resolved from the config file's directory.
+
+parameters (default):
+{methods}
+examples:
+  pyfuse merge ties.yaml ./merged
+  pyfuse merge ties.yaml ./merged --dry-run
+  pyfuse merge ties.yaml ./merged --force --dtype bfloat16 --threads 4
+
+The output directory receives model-0000k-of-0000n.safetensors shards with their index, the base's
+config.json, tokenizer and other small files, and merge_report.json (method, parameters, inputs with
+sha256 hashes, timings, peak memory). It is written under a temporary name and renamed when complete;
+an existing directory is replaced only with --force.
+"""
+
+_CONFIG_KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size")
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str = ""
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the entry."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pyfuse merge
+# ---------------------------------------------------------------------------------------------
+def _method_table() -> str:
+    from .methods import StaticMethod, available_methods, get_method
+
+    lines = []
+    for name in available_methods():
+        cls = get_method(name)
+        if not issubclass(cls, StaticMethod):
+            continue
+        lines.append(f"  {name}: {cls.summary}")
+        for key, spec in cls.params.items():
+            default = "none" if spec.default is None else spec.default
+            lines.append(f"      {key} ({default}): {spec.help}")
+    return "\n".join(lines) + "\n"
+
+
+def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML file describing the merge (format below)")
+    parser.add_argument("out_dir", type=Path, help="directory to create with the merged model")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate everything and print the plan, predicted peak memory and output size; "
+                             "read no tensor data and write nothing")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--dtype", help="output dtype (float32, bfloat16, float16); overrides the config")
+    parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads)")
+    parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in the report")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_merge_config(path: Path) -> dict[str, Any]:
+    """The merge a config file describes, as keyword arguments of `plan_merge` (paths resolved)."""
+    import yaml
+
+    from .methods import get_method
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_CONFIG_KEYS)}")
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; expected {', '.join(_CONFIG_KEYS)}")
+    for key in ("method", "base", "models"):
+        if key not in config:
+            raise ConfigError(f"{path}: missing {key!r}")
+    here = path.parent
+
+    def resolve(value: Any, where: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {where} must be a path, got {value!r}")
+        return here / Path(value).expanduser()
+
+    models, weights = [], []
+    if not isinstance(config["models"], list) or not config["models"]:
+        raise ConfigError(f"{path}: 'models' must be a non-empty list of fine-tuned models")
+    for i, entry in enumerate(config["models"]):
+        if isinstance(entry, dict):
+            extra = sorted(set(entry) - {"path", "weight"})
+            if extra or "path" not in entry:
+                raise ConfigError(f"{path}: models[{i}] needs 'path' and optionally 'weight', got keys "
+                                  f"{sorted(entry)}")
+            models.append(resolve(entry["path"], f"models[{i}].path"))
+            weights.append(entry.get("weight"))
+        else:
+            models.append(resolve(entry, f"models[{i}]"))
+            weights.append(None)
+    params = config.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: 'parameters' must be a mapping of parameter names to values")
+    try:
+        declared = get_method(config["method"]).params
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    params = {key: (resolve(value, f"parameters.{key}") if key in declared and declared[key].path else value)
+              for key, value in params.items()}
+    if any(w is not None for w in weights):
+        if "weights" in params:
+            raise ConfigError(f"{path}: give weights either per model or in parameters.weights, not both")
+        params["weights"] = [1.0 if w is None else w for w in weights]
+    return {"method": config["method"], "base": resolve(config["base"], "base"), "finetuned": models,
+            "dtype": config.get("dtype"), "shard_size": config.get("shard_size"), "params": params}
+
+
+def _size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {value}" for key, value in rows)
+
+
+def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tuple[str, str]]:
+    params = " ".join(f"{k}={v}" for k, v in summary["parameters"].items() if v is not None)
+    rows = [("method", f"{summary['method']}  {params}")]
+    for i, entry in enumerate(summary["inputs"]):
+        name = "base" if i == 0 else f"model {i}"
+        size = sum(f["bytes"] for f in entry["files"])
+        rows.append((name, f"{entry['path'] or entry['label']}  ({entry['tensors']} tensors, "
+                           f"{_count(entry['parameters'])} parameters, {len(entry['files'])} files, {_size(size)})"))
+    rows.append(("merged", f"{summary['merged_tensors']} tensors, {_count(summary['merged_parameters'])} parameters"
+                           f" ({summary['carried_tensors']} non-float tensors copied from the base)"))
+    if summary["global_passes"]:
+        rows.append(("passes", f"{summary['global_passes']} over the whole model before merging, then one to merge"))
+    rows.append(("output", f"{out_dir}  ({summary['output_dtype']}, {_size(summary['output_bytes'])} "
+                           f"in {shards} shard{'s' if shards > 1 else ''})"))
+    rows.append(("device", f"{summary['device']}, {summary['threads']} thread(s), chunks of "
+                           f"{_count(summary['chunk_elements'])} elements"))
+    return rows
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .io.writer import ShardedWriter, parse_size
+    from .merge import DEFAULT_SHARD_SIZE, plan_merge
+
+    config = load_merge_config(args.config)
+    plan = plan_merge(config["method"], config["base"], config["finetuned"], dtype=args.dtype or config["dtype"],
+                      device=args.device, threads=args.threads, **config["params"])
+    shard_size = config["shard_size"] or DEFAULT_SHARD_SIZE
+    # planning the shards also checks that OUT_DIR may be written (exists without --force)
+    shards = len(ShardedWriter(args.out_dir, plan.outputs, parse_size(shard_size), force=args.force).shard_names)
+    summary = plan.summary()
+    if args.dry_run:
+        print(f"pyfuse merge --dry-run {args.config}: everything checks out; no tensor data was read")
+        rows = _plan_rows(summary, args.out_dir, shards)
+        rows.append(("peak memory", f"{_size(summary['predicted_peak_rss_anon_bytes'])} anonymous (predicted)"))
+        if args.out_dir.exists():
+            rows.append(("note", f"{args.out_dir} exists and will be replaced (--force)"))
+        print(_table(rows))
+        return 0
+    report = plan.write(args.out_dir, force=args.force, shard_size=shard_size, hash_inputs=not args.no_hash,
+                        progress=not args.no_progress)
+    timings = report["timings"]
+    print(f"merged {report['merged_tensors']} tensors ({_count(report['merged_parameters'])} parameters) "
+          f"with {report['method']} in {timings['total_s']:.1f} s -> {args.out_dir}")
+    steps = ", ".join(f"{key.removesuffix('_s')} {value:.1f} s" for key, value in timings.items() if key != "total_s")
+    print(_table([
+        ("files", f"{len(report['output']['shards'])} shard(s), {_size(report['output']['tensor_bytes'])}"),
+        ("time", steps),
+        ("peak memory", f"{_size(report['peak_rss_anon_bytes'])} anonymous "
+                        f"(predicted {_size(report['predicted_peak_rss_anon_bytes'])})"),
+        ("report", str(args.out_dir / "merge_report.json")),
+    ]))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "merge": Command("merge fine-tuned models with a static method (average, task_arithmetic, ties, dare, "
+                     "concrete)", _add_merge_arguments, _run_merge, _MERGE_EPILOG),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyfuse", description="Merge fine-tuned models into one multi-task model.",
+        epilog=_MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        epilog = command.epilog.format(methods=_method_table()) if "{methods}" in command.epilog else command.epilog
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help, epilog=epilog,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"pyfuse {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Writing a checkpoint as sharded safetensors, tensor by tensor and chunk by chunk, all or nothing.
+
+Everything is written into a hidden temporary directory beside the output and renamed to the output
+name only when complete, so an interrupted run leaves no half-written checkpoint; an existing output is
+replaced only with `force=True`. Shards are `model-0000k-of-0000n.safetensors` with
+`model.safetensors.index.json`, the layout `transformers`' `from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .sources import _SAFETENSORS_DTYPES, SAFETENSORS_INDEX
+
+DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+# files of a model directory that hold weights, which a merge replaces rather than copies
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+SMALL_FILE_BYTES = 64 << 20
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB", "200MB" (powers of 10) or "1GiB" (powers of 2)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
+        if match is None or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"not a size: {size!r} (expected e.g. 5GB, 200MB or 1GiB)")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """The output path, after checking that writing there replaces nothing unless `force`."""
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise FileExistsError(f"{out} already exists; choose another output or pass --force (force=True)")
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
+    return out
+
+
+def small_files(model_dir: Path) -> list[Path]:
+    """The files of a model directory worth copying beside merged weights: config, tokenizer, and the like."""
+    picked = []
+    for path in sorted(model_dir.iterdir()):
+        name = path.name
+        if name.startswith(".") or not path.is_file() or name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if name.endswith(".index.json") or path.stat().st_size > SMALL_FILE_BYTES:
+            continue
+        picked.append(path)
+    return picked
+
+
+class ShardedWriter:
+    """Writes the tensors `entries` (name, shape, dtype), in that order, into shards of at most `max_shard_bytes`.
+
+    Use as a context manager; call `write_tensor` for every entry in order, optionally `write_file` or
+    `copy_file`, then `commit()`. Leaving the block without committing removes everything written.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, entries: Sequence[tuple[str, torch.Size, torch.dtype]],
+                 max_shard_bytes: int, force: bool = False):
+        self.out = check_output_dir(out_dir, force)
+        for name, _, dtype in entries:
+            if dtype not in DTYPE_CODES:
+                raise TypeError(f"tensor {name!r}: safetensors cannot store {dtype}")
+        self._entries = [(name, torch.Size(shape), dtype) for name, shape, dtype in entries]
+        self._shards = self._plan_shards(max_shard_bytes)
+        self._shard_of = {index: k for k, members in enumerate(self._shards) for index in members}
+        count = len(self._shards)
+        self.shard_names = [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in self._entries)
+        self._tmp: Path | None = None
+        self._next = 0  # index of the next entry to write
+        self._file = None
+        self.committed = False
+
+    def _plan_shards(self, max_shard_bytes: int) -> list[list[int]]:
+        shards: list[list[int]] = [[]]
+        size = 0
+        for index, (_, shape, dtype) in enumerate(self._entries):
+            nbytes = _nbytes(shape, dtype)
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(index)
+            size += nbytes
+        return shards
+
+    def __enter__(self) -> ShardedWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self._tmp.mkdir()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self.committed and self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def path(self) -> Path:
+        """The temporary directory being written (renamed to `out` on commit)."""
+        if self._tmp is None:
+            raise RuntimeError("ShardedWriter must be used as a context manager")
+        return self._tmp
+
+    def _open_shard(self, k: int) -> None:
+        header, offset = {}, 0
+        for index in self._shards[k]:
+            name, shape, dtype = self._entries[index]
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._file = open(self.path / self.shard_names[k], "wb")
+        self._file.write(len(blob).to_bytes(8, "little"))
+        self._file.write(blob)
+
+    def write_tensor(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+        """Write the next tensor from flat chunks (converted to its dtype) that together hold all its elements."""
+        if self._next >= len(self._entries) or self._entries[self._next][0] != name:
+            expected = self._entries[self._next][0] if self._next < len(self._entries) else "nothing"
+            raise RuntimeError(f"tensors must be written in the planned order: got {name!r}, expected {expected!r}")
+        _, shape, dtype = self._entries[self._next]
+        k = self._shard_of[self._next]
+        if self._shards[k][0] == self._next:
+            self._open_shard(k)
+        written = 0
+        for chunk in chunks:
+            data = chunk.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel()
+        if written != shape.numel():
+            raise ValueError(f"tensor {name!r}: got {written} elements, expected {shape.numel()} for shape "
+                             f"{list(shape)}")
+        if self._shards[k][-1] == self._next:
+            self._file.close()
+            self._file = None
+        self._next += 1
+
+    def write_file(self, name: str, data: str | bytes) -> None:
+        (self.path / name).write_bytes(data.encode() if isinstance(data, str) else data)
+
+    def copy_file(self, source: Path) -> None:
+        shutil.copyfile(source, self.path / source.name)
+
+    def commit(self) -> Path:
+        """Write the index and move the finished directory to `out` (replacing it only if forced)."""
+        if self._next != len(self._entries):
+            raise RuntimeError(f"only {self._next} of {len(self._entries)} tensors were written")
+        weight_map = {self._entries[i][0]: self.shard_names[k] for k, members in enumerate(self._shards)
+                      for i in members}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        self.write_file(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+        if self.out.exists():  # only reachable with force: check_output_dir refused otherwise
+            old = self.out.parent / f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+            os.rename(self.path, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.path, self.out)
+        self.committed = True
+        return self.out
+
+
+def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
+    return shape.numel() * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,432 @@
+"""`pyfuse.merge`: static merges of whole models, in memory or streamed from and to safetensors.
+
+One engine serves both: models are read a bounded chunk at a time (memory-mapped for files), the method
+merges chunk by chunk in fp32, and the result is either gathered into a state dict (`merge`) or
+written straight into sharded safetensors (`merge_to_dir`), so a streamed merge holds a few chunks, a
+method's small tables and nothing proportional to the model. `plan_merge` checks everything, and
+predicts memory and output size, from the headers alone, before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .io.hashing import sha256_file
+from .io.sources import TensorSource, checkpoint_files, open_source
+from .io.writer import ShardedWriter, check_output_dir, parse_size, small_files
+from .layout import FlatLayout
+from .methods import Chunk, StaticMethod, create_method, get_method
+from .taskvectors import _label
+
+__all__ = ["MergePlan", "merge", "merge_to_dir", "parse_dtype", "plan_merge", "rss_anon_bytes"]
+
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: a worker's temporaries stay near its L2 cache
+DEFAULT_SHARD_SIZE = "5GB"
+REPORT_NAME = "merge_report.json"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating output dtype from a torch dtype or a name ("bfloat16", "bf16", "float32", ...); None stays None."""
+    if dtype is None or dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"unsupported output dtype {dtype!r}; choose one of float32, bfloat16, float16")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested, but torch reports no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    return device
+
+
+def rss_anon_bytes(pid: int | str = "self") -> int | None:
+    """Resident anonymous memory (heap, not file-backed pages such as memory-mapped weights); None off Linux."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _PeakAnon:
+    """Polls this process's RssAnon in a background thread; `peak` is the largest value seen."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = rss_anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        now = rss_anon_bytes()
+        if now is not None and (self.peak is None or now > self.peak):
+            self.peak = now
+
+    def __enter__(self) -> _PeakAnon:
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self._sample()
+
+
+class _Reader:
+    """The engine's `MergeContext`: base and fine-tuned tensors as fp32 chunks, deltas computed on the fly.
+
+    With a thread pool, `map` reads and processes up to `depth` chunks at once on the workers and yields
+    the results in order. Each worker runs torch single-threaded: whole chunks in parallel scale better
+    than many small ops split across threads (no per-op barriers, which stall when a core is busy).
+    """
+
+    def __init__(self, plan: MergePlan, progress: bool, pool: ThreadPoolExecutor | None):
+        self.layout, self.n, self.device = plan.layout, len(plan.models), plan.device
+        self._plan, self._progress, self._pool = plan, progress, pool
+        self._depth = 2 * plan.workers
+
+    def _spans(self, index: int | None, desc: str | None) -> Iterator[tuple[int, int, int, list[torch.Tensor]]]:
+        """(tensor index, start, end, flat base and fine-tuned tensors) of every chunk to read."""
+        indices = range(len(self.layout)) if index is None else (index,)
+        show = self._progress and index is None and desc is not None
+        size = self._plan.chunk_elements
+        for s in tqdm(indices, desc=desc, unit="tensor", leave=False, disable=not show):
+            name = self.layout.names[s]
+            # flattened once per tensor: free for files and contiguous tensors, a copy only for strided ones
+            flats = [source.get(name).reshape(-1) for source in (self._plan.base, *self._plan.models)]
+            numel = self.layout.shapes[s].numel()
+            for lo in range(0, numel, size):
+                yield s, lo, min(lo + size, numel), flats
+
+    def _load(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
+        base = flats[0][lo:hi].to(device=self.device, dtype=torch.float32)  # a view when already fp32
+        deltas = torch.empty(self.n, hi - lo, device=self.device)
+        for row, flat in zip(deltas, flats[1:]):
+            torch.sub(flat[lo:hi].to(self.device), base, out=row)
+        return Chunk(s, int(self.layout.offsets[s]) + lo, base, deltas)
+
+    def map(self, fn: Callable[[Chunk], Any], index: int | None = None, desc: str | None = None) -> Iterator[Any]:
+        spans = self._spans(index, desc)
+        if self._pool is None:
+            for span in spans:
+                yield fn(self._load(*span))
+            return
+        pending: deque[Future] = deque()
+        for span in spans:
+            pending.append(self._pool.submit(lambda span=span: fn(self._load(*span))))
+            if len(pending) >= self._depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def _workers(count: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A pool of `count` threads (None for one), with torch single-threaded meanwhile: the engine
+    parallelises over chunks instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if count <= 1:
+            yield None
+        else:
+            with ThreadPoolExecutor(count, thread_name_prefix="pyfuse-merge") as pool:
+                yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class MergePlan:
+    """A checked merge: method, inputs, layout and output tensors, known from headers alone."""
+
+    method: StaticMethod
+    base: TensorSource
+    models: list[TensorSource]
+    layout: FlatLayout
+    outputs: list[tuple[str, torch.Size, torch.dtype]]  # every tensor of the result, in the base's order
+    device: torch.device
+    chunk_elements: int
+    workers: int  # chunks processed at once (threads); 1 runs everything on the calling thread
+    inputs: list[Any] = field(repr=False)  # what the caller passed: base first, then the fine-tuned models
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(shape.numel() * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in self.outputs)
+
+    def predicted_peak_bytes(self, baseline: int | None = None) -> int:
+        """Anonymous memory the merge will peak at: `baseline` (default: this process now) plus the working set.
+
+        The working set is, per worker, one chunk's deltas and fp32 base and the method's chunk-sized
+        temporaries; the merged chunks waiting to be written; the method's tables; all times the slack
+        of the allocator, whose per-thread arenas keep freed chunks (1.5, measured with glibc). Not
+        included: the result of `state_dict`, which holds the merged model.
+        """
+        if baseline is None:
+            baseline = rss_anon_bytes() or 0
+        n = len(self.models)
+        per_model, constant = self.method.temporaries
+        chunk = min(self.chunk_elements, max(shape.numel() for shape in self.layout.shapes)) * 4
+        in_flight = 2 * self.workers
+        working = self.workers * chunk * (n + 1 + per_model * n + constant) + in_flight * chunk
+        return baseline + int(1.5 * (working + self.method.state_bytes(self.layout, n, in_flight)))
+
+    def summary(self) -> dict[str, Any]:
+        """What will be merged and written, as JSON-ready values (dry runs print it; reports include it)."""
+        n = len(self.models)
+        out_dtypes = sorted({str(dtype).removeprefix("torch.") for name, _, dtype in self.outputs
+                             if name in set(self.layout.names)})
+        return {
+            "method": self.method.name,
+            "parameters": _jsonable(self.method.config),
+            "inputs": [_describe(source, raw, role) for source, raw, role in
+                       zip([self.base, *self.models], self.inputs, ["base"] + ["fine-tuned"] * n)],
+            "merged_tensors": len(self.layout),
+            "merged_parameters": self.layout.numel,
+            "carried_tensors": len(self.outputs) - len(self.layout),
+            "output_dtype": out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
+            "output_bytes": self.output_bytes,
+            "device": str(self.device),
+            "chunk_elements": self.chunk_elements,
+            "threads": self.workers,
+            "global_passes": self.method.global_passes(),
+            "predicted_peak_rss_anon_bytes": self.predicted_peak_bytes(),
+        }
+
+    def _tensors(self, reader: _Reader, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+        """Each output tensor, in order, as an iterator over its flat chunks (merged, or carried from the base).
+
+        The method's global passes run when the first tensor is requested.
+        """
+        self.method.prepare(reader)
+        index = {name: s for s, name in enumerate(self.layout.names)}
+        for name, shape, dtype in tqdm(self.outputs, desc=f"{self.method.name}: merging", unit="tensor",
+                                       disable=not progress):
+            if name in index:
+                plan = self.method.plan(reader, index[name])
+                chunks = reader.map(lambda chunk, plan=plan, dtype=dtype:
+                                    self.method.merge_chunk(chunk, plan).to(device="cpu", dtype=dtype), index[name])
+            else:
+                flat = self.base.get(name).reshape(-1)
+                chunks = (flat[lo: lo + self.chunk_elements] for lo in range(0, shape.numel(), self.chunk_elements))
+            yield name, chunks
+
+    def state_dict(self, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Run the merge and return the result in memory (CPU tensors, shaped as the base's)."""
+        result = {}
+        shapes = {name: (shape, dtype) for name, shape, dtype in self.outputs}
+        with _workers(self.workers) as pool:
+            for name, chunks in self._tensors(_Reader(self, progress, pool), progress):
+                shape, dtype = shapes[name]
+                flat = torch.empty(shape.numel(), dtype=dtype)
+                lo = 0
+                for chunk in chunks:
+                    flat[lo: lo + chunk.numel()].copy_(chunk)
+                    lo += chunk.numel()
+                result[name] = flat.view(shape)
+        return result
+
+    def write(self, out_dir: str | os.PathLike, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+              hash_inputs: bool = True, progress: bool = False) -> dict[str, Any]:
+        """Run the merge streaming into `out_dir` (sharded safetensors, the base's small files, a report).
+
+        Returns the report also written to `out_dir/merge_report.json`.
+        """
+        from . import __version__  # here: the package defines it after importing this module
+
+        started = time.perf_counter()
+        check_output_dir(out_dir, force)
+        target = Path(out_dir).resolve()
+        for raw in self.inputs:
+            if isinstance(raw, (str, os.PathLike)) and target in (Path(raw).resolve(), *Path(raw).resolve().parents):
+                raise ValueError(f"refusing to write {out_dir}: it holds the input {raw}")
+        max_shard_bytes = parse_size(shard_size)
+        report = {"pyfuse_version": __version__, "torch_version": torch.__version__,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.summary()}
+        timings = {}
+        with _PeakAnon() as memory, _workers(self.workers) as pool:
+            if hash_inputs:
+                tick = time.perf_counter()
+                files = [(file, path) for entry, raw in zip(report["inputs"], self.inputs)
+                         for file, path in zip(entry["files"], checkpoint_files(raw))]
+                for (file, _), digest in zip(files, (pool.map if pool else map)(sha256_file, [p for _, p in files])):
+                    file["sha256"] = digest
+                timings["hash_s"] = time.perf_counter() - tick
+            with ShardedWriter(out_dir, self.outputs, max_shard_bytes, force=force) as writer:
+                tick = time.perf_counter()
+                tensors = self._tensors(_Reader(self, progress, pool), progress)
+                name, chunks = next(tensors)  # runs the method's global passes, if any
+                timings["prepare_s"] = time.perf_counter() - tick
+                tick = time.perf_counter()
+                writer.write_tensor(name, chunks)
+                for name, chunks in tensors:
+                    writer.write_tensor(name, chunks)
+                timings["merge_s"] = time.perf_counter() - tick
+                self._copy_small_files(writer)
+                timings["total_s"] = time.perf_counter() - started
+                report["output"] = {"dir": str(Path(out_dir).resolve()), "shards": writer.shard_names,
+                                    "tensor_bytes": writer.total_bytes}
+                report["timings"] = timings
+                report["peak_rss_anon_bytes"] = memory.peak
+                writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+                writer.commit()
+        return report
+
+    def _copy_small_files(self, writer: ShardedWriter) -> None:
+        """The base's config, tokenizer and other small files, config.json updated to the output dtype."""
+        raw = self.inputs[0]
+        if not isinstance(raw, (str, os.PathLike)) or not Path(raw).is_dir():
+            return
+        merged = set(self.layout.names)
+        dtypes = {str(dtype).removeprefix("torch.") for name, _, dtype in self.outputs if name in merged}
+        for path in small_files(Path(raw)):
+            if path.name == "config.json" and len(dtypes) == 1:
+                config, (out_dtype,) = json.loads(path.read_text()), dtypes
+                stale = [key for key in ("dtype", "torch_dtype") if key in config and config[key] != out_dtype]
+                if stale:  # loaders read the dtype from the config: keep it true to the merged weights
+                    config.update(dict.fromkeys(stale, out_dtype))
+                    writer.write_file(path.name, json.dumps(config, indent=2) + "\n")
+                    continue
+            writer.copy_file(path)
+
+
+def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", threads: int | None = None,
+               chunk_elements: int = CHUNK_ELEMENTS, **params: Any) -> MergePlan:
+    """Check a merge completely, from headers only: parameters, keys, shapes, dtypes. Nothing is read or merged.
+
+    `threads` is how many chunks are merged at once (default: torch's CPU threads; 1 on CUDA).
+    Errors name the model and the key (or the method and the parameter).
+    """
+    if not issubclass(get_method(method), StaticMethod):
+        raise ValueError(f"{method!r} is not a static merge (it needs data); use its own entry point")
+    instance = create_method(method, **params)
+    out_dtype = parse_dtype(dtype)
+    device = _device(device)
+    if isinstance(finetuned, (str, os.PathLike, Mapping)) or not isinstance(finetuned, Sequence) or not finetuned:
+        raise ValueError("finetuned must be a non-empty list of models (state dicts, modules or paths)")
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+    if threads is None:
+        threads = 1 if device.type == "cuda" else torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    base_source = open_source(base, _label(base, "base"))
+    models = [open_source(m, _label(m, f"fine-tuned model {i + 1}")) for i, m in enumerate(finetuned)]
+    layout = _sorted(FlatLayout.from_source(base_source))
+    for source in models:
+        layout.check(source)
+        extra = [key for key in source.keys() if key not in base_source.specs]
+        if extra:
+            raise KeyError(f"{source.label}: tensor {extra[0]!r} is not in the base model ({base_source.label})")
+    instance.bind(layout, len(models))
+    merged = set(layout.names)
+    outputs = [(key, base_source.shape(key),
+                (out_dtype or base_source.dtype(key)) if key in merged else base_source.dtype(key))
+               for key in base_source.keys()]
+    return MergePlan(instance, base_source, models, layout, outputs, device, chunk_elements, threads,
+                     [base, *finetuned])
+
+
+def merge(method: str, base, finetuned: list, *, dtype: str | torch.dtype | None = None,
+          device: str | torch.device = "cpu", threads: int | None = None, progress: bool = False,
+          **params: Any) -> dict[str, torch.Tensor]:
+    """Merge fine-tuned models into one state dict with a static method.
+
+    Args:
+        method: "average", "task_arithmetic", "ties", "dare" or "concrete" (see `pyfuse.methods`).
+        base: the pre-trained model: a state dict, an `nn.Module`, or a path (a safetensors file, a
+            sharded safetensors directory with its index, or a Hugging Face model directory).
+        finetuned: the fine-tuned models, in any of the same forms.
+        dtype: dtype of the merged tensors (default: the base's); the arithmetic is fp32 regardless.
+        device: where the arithmetic runs ("cpu" or "cuda"); the result is on the CPU.
+        threads: chunks merged at once (default: torch's CPU threads; torch runs single-threaded meanwhile).
+        **params: the method's parameters, e.g. `density=0.5` for TIES.
+
+    Returns:
+        Every tensor of the base, merged where floating, carried unchanged otherwise. Inputs are never modified.
+    """
+    return plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads,
+                      **params).state_dict(progress)
+
+
+def merge_to_dir(method: str, base, finetuned: list, out_dir: str | os.PathLike, *,
+                 dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                 threads: int | None = None, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 hash_inputs: bool = True, progress: bool = False, **params: Any) -> dict[str, Any]:
+    """Merge like `merge`, streaming the result into `out_dir` in bounded memory; returns the merge report.
+
+    `out_dir` receives sharded safetensors with their index, the base's config and other small files
+    (when the base is a model directory) and `merge_report.json`. It is written under a temporary name
+    and renamed when complete; an existing `out_dir` is replaced only with `force=True`.
+    """
+    plan = plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, **params)
+    return plan.write(out_dir, force=force, shard_size=shard_size, hash_inputs=hash_inputs, progress=progress)
+
+
+def _sorted(layout: FlatLayout) -> FlatLayout:
+    """The layout in name order: the flat index (which seeds DARE's drops and Concrete noise) is then the same
+    whether a model comes as a module, a state dict or files, whose key orders differ."""
+    order = sorted(range(len(layout)), key=lambda s: layout.names[s])
+    shapes = [layout.shapes[s] for s in order]
+    sizes = torch.tensor([0] + [shape.numel() for shape in shapes], dtype=torch.int64)
+    return FlatLayout(tuple(layout.names[s] for s in order), tuple(shapes), tuple(layout.dtypes[s] for s in order),
+                      torch.cumsum(sizes, 0))
+
+
+def _describe(source: TensorSource, raw: Any, role: str) -> dict[str, Any]:
+    files = checkpoint_files(raw)
+    floats = [key for key in source.keys() if source.dtype(key).is_floating_point]
+    return {
+        "role": role,
+        "label": source.label,
+        "path": str(Path(raw).resolve()) if files else None,
+        "tensors": len(source.keys()),
+        "parameters": sum(source.shape(key).numel() for key in floats),
+        "files": [{"name": f.name, "bytes": f.stat().st_size} for f in files],
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+    return f"<{type(value).__name__}>"

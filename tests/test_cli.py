@@ -1,0 +1,121 @@
+"""`pyfuse merge CONFIG OUT_DIR`: config files, dry runs, summaries and errors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import pyfuse
+from pyfuse.cli import main
+from pyfuse.io.sources import TensorSource
+
+from .merge_helpers import load_dir, save_family, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_family(tiny_llama, tmp_path_factory.mktemp("llama"))
+
+
+def _config(path, llama, **extra):
+    base_dir, dirs, _, _ = llama
+    config = {"method": "ties", "base": str(base_dir), "models": [str(d) for d in dirs], **extra}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "pyfuse merge merge.yaml ./merged --dry-run" in out
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = capsys.readouterr().out
+    assert "config (YAML):" in out and "--dry-run" in out and "--force" in out
+    assert "density (0.2)" in out and "trim (global)" in out  # every method's parameters, with defaults
+    assert main([]) == 2
+
+
+def test_merge_writes_the_model_and_a_summary(llama, tmp_path, capsys):
+    base_dir, dirs, base, states = llama
+    config = _config(tmp_path / "ties.yaml", llama, parameters={"density": 0.5}, dtype="bfloat16",
+                     shard_size="20KB")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("merged 21 tensors") and "peak memory" in out and "merge_report.json" in out
+    merged = load_dir(tmp_path / "out")
+    expected = pyfuse.merge("ties", base, states, density=0.5, dtype="bfloat16")
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["parameters"]["density"] == 0.5 and len(report["output"]["shards"]) > 1
+
+
+def test_relative_paths_and_per_model_weights(llama, tmp_path):
+    base_dir, dirs, base, states = llama
+    (tmp_path / "models").mkdir()
+    for path in (base_dir, *dirs):
+        (tmp_path / "models" / path.name).symlink_to(path)
+    config = tmp_path / "conf" / "ta.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({
+        "method": "task_arithmetic", "base": "../models/base",
+        "models": [{"path": "../models/finetuned0", "weight": 2.0}, "../models/finetuned1"],
+        "parameters": {"scaling": 0.5},
+    }))
+    assert main(["merge", str(config), str(tmp_path / "out"), "--no-progress", "--no-hash"]) == 0
+    expected = pyfuse.merge("task_arithmetic", base, states, scaling=0.5, weights=[2.0, 1.0])
+    merged = load_dir(tmp_path / "out")
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert "sha256" not in report["inputs"][0]["files"][0]
+
+
+def test_dry_run_reads_no_tensor_data(llama, tmp_path, capsys, monkeypatch):
+    config = _config(tmp_path / "ties.yaml", llama)
+
+    def no_reading(self, key):
+        raise AssertionError(f"dry run read {key}")
+
+    monkeypatch.setattr(TensorSource, "get", no_reading)
+    assert main(["merge", str(config), str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "no tensor data was read" in out and "peak memory" in out and "(predicted)" in out
+    assert "output" in out and "kB in 1 shard" in out and "3 over the whole model" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"method": "ties", "models": ["a"]}, "missing 'base'"),
+    ({"method": "ties", "base": "b", "models": []}, "'models' must be a non-empty list"),
+    ({"method": "ties", "base": "b", "models": ["a"], "densty": 1}, "unknown key 'densty'"),
+    ({"method": "ties", "base": "b", "models": [{"path": "a", "wieght": 2}]}, "models[0] needs 'path'"),
+    ({"method": "tie", "base": "b", "models": ["a"]}, "unknown merge method 'tie'"),
+    ({"method": "ties", "base": "b", "models": [{"path": "a", "weight": 2}], "parameters": {"weights": [1]}},
+     "either per model or in parameters.weights"),
+])
+def test_config_errors_name_the_file(tmp_path, capsys, config, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyfuse merge: error: {path}") and message in err
+
+
+def test_runtime_errors_exit_1(llama, tmp_path, capsys):
+    config = _config(tmp_path / "ties.yaml", llama, parameters={"density": 0})
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 1
+    assert "ties: density must be in (0, 1], got 0" in capsys.readouterr().err
+    config = _config(tmp_path / "ties.yaml", llama)
+    (tmp_path / "out").mkdir()
+    assert main(["merge", str(config), str(tmp_path / "out"), "--dry-run"]) == 1
+    assert "already exists; choose another output or pass --force" in capsys.readouterr().err
+    assert main(["merge", str(config), str(tmp_path / "out"), "--dry-run", "--force"]) == 0
+    assert "will be replaced" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "none.yaml"), str(tmp_path / "x")]) == 1
+    assert "no such config file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["merge", str(config), str(tmp_path / "y"), "--device", "cuda"]) == 1
+        assert "torch reports no CUDA device" in capsys.readouterr().err
