@@ -19,7 +19,12 @@ def is_mergeable(dtype: torch.dtype) -> bool:
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Names, shapes and dtypes of the mergeable tensors, and their segment `offsets` `[S+1]` in the flat buffer."""
+    """Names, shapes and dtypes of the mergeable tensors, and their segment `offsets` `[S+1]` in the flat buffer.
+
+    Built from a model, the tensors are in name order (as the authors' TIES flattens them): the flat index,
+    which keys the Concrete noise, DARE's drops and saved logits, is then the same whether a model comes as
+    a module, a state dict or files, whose key orders differ.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
@@ -29,7 +34,7 @@ class FlatLayout:
     @classmethod
     def from_source(cls, source: TensorSource) -> FlatLayout:
         names, shapes, dtypes = [], [], []
-        for key in source.keys():
+        for key in sorted(source.keys()):
             try:
                 mergeable = is_mergeable(source.dtype(key))
             except TypeError as err:

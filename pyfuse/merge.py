@@ -344,7 +344,7 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     base_source = open_source(base, _label(base, "base"))
     models = [open_source(m, _label(m, f"fine-tuned model {i + 1}")) for i, m in enumerate(finetuned)]
-    layout = _sorted(FlatLayout.from_source(base_source))
+    layout = FlatLayout.from_source(base_source)
     for source in models:
         layout.check(source)
         extra = [key for key in source.keys() if key not in base_source.specs]
@@ -393,16 +393,6 @@ def merge_to_dir(method: str, base, finetuned: list, out_dir: str | os.PathLike,
     """
     plan = plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, **params)
     return plan.write(out_dir, force=force, shard_size=shard_size, hash_inputs=hash_inputs, progress=progress)
-
-
-def _sorted(layout: FlatLayout) -> FlatLayout:
-    """The layout in name order: the flat index (which seeds DARE's drops and Concrete noise) is then the same
-    whether a model comes as a module, a state dict or files, whose key orders differ."""
-    order = sorted(range(len(layout)), key=lambda s: layout.names[s])
-    shapes = [layout.shapes[s] for s in order]
-    sizes = torch.tensor([0] + [shape.numel() for shape in shapes], dtype=torch.int64)
-    return FlatLayout(tuple(layout.names[s] for s in order), tuple(shapes), tuple(layout.dtypes[s] for s in order),
-                      torch.cumsum(sizes, 0))
 
 
 def _describe(source: TensorSource, raw: Any, role: str) -> dict[str, Any]:

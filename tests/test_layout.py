@@ -35,8 +35,8 @@ def models(n=2, seed=0):
 def test_layout_offsets_and_zero_copy_views():
     base, _ = models()
     layout = FlatLayout.from_module(base)
-    assert layout.names == ("embed.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias")
-    assert layout.offsets.tolist() == [0, 15, 21, 23, 25, 27]
+    assert layout.names == ("embed.weight", "norm.bias", "norm.weight", "proj.bias", "proj.weight")
+    assert layout.offsets.tolist() == [0, 15, 17, 19, 21, 27]
     flat = layout.flatten(base.state_dict())
     views = layout.unflatten(flat)
     for name, tensor in views.items():
