@@ -1,0 +1,284 @@
+"""One outer step of layer-wise Concrete AdaMerging on a CLIP ViT-B/32 vision tower: pyfuse against the
+authors' algorithm as they coded it.
+
+    python benchmarks/bench_concrete_step.py --impl both --tasks 8 --batch 16 --steps 2 --json bench.json
+
+The tower is HF `CLIPVisionModel` with the default config (87.5M parameters, 199 tensors), randomly
+initialised, with n random task vectors, a fixed random linear head per task and random images. Every
+outer step runs the inner pass (coefficients, mask held fixed) and the outer pass (mask logits), each on a
+fresh batch per task.
+
+- `eager`: the authors' structure: per-tensor mask logits sampled with `RelaxedBernoulli`, `m / m.mean()`
+  per tensor, the merged state dict built by Python loops over tasks and tensors, fp32 task vectors, and
+  the n tasks' losses summed before one backward.
+- `fused`: pyfuse's `AdaptiveLoop.meta_step`: one fused merge per pass, the tasks' forward/backward one at
+  a time into one flat gradient, one fused backward; task vectors in `--vector-dtype` (bf16 by default).
+
+Each impl runs in its own subprocess. The parent polls /proc/<pid>/status (RssAnon, VmRSS) while it runs;
+the child resets its VmHWM (via /proc/self/clear_refs) after setup and reports it after the steps, so both
+peaks cover the steps only, with the setup's resident buffers (weights, task vectors) included. Step time
+is wall-clock; the process's CPU time (all threads) is reported beside it, being far less disturbed by
+other load on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from torch.distributions import RelaxedBernoulli
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+import pyfuse
+from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table, write_json  # noqa: E402
+
+POLL_SECONDS = 0.02
+KIB_PER_GIB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# Child: set up one impl, run the steps, report
+# ------------------------------------------------------------------------------------------------
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class _RandomImages:
+    """Endless fresh random image batches from a seeded generator (only the current batch is alive)."""
+
+    def __init__(self, seed: int, batch: int, size: int):
+        self.seed, self.batch, self.size = seed, batch, size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield torch.randn(self.batch, 3, self.size, self.size, generator=generator)
+
+
+def _setup(args):
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig()).eval().requires_grad_(False)
+    config = model.config
+    heads = []
+    for i in range(args.tasks):
+        torch.manual_seed(100 + i)
+        heads.append(torch.nn.Linear(config.hidden_size, args.classes).requires_grad_(False))
+    images = [_RandomImages(200 + i, args.batch, config.image_size) for i in range(args.tasks)]
+    return model, heads, images
+
+
+def _fused(args, model, heads, images):
+
+    layout = pyfuse.FlatLayout.from_module(model)
+    base = layout.flatten(model.state_dict())
+    dtype = getattr(torch, args.vector_dtype)
+    vectors = torch.empty(args.tasks, layout.numel, dtype=dtype)
+    generator = torch.Generator().manual_seed(1)
+    chunk = 1 << 22
+    for row in vectors:  # filled in chunks so no fp32 [n, D] copy ever exists
+        for start in range(0, layout.numel, chunk):
+            piece = row[start:start + chunk]
+            piece.copy_(torch.randn(piece.numel(), generator=generator) * 1e-3)
+    names = [f"task{i}" for i in range(args.tasks)]
+    tv = pyfuse.TaskVectors(layout, base, vectors, names)
+
+    def task(i):
+        head = heads[i]
+        return pyfuse.Task(names[i], images[i], lambda call, x: head(call(pixel_values=x).pooler_output))
+
+    settings = Settings(method="concrete_adamerging", coefficients="layer", meta_steps=args.steps, inner_steps=1,
+                        eval_mask="relaxed")
+    loop = AdaptiveLoop(model, tv, [task(i) for i in range(args.tasks)], settings,
+                        RunOptions(progress=False, backend=args.backend))
+    return loop.meta_step, {"backend": loop.backend, "vector_dtype": args.vector_dtype}
+
+
+class _EagerConcreteLayerWise:
+    """Layer-wise Concrete AdaMerging structured as the authors' code is (see the module docstring)."""
+
+    def __init__(self, model, heads, images, task_vectors, init=0.3, temperature=0.5):
+        self.model, self.heads, self.init, self.temperature = model, heads, init, temperature
+        self.streams = [iter(x) for x in images]
+        self.pretrained = dict(model.named_parameters())
+        self.task_vectors = task_vectors
+        self.mask_logits = {name: torch.nn.Parameter(torch.zeros_like(p)) for name, p in self.pretrained.items()}
+        self.weights = torch.nn.Parameter(torch.full((len(task_vectors), len(self.pretrained)), init))
+        self.inner = torch.optim.Adam([self.weights], lr=1.0)
+        self.outer = torch.optim.Adam(self.mask_logits.values(), lr=1e-3)
+
+    def sample_mask(self):
+        mask = {name: RelaxedBernoulli(self.temperature, logits=x).rsample() for name, x in self.mask_logits.items()}
+        return {name: m / m.mean() for name, m in mask.items()}
+
+    def merged_state(self, mask):
+        state = dict(self.pretrained)
+        for weights, vector in zip(self.weights, self.task_vectors):
+            for w, name in zip(weights, self.pretrained):
+                state[name] = state[name] + vector[name] * (w * mask[name])
+        return state
+
+    def summed_loss(self, state):
+
+        total = 0
+        for head, stream in zip(self.heads, self.streams):
+            out = torch.func.functional_call(self.model, state, (), {"pixel_values": next(stream)})
+            total = total + entropy_loss(head(out.pooler_output))
+        return total
+
+    def step(self, t: int) -> float:
+        mask = self.sample_mask()
+        with torch.no_grad():
+            self.weights.fill_(self.init)
+        loss = self.summed_loss(self.merged_state({name: m.detach() for name, m in mask.items()}))
+        self.inner.zero_grad()
+        loss.backward()
+        self.inner.step()
+        loss = self.summed_loss(self.merged_state(mask))
+        self.outer.zero_grad()
+        loss.backward()
+        self.outer.step()
+        return float(loss.detach())
+
+
+def _eager(args, model, heads, images):
+    generator = torch.Generator().manual_seed(1)
+    task_vectors = [
+        {name: torch.randn(p.shape, generator=generator) * 1e-3 for name, p in model.named_parameters()}
+        for _ in range(args.tasks)
+    ]
+    return _EagerConcreteLayerWise(model, heads, images, task_vectors).step, {"vector_dtype": "float32"}
+
+
+def _child(args) -> None:
+    model, heads, images = _setup(args)
+    step, info = (_fused if args.child == "fused" else _eager)(args, model, heads, images)
+    setup_anon = _status_kib("RssAnon")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM: the peak reported below is that of the steps
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    print(json.dumps({"event": "ready"}), flush=True)
+    times, cpu_times = [], []
+    for t in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(t)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    print(json.dumps({
+        "event": "done", "step_seconds": times, "step_cpu_seconds": cpu_times, "setup_rss_anon_kib": setup_anon,
+        "vmhwm_kib": _status_kib("VmHWM"), "vmhwm_covers": "steps" if hwm_reset else "process",
+        "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
+        "tensors": len(list(model.parameters())), **info,
+    }), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent: one subprocess per impl, polled
+# ------------------------------------------------------------------------------------------------
+def _measure(impl: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", impl, "--tasks", str(args.tasks), "--batch", str(args.batch),
+               "--steps", str(args.steps), "--classes", str(args.classes), "--backend", args.backend,
+               "--vector-dtype", args.vector_dtype]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    events: dict[str, dict] = {}
+
+    def read():
+        for line in proc.stdout:
+            if line.startswith("{"):
+                event = json.loads(line)
+                events[event["event"]] = event
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    peak_anon = peak_rss = 0
+    while proc.poll() is None:
+        if "ready" in events:  # peaks of the steps only (setup buffers stay resident and count)
+            peak_anon = max(peak_anon, _status_kib("RssAnon", proc.pid) or 0)
+            peak_rss = max(peak_rss, _status_kib("VmRSS", proc.pid) or 0)
+        time.sleep(POLL_SECONDS)
+    reader.join()
+    if proc.returncode != 0 or "done" not in events:
+        raise RuntimeError(f"{impl} run failed (exit code {proc.returncode})")
+    done = events["done"]
+    seconds, cpu_seconds = done.pop("step_seconds"), done.pop("step_cpu_seconds")
+    return {
+        "step_seconds": seconds,
+        "mean_step_seconds": sum(seconds) / len(seconds),
+        "step_cpu_seconds": cpu_seconds,
+        "mean_step_cpu_seconds": sum(cpu_seconds) / len(cpu_seconds),
+        "peak_rss_anon_gib": peak_anon / KIB_PER_GIB,
+        "peak_vmrss_gib": peak_rss / KIB_PER_GIB,
+        "vmhwm_gib": done.pop("vmhwm_kib") / KIB_PER_GIB,
+        "setup_rss_anon_gib": done.pop("setup_rss_anon_kib") / KIB_PER_GIB,
+        **{k: v for k, v in done.items() if k != "event"},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", choices=("fused", "eager", "both"), default="both")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--backend", default="auto", help="the fused op's backend (fused impl only)")
+    parser.add_argument("--vector-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        help="task-vector storage of the fused impl (the eager one keeps fp32, as the authors)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", choices=("fused", "eager"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+
+    impls = ("fused", "eager") if args.impl == "both" else (args.impl,)
+    results = {}
+    for impl in impls:
+        print(f"running {impl} ...", file=sys.stderr, flush=True)
+        results[impl] = _measure(impl, args)
+    print(f"CLIP ViT-B/32 vision tower, {args.tasks} tasks, batch {args.batch}, {args.steps} outer steps "
+          f"(layer-wise Concrete AdaMerging, 1 inner step); peaks over the steps")
+    rows = [{"impl": impl, "backend": r.get("backend", "-"), **r} for impl, r in results.items()]
+    print_table(rows, [("impl", "impl", ""), ("backend", "backend", ""), ("vector_dtype", "vectors", ""),
+                       ("mean_step_seconds", "step s", ".2f"), ("mean_step_cpu_seconds", "step CPU s", ".2f"),
+                       ("peak_rss_anon_gib", "RssAnon GiB", ".2f"),
+                       ("peak_vmrss_gib", "VmRSS GiB", ".2f"), ("vmhwm_gib", "VmHWM GiB", ".2f"),
+                       ("setup_rss_anon_gib", "setup RssAnon GiB", ".2f")])
+    ratios = None
+    if len(results) == 2:
+        f, e = results["fused"], results["eager"]
+        ratios = {
+            "step_time": f["mean_step_seconds"] / e["mean_step_seconds"],
+            "step_cpu_time": f["mean_step_cpu_seconds"] / e["mean_step_cpu_seconds"],
+            "peak_rss_anon": f["peak_rss_anon_gib"] / e["peak_rss_anon_gib"],
+            "vmhwm": f["vmhwm_gib"] / e["vmhwm_gib"],
+        }
+        print("fused / eager: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    write_json(args.json, {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
+        "results": results, "ratios": ratios,
+    })
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""Test-time adaptive merging: AdaMerging, AdaMerging++, Concrete Task Arithmetic, Concrete AdaMerging.
+
+A run has up to two phases over one global step count:
+- "meta" (Algorithm 1): per outer step t, the relaxed mask is sampled with t as the Philox counter; if the
+  coefficients are learned, they are reset to their initial value and take `inner_steps` first-order steps
+  with the mask held fixed (logits detached); then the model is re-merged with the mask attached and the
+  updated coefficients held fixed, and the logits take one step.
+- "adapt" (AdaMerging; phase 2 of Concrete AdaMerging): the mask is fixed (the evaluation mask, or none),
+  the coefficients are reset once and trained.
+
+Memory: each pass merges once through the fused op; the merged parameters, detached, feed the tasks'
+forward and backward one after the other (so their activations never coexist), which accumulate
+dL/d(merged) into one `[D]` buffer; then the fused backward runs once. Only the op's backward reads the
+task vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..ops import MODES
+from ..ops.backends import resolve
+from ..taskvectors import TaskVectors
+from .checkpoint import atomic_dir, atomic_path, load_checkpoint, save_checkpoint
+from .merger import EVAL_STEP, ConcreteMerger
+from .report import write_report
+from .task import BatchStream, Task, entropy_loss
+from .trim import ties_trim
+
+CHECKPOINT_NAME = "checkpoint.pt"
+REPORT_NAME = "report.json"
+MASK_NAME = "mask.safetensors"
+MERGED_NAME = "merged"
+EVAL_MASKS = ("relaxed", "hard", "threshold")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides a run's result; a checkpoint resumes only a run with the same settings."""
+
+    method: str
+    coefficients: str
+    meta_steps: int = 0
+    inner_steps: int = 0
+    adapt_steps: int = 0
+    init: float = 0.3
+    clamp: bool = False
+    inner_lr: float = 1.0
+    mask_lr: float = 1e-3
+    lr: float = 1e-3
+    temperature: float = 0.5
+    seed: int = 0
+    eval_mask: str = "none"
+    rescale: bool = True
+    density: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("meta_steps", "inner_steps", "adapt_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.meta_steps >= EVAL_STEP:
+            raise ValueError(f"meta_steps must be < {EVAL_STEP} (the Philox counter of the evaluation mask)")
+        if self.eval_mask not in MODES:
+            raise ValueError(f"eval_mask must be one of {MODES}, got {self.eval_mask!r}")
+        if self.meta_steps and self.eval_mask == "none":
+            raise ValueError(f"a learned mask is evaluated with one of {EVAL_MASKS}, not 'none'")
+        for name in ("inner_lr", "mask_lr", "lr", "temperature"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out; none of these changes the learned result.
+
+    Attributes:
+        out_dir: where the checkpoint, report, mask and merged model go (nothing is written without it).
+        resume: continue from `out_dir/checkpoint.pt` (an error if there is none).
+        checkpoint_every: write the checkpoint every this many steps (0: only at the end).
+        eval_every: measure test accuracy every this many steps (None: before and after only).
+        progress: show a tqdm bar with the summed entropy.
+        backend: the fused op's backend ("auto", "cpp", "triton", "reference").
+    """
+
+    out_dir: str | os.PathLike | None = None
+    resume: bool = False
+    checkpoint_every: int = 100
+    eval_every: int | None = None
+    progress: bool = True
+    backend: str = "auto"
+
+
+@dataclass
+class MergeResult:
+    """The merged model's flat parameters and state dict (views of `flat`), what was learned, and the report."""
+
+    flat: torch.Tensor
+    state_dict: dict[str, torch.Tensor]
+    logits: torch.Tensor | None
+    coefficients: torch.Tensor
+    report: dict[str, Any]
+
+
+class AdaptiveLoop:
+    """The bi-level loop over one merger and its tasks; `run()` carries out the whole schedule."""
+
+    def __init__(self, model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task],
+                 settings: Settings, options: RunOptions | None = None):
+        self.settings = settings
+        self.options = options or RunOptions()
+        self.merger = ConcreteMerger(
+            model, task_vectors, coefficients=settings.coefficients, init=settings.init, clamp=settings.clamp,
+            temperature=settings.temperature, seed=settings.seed, rescale=settings.rescale,
+            backend=self.options.backend,
+        )
+        self.merger.check_tasks(tasks)
+        self.tasks = list(tasks)
+        self.streams = [BatchStream(task) for task in self.tasks]
+        self.backend = resolve(self.options.backend, task_vectors.base.device)
+        self.phases = [(name, steps) for name, steps in (("meta", settings.meta_steps),
+                                                         ("adapt", settings.adapt_steps)) if steps]
+        learns_coefficients = settings.coefficients != "fixed"
+        if settings.meta_steps and learns_coefficients and not settings.inner_steps:
+            raise ValueError("learned coefficients need inner_steps >= 1 in the meta phase")
+        if settings.adapt_steps and not learns_coefficients:
+            raise ValueError("an adapt phase needs learned ('task' or 'layer') coefficients")
+        m = self.merger
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        if settings.meta_steps:
+            self.optimizers["mask"] = torch.optim.Adam([m.logits], lr=settings.mask_lr)
+            if learns_coefficients:
+                # Persists across outer steps (only the coefficients are reset), as the authors' code does.
+                self.optimizers["inner"] = torch.optim.Adam([m.coefficients], lr=settings.inner_lr)
+        if settings.adapt_steps:
+            self.optimizers["adapt"] = torch.optim.Adam([m.coefficients], lr=settings.lr)
+        self.step = 0
+        self.history: dict[str, Any] = {
+            "entropy": {"step": [], "phase": [], "value": []},
+            "accuracy": {"step": [], "phase": [], "tasks": {t.name: [] for t in self.tasks}, "average": []},
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # One pass and one step of each phase
+    # ------------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, steps in self.phases)
+
+    def _phase_at(self, step: int) -> tuple[str, int]:
+        for name, steps in self.phases:
+            if step < steps:
+                return name, step
+            step -= steps
+        raise IndexError(f"step {step} is past the schedule")
+
+    def _pass(self, *, step: int, mask: str, train_logits: bool, train_coefficients: bool) -> float:
+        """Merge, accumulate every task's entropy gradient into one `[D]` buffer, run the fused backward once;
+        returns the summed entropy."""
+        merged = self.merger.merged_flat(step=step, mask=mask, train_logits=train_logits,
+                                   train_coefficients=train_coefficients)
+        grad = torch.zeros_like(merged)
+        call = self.merger.bind(merged.detach(), grad)
+        total = 0.0
+        for stream in self.streams:
+            loss = entropy_loss(stream.task.logits(call, stream.next()))
+            if not loss.requires_grad:
+                raise RuntimeError(f"task {stream.task.name!r}: its logits do not depend on the merged parameters")
+            loss.backward()  # this task's graph (and activations) are freed here, before the next task runs
+            total += loss.item()
+        torch.autograd.backward(merged, grad)
+        return total
+
+    def meta_step(self, t: int) -> float:
+        """Outer step t of Algorithm 1; returns the summed entropy of the pass that trains the logits."""
+        if "inner" in self.optimizers:
+            self.merger.reset_coefficients()
+            inner = self.optimizers["inner"]
+            for _ in range(self.settings.inner_steps):
+                inner.zero_grad()
+                self._pass(step=t, mask="relaxed", train_logits=False, train_coefficients=True)
+                inner.step()
+        outer = self.optimizers["mask"]
+        outer.zero_grad()
+        entropy = self._pass(step=t, mask="relaxed", train_logits=True, train_coefficients=False)
+        outer.step()
+        return entropy
+
+    def adapt_step(self) -> float:
+        """One AdaMerging step on the coefficients under the fixed evaluation mask."""
+        adapt = self.optimizers["adapt"]
+        adapt.zero_grad()
+        entropy = self._pass(step=EVAL_STEP, mask=self.settings.eval_mask, train_logits=False,
+                             train_coefficients=True)
+        adapt.step()
+        return entropy
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation and the merged result
+    # ------------------------------------------------------------------------------------------
+    def merged_flat(self) -> torch.Tensor:
+        """The current merged model: the evaluation mask (seeded, at `EVAL_STEP`) and current coefficients."""
+        with torch.no_grad():
+            return self.merger.merged_flat(step=EVAL_STEP, mask=self.settings.eval_mask)
+
+    def evaluate(self, flat: torch.Tensor) -> dict[str, float]:
+        """Test accuracy of every task that has labelled test data."""
+        call = self.merger.bind(flat)
+        accuracy = {}
+        with torch.no_grad():
+            for task in self.tasks:
+                if task.test_data is None:
+                    continue
+                correct = total = 0
+                for batch, labels in task.test_data:
+                    predicted = task.logits(call, batch).argmax(dim=-1)
+                    correct += int((predicted == labels.to(predicted.device)).sum())
+                    total += labels.numel()
+                if total == 0:
+                    raise ValueError(f"task {task.name!r}: its test data is empty")
+                accuracy[task.name] = correct / total
+        return accuracy
+
+    def _record_accuracy(self, step: int, phase: str, accuracy: dict[str, float] | None = None) -> None:
+        if accuracy is None:
+            accuracy = self.evaluate(self.merged_flat())
+        if not accuracy:
+            return
+        record = self.history["accuracy"]
+        record["step"].append(step)
+        record["phase"].append(phase)
+        for name, value in accuracy.items():
+            record["tasks"][name].append(value)
+        record["average"].append(sum(accuracy.values()) / len(accuracy))
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        tv = self.merger.task_vectors
+        return {
+            "settings": dataclasses.asdict(self.settings), "backend": self.backend, "tasks": tv.names,
+            "numel": tv.layout.numel, "segments": len(tv.layout), "vector_dtype": str(tv.vectors.dtype),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self._fingerprint(),
+            "step": self.step,
+            "seed": self.settings.seed,
+            "logits": self.merger.logits.detach().clone(),
+            "coefficients": self.merger.coefficients.detach().clone(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "drawn": {s.task.name: s.drawn for s in self.streams},
+            "history": self.history,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        expected, found = self._fingerprint(), state["fingerprint"]
+        if found != expected:
+            differ = _differences(expected, found)
+            raise ValueError(f"the checkpoint belongs to a different run; differing: {', '.join(differ)}")
+        with torch.no_grad():
+            self.merger.logits.copy_(state["logits"])
+            self.merger.coefficients.copy_(state["coefficients"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for stream in self.streams:
+            stream.skip_to(state["drawn"][stream.task.name])
+        self.history = state["history"]
+        self.step = state["step"]
+
+    # ------------------------------------------------------------------------------------------
+    # The whole run
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> MergeResult:
+        opts, out_dir = self.options, _maybe_path(self.options.out_dir)
+        checkpoint = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+        resumed_from = None
+        if opts.resume:
+            if checkpoint is None:
+                raise ValueError("resume needs out_dir (the checkpoint is read from out_dir/checkpoint.pt)")
+            self.load_state(load_checkpoint(checkpoint))
+            resumed_from = self.step
+        else:
+            self._record_accuracy(0, self.phases[0][0] if self.phases else "none")
+        started = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.settings.method, disable=not opts.progress)
+        try:
+            while self.step < self.total_steps:
+                phase, t = self._phase_at(self.step)
+                if phase == "adapt" and t == 0:
+                    self.merger.reset_coefficients()
+                entropy = self.meta_step(t) if phase == "meta" else self.adapt_step()
+                self.step += 1
+                record = self.history["entropy"]
+                record["step"].append(self.step)
+                record["phase"].append(phase)
+                record["value"].append(entropy)
+                if opts.eval_every and self.step % opts.eval_every == 0 and self.step < self.total_steps:
+                    self._record_accuracy(self.step, phase)
+                if checkpoint is not None and opts.checkpoint_every and self.step % opts.checkpoint_every == 0:
+                    save_checkpoint(checkpoint, self.state())
+                bar.update(1)
+                bar.set_postfix(entropy=f"{entropy:.4f}")
+        finally:
+            bar.close()
+        flat = self.merged_flat()
+        final = self.evaluate(flat)
+        if self.history["accuracy"]["step"][-1:] != [self.step]:
+            self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
+        report = self._report(final, resumed_from, time.perf_counter() - started)
+        if out_dir is not None:
+            save_checkpoint(checkpoint, self.state())
+            self._write_outputs(out_dir, flat, report)
+        m = self.merger
+        return MergeResult(
+            flat=flat,
+            state_dict=m.task_vectors.state_dict(flat),
+            logits=m.logits.detach().clone() if self.settings.meta_steps else None,
+            coefficients=m.weights().detach().clone(),
+            report=report,
+        )
+
+    def _report(self, final: dict[str, float], resumed_from: int | None, seconds: float) -> dict[str, Any]:
+        s, m = self.settings, self.merger
+        masked = s.eval_mask != "none"
+        report: dict[str, Any] = {
+            "method": s.method,
+            "tasks": [t.name for t in self.tasks],
+            "settings": dataclasses.asdict(s),
+            "backend": self.backend,
+            "vector_dtype": str(m.task_vectors.vectors.dtype),
+            "phases": [{"name": name, "steps": steps} for name, steps in self.phases],
+            "eval_mask": (
+                {"mode": s.eval_mask, "seed": s.seed, "step": EVAL_STEP, "temperature": s.temperature,
+                 "rescale": s.rescale}
+                if masked else None
+            ),
+            "final_accuracy": final,
+            "final_average": sum(final.values()) / len(final) if final else None,
+            "coefficients": m.weights().detach().tolist(),
+            "entropy": self.history["entropy"],
+            "accuracy": self.history["accuracy"],
+            "steps": self.step,
+            "resumed_from": resumed_from,
+            "seconds": seconds,
+        }
+        if masked:
+            report["mask"] = {
+                "mean_eval_mask": float(m.mask(step=EVAL_STEP, mask=s.eval_mask).mean()),
+                "mean_probability": float(torch.sigmoid(m.logits.detach()).mean()),
+            }
+        return report
+
+    def _write_outputs(self, out_dir: Path, flat: torch.Tensor, report: dict[str, Any]) -> None:
+        m = self.merger
+        if self.settings.meta_steps:
+            logits = {name: view.detach().clone() for name, view in m.task_vectors.layout.unflatten(m.logits).items()}
+            metadata = {"seed": str(m.seed), "temperature": str(m.temperature), "eval_mask": self.settings.eval_mask,
+                        "eval_step": str(EVAL_STEP), "rescale": str(m.rescale)}
+            with atomic_path(out_dir / MASK_NAME) as tmp:
+                save_file(logits, str(tmp), metadata=metadata)
+        tensors = m.export_state_dict(flat)
+        with atomic_dir(out_dir / MERGED_NAME) as tmp:
+            if hasattr(m.model, "save_pretrained"):
+                m.model.save_pretrained(tmp, state_dict=tensors)
+            else:
+                save_file(tensors, str(tmp / "model.safetensors"))
+        write_report(out_dir / REPORT_NAME, report)
+
+
+def _maybe_path(path: str | os.PathLike | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
+def _differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key), found.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (this run {a!r}, checkpoint {b!r})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The four methods
+# ----------------------------------------------------------------------------------------------
+def adamerging(
+    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
+    granularity: str = "layer", steps: int = 1000, lr: float = 1e-3, init: float = 0.3, clamp: bool = False,
+    options: RunOptions | None = None,
+) -> MergeResult:
+    """AdaMerging: task-wise (`granularity="task"`, `[n]`) or layer-wise (`"layer"`, `[n, S]`) coefficients
+    learned by entropy minimisation on the tasks' unlabeled batches (Adam)."""
+    settings = Settings(method="adamerging", coefficients=_granularity(granularity), adapt_steps=steps, lr=lr,
+                        init=init, clamp=clamp)
+    return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
+
+
+def adamerging_pp(
+    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
+    density: float = 0.2, granularity: str = "layer", steps: int = 1000, lr: float = 1e-3, init: float = 0.3,
+    clamp: bool = False, options: RunOptions | None = None,
+) -> MergeResult:
+    """AdaMerging++: AdaMerging over the TIES-trimmed, sign-agreeing task vectors (`ties_trim`)."""
+    trimmed = dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, density))
+    settings = Settings(method="adamerging++", coefficients=_granularity(granularity), adapt_steps=steps, lr=lr,
+                        init=init, clamp=clamp, density=density)
+    return AdaptiveLoop(model, trimmed, tasks, settings, options).run()
+
+
+def concrete_task_arithmetic(
+    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
+    scale: float = 0.3, steps: int = 2000, mask_lr: float = 1e-3, temperature: float = 0.5,
+    eval_mask: str = "relaxed", rescale: bool = True, seed: int = 0, options: RunOptions | None = None,
+) -> MergeResult:
+    """Concrete Task Arithmetic (Algorithms 1 and 2): task arithmetic with `scale` fixed; only the mask logits
+    are learned. The merged model uses the `eval_mask` sample ("relaxed", "hard" or "threshold")."""
+    settings = Settings(method="concrete_task_arithmetic", coefficients="fixed", meta_steps=steps, init=scale,
+                        mask_lr=mask_lr, temperature=temperature, seed=seed, eval_mask=_eval_mask(eval_mask),
+                        rescale=rescale)
+    return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
+
+
+def concrete_adamerging(
+    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
+    granularity: str = "layer", meta_steps: int = 2000, adamerging_steps: int = 1000, inner_steps: int = 1,
+    inner_lr: float = 1.0, mask_lr: float = 1e-3, lr: float = 1e-3, init: float = 0.3, clamp: bool = False,
+    temperature: float = 0.5, eval_mask: str = "relaxed", rescale: bool = True, seed: int = 0,
+    options: RunOptions | None = None,
+) -> MergeResult:
+    """Concrete AdaMerging (Algorithms 1 and 3): learn the shared mask with the bi-level loop (inner steps on
+    the coefficients, Adam `inner_lr`; outer steps on the logits, Adam `mask_lr`), then fix the `eval_mask`
+    sample and run plain AdaMerging (Adam `lr`) for `adamerging_steps`. The defaults are the CLIP ones;
+    the authors use `inner_lr=0.1, mask_lr=1e-4` for Flan-T5."""
+    settings = Settings(method="concrete_adamerging", coefficients=_granularity(granularity), meta_steps=meta_steps,
+                        inner_steps=inner_steps, adapt_steps=adamerging_steps, init=init, clamp=clamp,
+                        inner_lr=inner_lr, mask_lr=mask_lr, lr=lr, temperature=temperature, seed=seed,
+                        eval_mask=_eval_mask(eval_mask), rescale=rescale)
+    return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
+
+
+def _granularity(value: str) -> str:
+    if value not in ("task", "layer"):
+        raise ValueError(f"granularity must be 'task' (one coefficient per task) or 'layer', got {value!r}")
+    return value
+
+
+def _eval_mask(value: str) -> str:
+    if value not in EVAL_MASKS:
+        raise ValueError(f"eval_mask must be one of {EVAL_MASKS}, got {value!r}")
+    return value
+
+
+METHODS = {
+    "adamerging": adamerging,
+    "adamerging++": adamerging_pp,
+    "concrete_task_arithmetic": concrete_task_arithmetic,
+    "concrete_adamerging": concrete_adamerging,
+}

@@ -1,0 +1,85 @@
+"""`Task`: what test-time adaptation needs from one task, for any classifier.
+
+A task is a name, a stream of unlabeled batches, and a function that turns (model call, batch) into class
+logits. The model call runs the user's model on the merged parameters; heads, prompts or any other
+task-specific pieces live in the task's function and are not merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ModelCall = Callable[..., Any]
+"""`call(*args, **kwargs)` runs the user's model with the merged parameters and returns its output."""
+
+
+@dataclass
+class Task:
+    """One task of the merge.
+
+    Attributes:
+        name: the task's name; it must match the name of its task vector.
+        batches: unlabeled inputs, re-iterated from the start whenever it runs out. For `--resume` to
+            reproduce a run exactly, iterating it must give the same sequence in a fresh process (a list,
+            or a DataLoader whose shuffling generator is seeded where it is built).
+        logits: `logits(call, batch) -> [B, C]` class logits of the merged model on `batch`.
+        test_data: optional labelled data, an iterable of `(batch, labels)` pairs, for accuracy curves.
+    """
+
+    name: str
+    batches: Iterable
+    logits: Callable[[ModelCall, Any], torch.Tensor]
+    test_data: Iterable | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a task needs a non-empty string name, got {self.name!r}")
+        if not isinstance(self.batches, Iterable):
+            raise TypeError(f"task {self.name!r}: batches must be iterable, got {type(self.batches).__name__}")
+        if not callable(self.logits):
+            raise TypeError(f"task {self.name!r}: logits must be callable, got {type(self.logits).__name__}")
+
+
+class BatchStream:
+    """Endless batches of one task that counts what it hands out, so a resumed run can skip as many."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.drawn = 0
+        self._iterator: Iterator | None = None
+
+    def next(self) -> Any:
+        if self._iterator is not None:
+            batch = next(self._iterator, _END)
+            if batch is not _END:
+                self.drawn += 1
+                return batch
+        self._iterator = iter(self.task.batches)
+        batch = next(self._iterator, _END)
+        if batch is _END:
+            raise ValueError(
+                f"task {self.task.name!r}: its batches are empty"
+                + (" (a one-shot iterator cannot be cycled; pass a list or a DataLoader)" if self.drawn else "")
+            )
+        self.drawn += 1
+        return batch
+
+    def skip_to(self, drawn: int) -> None:
+        """Draw (and drop) batches until `drawn` have been handed out in total."""
+        while self.drawn < drawn:
+            self.next()
+
+
+_END = object()
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the prediction entropy `-sum_c p_c log(p_c + 1e-8)`, as AdaMerging defines it."""
+    if logits.dim() != 2:
+        raise ValueError(f"expected class logits of shape [B, C], got {list(logits.shape)}")
+    p = logits.float().softmax(dim=-1)
+    return -(p * torch.log(p + 1e-8)).sum(dim=-1).mean()
