@@ -96,20 +96,27 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads)")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in the report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="adaptive methods: continue from OUT_DIR/checkpoint.pt to the result an uninterrupted "
+                             "run gives")
 
 
-def load_merge_config(path: Path) -> dict[str, Any]:
-    """The merge a config file describes, as keyword arguments of `plan_merge` (paths resolved)."""
+def _read_yaml(path: Path) -> Any:
     import yaml
-
-    from .methods import get_method
 
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        config = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def load_merge_config(path: Path) -> dict[str, Any]:
+    """The merge a config file describes, as keyword arguments of `plan_merge` (paths resolved)."""
+    from .methods import get_method
+
+    config = _read_yaml(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_CONFIG_KEYS)}")
     unknown = sorted(set(config) - set(_CONFIG_KEYS))
@@ -196,10 +203,41 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
     return rows
 
 
+def _run_adaptive(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    """Adaptive methods learn from data: `pyfuse.adaptive.run_from_config` runs them (config in its docstring)."""
+    from .adaptive import run_from_config
+
+    if args.dry_run:
+        raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config['method']} needs data")
+    here = args.config.parent
+
+    def resolve(value: Any) -> Any:
+        return str(here / Path(value).expanduser()) if isinstance(value, str) else value
+
+    config = dict(config)
+    config["base"] = resolve(config.get("base"))
+    models = config.get("models")
+    if isinstance(models, dict):
+        config["models"] = {name: resolve(path) for name, path in models.items()}
+    elif isinstance(models, list):
+        config["models"] = [{**m, "path": resolve(m.get("path"))} if isinstance(m, dict) else m for m in models]
+    result = run_from_config(config, args.out_dir, resume=args.resume)
+    print(f"merged with {config['method']} -> {args.out_dir}")
+    rows = [(f"accuracy {task}", f"{acc:.4f}") for task, acc in result.report["final_accuracy"].items()]
+    if result.report["final_average"] is not None:
+        rows.append(("average", f"{result.report['final_average']:.4f}"))
+    print(_table([*rows, ("report", str(args.out_dir / "report.json"))]))
+    return 0
+
+
 def _run_merge(args: argparse.Namespace) -> int:
+    from .adaptive import METHODS as ADAPTIVE
     from .io.writer import ShardedWriter, parse_size
     from .merge import DEFAULT_SHARD_SIZE, plan_merge
 
+    raw = _read_yaml(args.config)
+    if isinstance(raw, dict) and raw.get("method") in ADAPTIVE:
+        return _run_adaptive(args, raw)
     config = load_merge_config(args.config)
     plan = plan_merge(config["method"], config["base"], config["finetuned"], dtype=args.dtype or config["dtype"],
                       device=args.device, threads=args.threads, **config["params"])
@@ -231,9 +269,24 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("report", type=Path, help="report.json written by an adaptive merge")
+    parser.add_argument("-o", "--output", type=Path, help="PNG to write (default: beside the report, .png)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from .adaptive import plot_report
+
+    print(plot_report(args.report, args.output))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "merge": Command("merge fine-tuned models with a static method (average, task_arithmetic, ties, dare, "
-                     "concrete)", _add_merge_arguments, _run_merge, _MERGE_EPILOG),
+                     "concrete) or an adaptive one (adamerging, adamerging++, concrete_task_arithmetic, "
+                     "concrete_adamerging)", _add_merge_arguments, _run_merge, _MERGE_EPILOG),
+    "plot": Command("draw accuracy and entropy versus step from an adaptive merge's report.json into a PNG",
+                    _add_plot_arguments, _run_plot),
 }
 
 

@@ -121,3 +121,23 @@ def test_task_factory_must_return_a_task_of_that_name(clip_dirs, tmp_path):
     config["tasks"]["cars"] = {"factory": "tests.adaptive_helpers:clip_task", "kwargs": {"name": "dtd"}}
     with pytest.raises(ValueError, match="returned a task named 'dtd'"):
         run_from_config(config, tmp_path / "out")
+
+
+def test_cli_runs_an_adaptive_merge_and_plots_it(clip_dirs, tmp_path, capsys):
+    import yaml
+
+    from pyfuse.cli import main
+
+    config = _clip_config(clip_dirs, "concrete_task_arithmetic", {"steps": 2, "seed": 1})
+    # paths relative to the config file, as users write them
+    config["base"] = "base"
+    config["models"] = {name: name for name in CLIP_TASKS}
+    path = clip_dirs / "concrete_ta.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 0
+    assert "average" in capsys.readouterr().out
+    assert CLIPVisionModel.from_pretrained(tmp_path / "out" / "merged") is not None
+    assert main(["plot", str(tmp_path / "out" / "report.json"), "-o", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["merge", str(path), str(tmp_path / "dry"), "--dry-run"]) == 1
+    assert "--dry-run is for the static methods" in capsys.readouterr().err

@@ -42,8 +42,12 @@ def _check_logits(logits: torch.Tensor, compute_dtypes: tuple[torch.dtype, ...])
         raise ValueError(f"logits must be a 1-D tensor [D], got shape {tuple(getattr(logits, 'shape', ()))}")
     if logits.dtype not in compute_dtypes:
         raise TypeError(f"logits must be {' or '.join(map(str, compute_dtypes))} for this backend, got {logits.dtype}")
-    # Data-dependent checks can't be traced; under torch.compile they are left to eager runs.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+    # Data-dependent checks can't be traced; under torch.compile they are left to eager runs. A NaN or inf
+    # anywhere makes the sum non-finite, and one reduction is far cheaper than an elementwise isfinite pass;
+    # only then (or when finite values overflow the sum) is the offending element looked for.
+    if torch.compiler.is_compiling() or bool(torch.isfinite(logits.sum())):
+        return
+    if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).nonzero()[0])
         raise ValueError(f"logits must be finite; logits[{bad}] = {logits[bad].item()}")
 
