@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from pyfuse.io.atomic import atomic_path
 
 
 def rss_anon_bytes(pid: int | str = "self") -> int:
@@ -91,10 +91,8 @@ def parse_size(text: str) -> int:
 def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

@@ -28,10 +28,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..io.atomic import atomic_dir, atomic_path
 from ..ops import MODES
 from ..ops.backends import resolve
 from ..taskvectors import TaskVectors
-from .checkpoint import atomic_dir, atomic_path, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
 from .task import BatchStream, Task, entropy_loss

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_path
+from ..io.atomic import atomic_path
 
 
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
