@@ -38,6 +38,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import pyfuse
 from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
+from pyfuse.memory import status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, write_json  # noqa: E402
@@ -49,15 +50,8 @@ KIB_PER_GIB = 2**20
 # ------------------------------------------------------------------------------------------------
 # Child: set up one impl, run the steps, report
 # ------------------------------------------------------------------------------------------------
-def _status_kib(field: str, pid: int | str = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
+def _kib(nbytes: int | None) -> int | None:
+    return None if nbytes is None else nbytes // 1024
 
 
 class _RandomImages:
@@ -169,7 +163,7 @@ def _eager(args, model, heads, images):
 def _child(args) -> None:
     model, heads, images = _setup(args)
     step, info = (_fused if args.child == "fused" else _eager)(args, model, heads, images)
-    setup_anon = _status_kib("RssAnon")
+    setup_anon = _kib(status_bytes("RssAnon"))
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM: the peak reported below is that of the steps
@@ -185,7 +179,7 @@ def _child(args) -> None:
         cpu_times.append(time.process_time() - cpu_start)
     print(json.dumps({
         "event": "done", "step_seconds": times, "step_cpu_seconds": cpu_times, "setup_rss_anon_kib": setup_anon,
-        "vmhwm_kib": _status_kib("VmHWM"), "vmhwm_covers": "steps" if hwm_reset else "process",
+        "vmhwm_kib": _kib(status_bytes("VmHWM")), "vmhwm_covers": "steps" if hwm_reset else "process",
         "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
         "tensors": len(list(model.parameters())), **info,
     }), flush=True)
@@ -212,8 +206,8 @@ def _measure(impl: str, args) -> dict:
     peak_anon = peak_rss = 0
     while proc.poll() is None:
         if "ready" in events:  # peaks of the steps only (setup buffers stay resident and count)
-            peak_anon = max(peak_anon, _status_kib("RssAnon", proc.pid) or 0)
-            peak_rss = max(peak_rss, _status_kib("VmRSS", proc.pid) or 0)
+            peak_anon = max(peak_anon, _kib(status_bytes("RssAnon", proc.pid)) or 0)
+            peak_rss = max(peak_rss, _kib(status_bytes("VmRSS", proc.pid)) or 0)
         time.sleep(POLL_SECONDS)
     reader.join()
     if proc.returncode != 0 or "done" not in events:

@@ -4,52 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 
 from pyfuse.io.atomic import atomic_path
-
-
-def rss_anon_bytes(pid: int | str = "self") -> int:
-    """Resident anonymous memory of a process (excludes file-backed pages such as mmapped weights)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("RssAnon not found in /proc/<pid>/status")
-
-
-class PeakRssAnon:
-    """Polls RssAnon in a thread while the block runs; `extra` is the peak above the level at entry.
-
-    Works because torch ops (and pyfuse's C++ op) release the GIL while they compute.
-    """
-
-    def __init__(self, interval: float = 0.0005):
-        self.interval = interval
-        self.extra = 0
-
-    def __enter__(self):
-        self.start = rss_anon_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_anon_bytes())
-        self.extra = self.peak - self.start
+from pyfuse.memory import PeakRssAnon, rss_anon_bytes  # noqa: F401  (re-exported to the benchmarks)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -74,15 +74,22 @@ _MODE_IDS = (0, 1, 2, 3)
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _this_tile(tile_start_ptr, tile_end_ptr, ALIGN: tl.constexpr):
+    """This program's tile (64-bit index) and its element range [start, end), inside one segment."""
+    tile = tl.program_id(0).to(tl.int64)
+    start = tl.multiple_of(tl.load(tile_start_ptr + tile), ALIGN)
+    end = tl.multiple_of(tl.load(tile_end_ptr + tile), ALIGN)
+    return tile, start, end
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
 def _mask_sums_kernel(
     logits_ptr, m_ptr, partial_ptr, tile_start_ptr, tile_end_ptr,
     seed_lo, seed_hi, step, temperature,
     MODE: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    start = tl.multiple_of(tl.load(tile_start_ptr + tile), ALIGN)
-    end = tl.multiple_of(tl.load(tile_end_ptr + tile), ALIGN)
+    tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(0, end - start, BLOCK):
@@ -100,10 +107,8 @@ def _merge_apply_kernel(
     n, num_segments, tv_stride,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
+    tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
     seg = tl.load(tile_seg_ptr + tile).to(tl.int64)
-    start = tl.multiple_of(tl.load(tile_start_ptr + tile), ALIGN)
-    end = tl.multiple_of(tl.load(tile_end_ptr + tile), ALIGN)
     scale = tl.load(scale_ptr + seg)
     stride = tl.cast(tv_stride, tl.int64)
     segments = tl.cast(num_segments, tl.int64)
@@ -129,10 +134,8 @@ def _backward_accumulate_kernel(
     MODE: tl.constexpr, NPAD: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # partial is [n + 1, num_tiles]: rows i < n hold sum g*tv[i]*m over the tile, row n sum g*a*m.
-    tile = tl.program_id(0).to(tl.int64)
+    tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
     seg = tl.load(tile_seg_ptr + tile).to(tl.int64)
-    start = tl.multiple_of(tl.load(tile_start_ptr + tile), ALIGN)
-    end = tl.multiple_of(tl.load(tile_end_ptr + tile), ALIGN)
     rows = tl.arange(0, NPAD)
     row_valid = rows < n
     rows64 = rows.to(tl.int64)
@@ -164,10 +167,8 @@ def _backward_logits_kernel(
     seed_lo, seed_hi, step, temperature,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
+    tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
     seg = tl.load(tile_seg_ptr + tile).to(tl.int64)
-    start = tl.multiple_of(tl.load(tile_start_ptr + tile), ALIGN)
-    end = tl.multiple_of(tl.load(tile_end_ptr + tile), ALIGN)
     scale = tl.load(scale_ptr + seg)
     corr = tl.load(corr_ptr + seg)
     lanes = tl.arange(0, BLOCK)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +27,7 @@ from .io.hashing import sha256_file
 from .io.sources import TensorSource, checkpoint_files, open_source
 from .io.writer import ShardedWriter, check_output_dir, parse_size, small_files
 from .layout import FlatLayout
+from .memory import PeakRssAnon, rss_anon_bytes
 from .methods import Chunk, StaticMethod, create_method, get_method
 from .taskvectors import _label
 
@@ -59,48 +59,6 @@ def _device(device: str | torch.device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
     return device
-
-
-def rss_anon_bytes(pid: int | str = "self") -> int | None:
-    """Resident anonymous memory (heap, not file-backed pages such as memory-mapped weights); None off Linux."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class _PeakAnon:
-    """Polls this process's RssAnon in a background thread; `peak` is the largest value seen."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.peak = rss_anon_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> None:
-        now = rss_anon_bytes()
-        if now is not None and (self.peak is None or now > self.peak):
-            self.peak = now
-
-    def __enter__(self) -> _PeakAnon:
-        if self.peak is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-        self._sample()
 
 
 class _Reader:
@@ -275,7 +233,7 @@ class MergePlan:
         report = {"pyfuse_version": __version__, "torch_version": torch.__version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.summary()}
         timings = {}
-        with _PeakAnon() as memory, _workers(self.workers) as pool:
+        with PeakRssAnon() as memory, _workers(self.workers) as pool:
             if hash_inputs:
                 tick = time.perf_counter()
                 files = [(file, path) for entry, raw in zip(report["inputs"], self.inputs)
