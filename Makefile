@@ -6,8 +6,9 @@ PIP := $(PYTHON) -m pip
 .PHONY: install test bench lint
 
 install:
-	# torch first, pinned to the local CPU build, so the C++ extension builds against it in place
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	# torch and torchvision first, pinned to the pair on this machine's disk (open_clip needs torchvision),
+	# so the C++ extension builds against them in place and nothing fetches another build
+	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
 
 # pytest exits 5 when it collected nothing: that is a failure here, said in words

@@ -3,5 +3,5 @@
 CPP_SOURCES = ["csrc/concrete_merge.cpp"]
 # -fno-math-errno, with the SIMD declarations in csrc/concrete_merge.cpp, lets GCC call glibc's vector
 # log/exp (libmvec); no -ffast-math, which would change rounding and break agreement with other backends.
-CPP_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+CPP_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++20"]
 CPP_LINK_FLAGS = ["-fopenmp"]
