@@ -14,7 +14,7 @@ from .loop import (
 )
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import load_report, plot_report
-from .task import Task, entropy_loss
+from .task import Task, entropy_loss, evaluate_tasks
 from .trim import ties_trim
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "concrete_adamerging",
     "concrete_task_arithmetic",
     "entropy_loss",
+    "evaluate_tasks",
     "load_report",
     "plot_report",
     "run_from_config",

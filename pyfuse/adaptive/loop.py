@@ -35,7 +35,7 @@ from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
-from .task import BatchStream, Task, entropy_loss
+from .task import BatchStream, Task, entropy_loss, evaluate_tasks
 from .trim import ties_trim
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -216,21 +216,7 @@ class AdaptiveLoop:
 
     def evaluate(self, flat: torch.Tensor) -> dict[str, float]:
         """Test accuracy of every task that has labelled test data."""
-        call = self.merger.bind(flat)
-        accuracy = {}
-        with torch.no_grad():
-            for task in self.tasks:
-                if task.test_data is None:
-                    continue
-                correct = total = 0
-                for batch, labels in task.test_data:
-                    predicted = task.logits(call, batch).argmax(dim=-1)
-                    correct += int((predicted == labels.to(predicted.device)).sum())
-                    total += labels.numel()
-                if total == 0:
-                    raise ValueError(f"task {task.name!r}: its test data is empty")
-                accuracy[task.name] = correct / total
-        return accuracy
+        return evaluate_tasks(self.merger.bind(flat), self.tasks)
 
     def _record_accuracy(self, step: int, phase: str, accuracy: dict[str, float] | None = None) -> None:
         if accuracy is None:

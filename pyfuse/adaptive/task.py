@@ -83,3 +83,21 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected class logits of shape [B, C], got {list(logits.shape)}")
     p = logits.float().softmax(dim=-1)
     return -(p * torch.log(p + 1e-8)).sum(dim=-1).mean()
+
+
+def evaluate_tasks(call: ModelCall, tasks: Iterable[Task]) -> dict[str, float]:
+    """Test accuracy of `call` (a model, or merged parameters bound to one) on every task with test data."""
+    accuracy = {}
+    with torch.no_grad():
+        for task in tasks:
+            if task.test_data is None:
+                continue
+            correct = total = 0
+            for batch, labels in task.test_data:
+                predicted = task.logits(call, batch).argmax(dim=-1)
+                correct += int((predicted == labels.to(predicted.device)).sum())
+                total += labels.numel()
+            if total == 0:
+                raise ValueError(f"task {task.name!r}: its test data is empty")
+            accuracy[task.name] = correct / total
+    return accuracy
