@@ -10,9 +10,10 @@ from .adaptive import (
     concrete_task_arithmetic,
 )
 from .layout import FlatLayout
-from .merge import merge
+from .merge import merge, merge_to_dir
+from .stats import Statistics, collect_statistics
 from .taskvectors import TaskVectors
 
-__all__ = ["FlatLayout", "TaskVectors", "merge", "ops"]
+__all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "merge", "merge_to_dir", "ops"]
 __all__ += ["RunOptions", "Task", "adamerging", "adamerging_pp", "concrete_adamerging", "concrete_task_arithmetic"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `pyfuse` command line. Subcommands register in `COMMANDS`; today: `merge`.
+"""The `pyfuse` command line. Subcommands register in `COMMANDS`: `demo`, `finetune`, `merge`, `plot`.
 
 Only this module prints: the library returns values and reports, and the commands turn them into text.
 """
@@ -14,6 +14,8 @@ from typing import Any
 
 _MAIN_EPILOG = """\
 examples:
+  pyfuse demo                                      the embedded real benchmark end to end (offline)
+  pyfuse demo --quick                              the same, shorter schedules (a few minutes)
   pyfuse merge merge.yaml ./merged                 merge the models a config names into ./merged
   pyfuse merge merge.yaml ./merged --dry-run       check everything, predict memory and size, read no weights
   pyfuse merge --help                              the config format and every option
@@ -23,13 +25,17 @@ Python: pyfuse.merge("ties", base, [model_a, model_b], density=0.5) returns the 
 
 _MERGE_EPILOG = """\
 config (YAML):
-  method: ties                  # average | task_arithmetic | ties | dare | concrete
+  method: ties                  # average | task_arithmetic | ties | dare | concrete, or a data-aware
+                                #   fisher | regmean | mats | esm | esm++ (statistics per model, below)
   base: ./llama-base            # the pre-trained model: HF model directory, sharded
                                 #   safetensors directory with its index, or a .safetensors file
   models:                       # the fine-tuned models
     - path: ./llama-math
       weight: 1.0               # optional per-model weight (default 1)
     - ./llama-code              # a bare path when no weight is needed
+                                # data-aware methods (fisher, regmean, mats, esm, esm++) also need
+                                #   statistics: ./stats/math.safetensors   per model, saved by
+                                #   pyfuse.stats.collect_statistics(...).save(path)
   parameters:                   # the method's parameters; anything left out takes its default
     density: 0.5
     scaling: 0.3
@@ -71,13 +77,15 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 def _method_table() -> str:
     from .methods import StaticMethod, available_methods, get_method
+    from .methods.data import DataMethod
 
     lines = []
     for name in available_methods():
         cls = get_method(name)
-        if not issubclass(cls, StaticMethod):
+        if not issubclass(cls, (StaticMethod, DataMethod)):
             continue
-        lines.append(f"  {name}: {cls.summary}")
+        needs = f" [statistics: {', '.join(cls.needs)}]" if issubclass(cls, DataMethod) else ""
+        lines.append(f"  {name}: {cls.summary}{needs}")
         for key, spec in cls.params.items():
             default = "none" if spec.default is None else spec.default
             lines.append(f"      {key} ({default}): {spec.help}")
@@ -132,20 +140,26 @@ def load_merge_config(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: {where} must be a path, got {value!r}")
         return here / Path(value).expanduser()
 
-    models, weights = [], []
+    models, weights, statistics = [], [], []
     if not isinstance(config["models"], list) or not config["models"]:
         raise ConfigError(f"{path}: 'models' must be a non-empty list of fine-tuned models")
     for i, entry in enumerate(config["models"]):
         if isinstance(entry, dict):
-            extra = sorted(set(entry) - {"path", "weight"})
+            extra = sorted(set(entry) - {"path", "weight", "statistics"})
             if extra or "path" not in entry:
-                raise ConfigError(f"{path}: models[{i}] needs 'path' and optionally 'weight', got keys "
-                                  f"{sorted(entry)}")
+                raise ConfigError(f"{path}: models[{i}] needs 'path' and optionally 'weight' and 'statistics', "
+                                  f"got keys {sorted(entry)}")
             models.append(resolve(entry["path"], f"models[{i}].path"))
             weights.append(entry.get("weight"))
+            stats = entry.get("statistics")
+            statistics.append(None if stats is None else resolve(stats, f"models[{i}].statistics"))
         else:
             models.append(resolve(entry, f"models[{i}]"))
             weights.append(None)
+            statistics.append(None)
+    if any(st is not None for st in statistics) and None in statistics:
+        raise ConfigError(f"{path}: models[{statistics.index(None)}] has no 'statistics'; a data-aware merge needs "
+                          f"them for every model")
     params = config.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: 'parameters' must be a mapping of parameter names to values")
@@ -160,7 +174,8 @@ def load_merge_config(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: give weights either per model or in parameters.weights, not both")
         params["weights"] = [1.0 if w is None else w for w in weights]
     return {"method": config["method"], "base": resolve(config["base"], "base"), "finetuned": models,
-            "dtype": config.get("dtype"), "shard_size": config.get("shard_size"), "params": params}
+            "dtype": config.get("dtype"), "shard_size": config.get("shard_size"), "params": params,
+            "statistics": statistics if statistics[0] is not None else None}
 
 
 def _size(nbytes: int | None) -> str:
@@ -240,7 +255,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         return _run_adaptive(args, raw)
     config = load_merge_config(args.config)
     plan = plan_merge(config["method"], config["base"], config["finetuned"], dtype=args.dtype or config["dtype"],
-                      device=args.device, threads=args.threads, **config["params"])
+                      device=args.device, threads=args.threads, statistics=config["statistics"], **config["params"])
     shard_size = config["shard_size"] or DEFAULT_SHARD_SIZE
     # planning the shards also checks that OUT_DIR may be written (exists without --force)
     shards = len(ShardedWriter(args.out_dir, plan.outputs, parse_size(shard_size), force=args.force).shard_names)
@@ -280,8 +295,113 @@ def _run_plot(args: argparse.Namespace) -> int:
     print(plot_report(args.report, args.output))
     return 0
 
+def _csv(value: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in value.split(",") if item.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `demo` and `finetune`: which tasks, how to fine-tune, where the cache is."""
+    from .finetune import FinetuneConfig, default_cache_dir
+
+    defaults = FinetuneConfig()
+    parser.add_argument("--tasks", type=_csv, help="comma-separated embedded tasks (default: all)")
+    parser.add_argument("--finetune", dest="mode", choices=("full", "lora"), default=defaults.mode,
+                        help="full fine-tuning (the paper's vision setting) or LoRA r=16 (its language setting)")
+    parser.add_argument("--finetune-steps", type=int, default=defaults.steps, help="fine-tuning steps per task")
+    parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 5e-5 full, 5e-4 LoRA)")
+    parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
+    parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"
+                                                   " $PYFUSE_CACHE overrides)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _finetune_config(args: argparse.Namespace):
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(mode=args.mode, steps=args.finetune_steps, lr=args.finetune_lr, seed=args.finetune_seed)
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo import METHODS, DemoSettings
+
+    defaults = DemoSettings()
+    parser.add_argument("--out", type=Path, default=Path("pyfuse-demo"),
+                        help="where report.json and demo.png go (default ./pyfuse-demo; earlier ones are kept)")
+    parser.add_argument("--quick", action="store_true", help="15-step schedules and 160 test examples per task")
+    parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
+    parser.add_argument("--methods", type=_csv, default=defaults.methods,
+                        help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="adaptation seed (mask noise, batch order)")
+    parser.add_argument("--backend", default="auto", help="the fused op's backend (auto, cpp, triton, reference)")
+    _add_finetune_options(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import QUICK, REPORT_NAME, DemoSettings, run_demo
+
+    overrides = dict(QUICK) if args.quick else {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    settings = DemoSettings(tasks=args.tasks, methods=args.methods, seed=args.seed, finetune=_finetune_config(args),
+                            **overrides)
+    report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
+                      log=lambda message: print(message, flush=True))
+    print()
+    print(_demo_table(report))
+    print(f"\nseeds: fine-tuning {report['seeds']['finetune']}, adaptation {report['seeds']['adaptation']}; "
+          f"{report['seconds'] / 60:.1f} min in all")
+    print(f"report: {(args.out / REPORT_NAME).resolve()}")
+    return 0
+
+
+def _demo_table(report: dict[str, Any]) -> str:
+    """Rows = Individual, Pre-trained, each method; columns = tasks and average (accuracy, %), time, memory."""
+    tasks = [t["name"] for t in report["tasks"]]
+    header = ["Method", *tasks, "Avg.", "time", "peak mem"]
+    lines = []
+    for row in report["rows"]:
+        cells = [row["label"], *(f"{100 * row['accuracy'][t]:.1f}" for t in tasks), f"{100 * row['average']:.1f}",
+                 "" if row["seconds"] is None else f"{row['seconds']:.1f} s",
+                 "" if row["peak_rss_anon_bytes"] is None else _size(row["peak_rss_anon_bytes"])]
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    rule = "-" * len(fmt(header))
+    return "\n".join([fmt(header), rule, *(fmt(cells) for cells in lines[:2]), rule, *(fmt(c) for c in lines[2:])])
+
+
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_finetune_options(parser)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .data.embedded import load_embedded_tasks
+    from .demo import classifier_task, data_id
+    from .finetune import finetune
+    from .models.text_classifier import TextEncoder
+
+    config = _finetune_config(args)
+    encoder = TextEncoder()
+    rows = []
+    for data in load_embedded_tasks(list(args.tasks) if args.tasks else None):
+        task = classifier_task(encoder, data, None)
+        result = finetune(encoder, task, config, data_id=data_id(data), cache_dir=args.cache,
+                          progress=not args.no_progress)
+        rows.append((task.name, f"{'reused' if result.reused else 'trained'}  {result.path}"))
+    print(_table(rows))
+    return 0
+
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command("the embedded real benchmark end to end: fine-tune all-MiniLM-L6-v2 on real text tasks "
+                    "(cached), merge with every method, print a table like the paper's Table 1",
+                    _add_demo_arguments, _run_demo),
+    "finetune": Command("fine-tune the embedded benchmark's task models (full or LoRA), cached by content",
+                        _add_finetune_arguments, _run_finetune),
     "merge": Command("merge fine-tuned models with a static method (average, task_arithmetic, ties, dare, "
                      "concrete) or an adaptive one (adamerging, adamerging++, concrete_task_arithmetic, "
                      "concrete_adamerging)", _add_merge_arguments, _run_merge, _MERGE_EPILOG),

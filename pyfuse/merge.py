@@ -1,10 +1,14 @@
-"""`pyfuse.merge`: static merges of whole models, in memory or streamed from and to safetensors.
+"""`pyfuse.merge`: merges of whole models, in memory or streamed from and to safetensors.
 
 One engine serves both: models are read a bounded chunk at a time (memory-mapped for files), the method
 merges chunk by chunk in fp32, and the result is either gathered into a state dict (`merge`) or
 written straight into sharded safetensors (`merge_to_dir`), so a streamed merge holds a few chunks, a
 method's small tables and nothing proportional to the model. `plan_merge` checks everything, and
 predicts memory and output size, from the headers alone, before any tensor data is read.
+
+Data-aware methods (`DataMethod`: fisher, regmean, ...) take `statistics=[...]`, one `Statistics` (or
+saved file) per fine-tuned model. They are checked the same way before any work, then merge in memory
+(reading each input tensor when they get to it) and write through the same sharded writer and report.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from .io.writer import ShardedWriter, check_output_dir, parse_size, small_files
 from .layout import FlatLayout
 from .memory import PeakRssAnon, rss_anon_bytes
 from .methods import Chunk, StaticMethod, create_method, get_method
+from .methods.data import DataMethod, SourceTensors
+from .stats import Statistics
 from .taskvectors import _label
 
 __all__ = ["MergePlan", "merge", "merge_to_dir", "parse_dtype", "plan_merge", "rss_anon_bytes"]
@@ -129,7 +135,7 @@ def _workers(count: int) -> Iterator[ThreadPoolExecutor | None]:
 class MergePlan:
     """A checked merge: method, inputs, layout and output tensors, known from headers alone."""
 
-    method: StaticMethod
+    method: StaticMethod | DataMethod
     base: TensorSource
     models: list[TensorSource]
     layout: FlatLayout
@@ -138,6 +144,7 @@ class MergePlan:
     chunk_elements: int
     workers: int  # chunks processed at once (threads); 1 runs everything on the calling thread
     inputs: list[Any] = field(repr=False)  # what the caller passed: base first, then the fine-tuned models
+    statistics: list[Statistics] | None = None  # data methods: one per fine-tuned model
 
     @property
     def output_bytes(self) -> int:
@@ -149,11 +156,14 @@ class MergePlan:
         The working set is, per worker, one chunk's deltas and fp32 base and the method's chunk-sized
         temporaries; the merged chunks waiting to be written; the method's tables; all times the slack
         of the allocator, whose per-thread arenas keep freed chunks (1.5, measured with glibc). Not
-        included: the result of `state_dict`, which holds the merged model.
+        included: the result of `state_dict`, which holds the merged model. A data method holds the merged
+        model in memory and its per-parameter temporaries (`DataMethod.working_bytes`).
         """
         if baseline is None:
             baseline = rss_anon_bytes() or 0
         n = len(self.models)
+        if isinstance(self.method, DataMethod):
+            return baseline + int(1.5 * (self.output_bytes + self.method.working_bytes(self.layout, n)))
         per_model, constant = self.method.temporaries
         chunk = min(self.chunk_elements, max(shape.numel() for shape in self.layout.shapes)) * 4
         in_flight = 2 * self.workers
@@ -163,6 +173,7 @@ class MergePlan:
     def summary(self) -> dict[str, Any]:
         """What will be merged and written, as JSON-ready values (dry runs print it; reports include it)."""
         n = len(self.models)
+        statistics = {"statistics": [st.describe() for st in self.statistics]} if self.statistics else {}
         out_dtypes = sorted({str(dtype).removeprefix("torch.") for name, _, dtype in self.outputs
                              if name in set(self.layout.names)})
         return {
@@ -180,13 +191,18 @@ class MergePlan:
             "threads": self.workers,
             "global_passes": self.method.global_passes(),
             "predicted_peak_rss_anon_bytes": self.predicted_peak_bytes(),
+            **statistics,
         }
 
     def _tensors(self, reader: _Reader, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
         """Each output tensor, in order, as an iterator over its flat chunks (merged, or carried from the base).
 
-        The method's global passes run when the first tensor is requested.
+        The method's global passes run when the first tensor is requested; a data method merges the whole
+        model then.
         """
+        if isinstance(self.method, DataMethod):
+            yield from self._data_tensors(progress)
+            return
         self.method.prepare(reader)
         index = {name: s for s, name in enumerate(self.layout.names)}
         for name, shape, dtype in tqdm(self.outputs, desc=f"{self.method.name}: merging", unit="tensor",
@@ -199,6 +215,19 @@ class MergePlan:
                 flat = self.base.get(name).reshape(-1)
                 chunks = (flat[lo: lo + self.chunk_elements] for lo in range(0, shape.numel(), self.chunk_elements))
             yield name, chunks
+
+    def _data_tensors(self, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+        """A data method's merge, in memory on `workers` torch threads (the engine's pool serves chunks only)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.workers)
+        try:
+            merged = self.method.merge_model(SourceTensors(self.base), [SourceTensors(m) for m in self.models],
+                                             self.statistics, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
+        for name, _, dtype in self.outputs:
+            flat = merged.pop(name).reshape(-1).to(dtype)
+            yield name, (flat[lo: lo + self.chunk_elements] for lo in range(0, flat.numel(), self.chunk_elements))
 
     def state_dict(self, progress: bool = False) -> dict[str, torch.Tensor]:
         """Run the merge and return the result in memory (CPU tensors, shaped as the base's)."""
@@ -257,6 +286,8 @@ class MergePlan:
                                     "tensor_bytes": writer.total_bytes}
                 report["timings"] = timings
                 report["peak_rss_anon_bytes"] = memory.peak
+                if getattr(self.method, "result", None):  # what a data method found: CG residuals, ESM's alpha
+                    report["method_result"] = _jsonable(self.method.result)
                 writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
                 writer.commit()
         return report
@@ -281,14 +312,27 @@ class MergePlan:
 
 def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", threads: int | None = None,
-               chunk_elements: int = CHUNK_ELEMENTS, **params: Any) -> MergePlan:
+               chunk_elements: int = CHUNK_ELEMENTS, statistics: Sequence[Statistics | str | os.PathLike] | None = None,
+               **params: Any) -> MergePlan:
     """Check a merge completely, from headers only: parameters, keys, shapes, dtypes. Nothing is read or merged.
 
-    `threads` is how many chunks are merged at once (default: torch's CPU threads; 1 on CUDA).
-    Errors name the model and the key (or the method and the parameter).
+    `threads` is how many chunks are merged at once (default: torch's CPU threads; 1 on CUDA); a data
+    method uses as many torch threads. `statistics`: for data methods only, one `Statistics` or saved
+    statistics file per fine-tuned model. Errors name the model and the key (or the method and the
+    parameter, or the statistics, kind and key).
     """
-    if not issubclass(get_method(method), StaticMethod):
+    cls = get_method(method)
+    if issubclass(cls, DataMethod):
+        if statistics is None:
+            raise ValueError(f"{method!r} needs statistics=[...], one per fine-tuned model, with "
+                             f"{', '.join(map(repr, cls.needs))} (see pyfuse.stats.collect_statistics)")
+        if isinstance(statistics, (str, os.PathLike, Statistics)) or not isinstance(statistics, Sequence):
+            raise ValueError(f"{method}: statistics must be a list, one Statistics or file per fine-tuned model")
+        statistics = [st if isinstance(st, Statistics) else Statistics.load(st) for st in statistics]
+    elif not issubclass(cls, StaticMethod):
         raise ValueError(f"{method!r} is not a static merge (it needs data); use its own entry point")
+    elif statistics is not None:
+        raise ValueError(f"{method!r} is a static merge; it takes no statistics")
     instance = create_method(method, **params)
     out_dtype = parse_dtype(dtype)
     device = _device(device)
@@ -308,48 +352,56 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
         extra = [key for key in source.keys() if key not in base_source.specs]
         if extra:
             raise KeyError(f"{source.label}: tensor {extra[0]!r} is not in the base model ({base_source.label})")
-    instance.bind(layout, len(models))
+    if isinstance(instance, DataMethod):
+        instance.check(base_source, models, statistics)
+    else:
+        instance.bind(layout, len(models))
     merged = set(layout.names)
     outputs = [(key, base_source.shape(key),
                 (out_dtype or base_source.dtype(key)) if key in merged else base_source.dtype(key))
                for key in base_source.keys()]
     return MergePlan(instance, base_source, models, layout, outputs, device, chunk_elements, threads,
-                     [base, *finetuned])
+                     [base, *finetuned], statistics)
 
 
 def merge(method: str, base, finetuned: list, *, dtype: str | torch.dtype | None = None,
           device: str | torch.device = "cpu", threads: int | None = None, progress: bool = False,
-          **params: Any) -> dict[str, torch.Tensor]:
-    """Merge fine-tuned models into one state dict with a static method.
+          statistics: Sequence[Statistics | str | os.PathLike] | None = None, **params: Any) -> dict[str, torch.Tensor]:
+    """Merge fine-tuned models into one state dict with a static or a data-aware method.
 
     Args:
-        method: "average", "task_arithmetic", "ties", "dare" or "concrete" (see `pyfuse.methods`).
+        method: "average", "task_arithmetic", "ties", "dare" or "concrete" (see `pyfuse.methods`), or a
+            data-aware method such as "fisher" or "regmean", which needs `statistics`.
         base: the pre-trained model: a state dict, an `nn.Module`, or a path (a safetensors file, a
             sharded safetensors directory with its index, or a Hugging Face model directory).
         finetuned: the fine-tuned models, in any of the same forms.
         dtype: dtype of the merged tensors (default: the base's); the arithmetic is fp32 regardless.
         device: where the arithmetic runs ("cpu" or "cuda"); the result is on the CPU.
         threads: chunks merged at once (default: torch's CPU threads; torch runs single-threaded meanwhile).
+        statistics: data-aware methods only: one `pyfuse.stats.Statistics` (or a file saved by it) per
+            fine-tuned model, in the same order.
         **params: the method's parameters, e.g. `density=0.5` for TIES.
 
     Returns:
         Every tensor of the base, merged where floating, carried unchanged otherwise. Inputs are never modified.
     """
-    return plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads,
+    return plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, statistics=statistics,
                       **params).state_dict(progress)
 
 
 def merge_to_dir(method: str, base, finetuned: list, out_dir: str | os.PathLike, *,
                  dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                  threads: int | None = None, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
-                 hash_inputs: bool = True, progress: bool = False, **params: Any) -> dict[str, Any]:
+                 hash_inputs: bool = True, progress: bool = False,
+                 statistics: Sequence[Statistics | str | os.PathLike] | None = None, **params: Any) -> dict[str, Any]:
     """Merge like `merge`, streaming the result into `out_dir` in bounded memory; returns the merge report.
 
     `out_dir` receives sharded safetensors with their index, the base's config and other small files
     (when the base is a model directory) and `merge_report.json`. It is written under a temporary name
     and renamed when complete; an existing `out_dir` is replaced only with `force=True`.
     """
-    plan = plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, **params)
+    plan = plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, statistics=statistics,
+                      **params)
     return plan.write(out_dir, force=force, shard_size=shard_size, hash_inputs=hash_inputs, progress=progress)
 
 

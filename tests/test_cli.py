@@ -119,3 +119,39 @@ def test_runtime_errors_exit_1(llama, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["merge", str(config), str(tmp_path / "y"), "--device", "cuda"]) == 1
         assert "torch reports no CUDA device" in capsys.readouterr().err
+
+
+def test_data_aware_merge_from_config_with_statistics(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from pyfuse.stats import collect_statistics
+
+    from .stats_helpers import TokenMLP, mlp_batches, mlp_logits, perturbed
+
+    model = TokenMLP()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    entries = []
+    for i in range(2):
+        tuned = perturbed(model, 0.1, seed=i)
+        save_file(tuned, str(tmp_path / f"ft{i}.safetensors"))
+        model_i = TokenMLP()
+        model_i.load_state_dict(tuned)
+        collect_statistics(model_i, mlp_batches(seed=i), mlp_logits, kinds=("gram_in",),
+                           progress=False).save(tmp_path / f"stats{i}.safetensors")
+        entries.append({"path": f"ft{i}.safetensors", "statistics": f"stats{i}.safetensors"})
+    (tmp_path / "regmean.yaml").write_text(yaml.safe_dump({"method": "regmean", "base": "base.safetensors",
+                                                            "models": entries}))
+    assert main(["merge", str(tmp_path / "regmean.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
+    expected = pyfuse.merge("regmean", tmp_path / "base.safetensors",
+                            [tmp_path / "ft0.safetensors", tmp_path / "ft1.safetensors"],
+                            statistics=[tmp_path / "stats0.safetensors", tmp_path / "stats1.safetensors"])
+    merged = load_dir(tmp_path / "out")
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert len(report["statistics"]) == 2
+
+    entries[1].pop("statistics")
+    (tmp_path / "partial.yaml").write_text(yaml.safe_dump({"method": "regmean", "base": "base.safetensors",
+                                                            "models": entries}))
+    assert main(["merge", str(tmp_path / "partial.yaml"), str(tmp_path / "out2")]) == 1
+    assert "models[1] has no 'statistics'" in capsys.readouterr().err

@@ -1,0 +1,180 @@
+"""`DataMethod`: the interface of data-aware merges (Fisher, RegMean, MaTS, ESM), which need per-task statistics.
+
+A data method declares the statistic kinds it `needs` and merges whole models in memory:
+`merge_model(base, finetuned, stats)` checks everything first (one `Statistics` per fine-tuned model, the
+needed kinds present for the same parameters in every model, every statistic shaped for its parameter),
+then merges parameter by parameter through `merge_parameter`, whose `None` means "no statistics here":
+the parameter is then averaged (`base + mean of the task vectors`, weighted by `weights`). Methods that
+need more than one parameter at a time override `merge_model` itself (calling `check` first).
+
+Models are mappings of tensors; `SourceTensors` presents a lazy `TensorSource` (a checkpoint on disk) as one,
+so that a merge reads each tensor when it gets to it and checks shapes from the headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from ..io.sources import TensorSource, open_source
+from ..layout import FlatLayout
+from ..stats import KINDS, Statistics
+from . import Method
+
+__all__ = ["DataMethod", "SourceTensors", "expected_shape"]
+
+
+class SourceTensors(Mapping):
+    """A read-only mapping view of a `TensorSource`: tensors are read on access, shapes come from its headers."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.source.specs:
+            raise KeyError(key)
+        return self.source.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source.keys())
+
+    def __len__(self) -> int:
+        return len(self.source.specs)
+
+
+def _source(model: Mapping[str, torch.Tensor] | TensorSource, label: str) -> TensorSource:
+    if isinstance(model, SourceTensors):
+        return model.source
+    return open_source(model, label)
+
+
+def expected_shape(kind: str, weight: torch.Size, transposed: bool, found: torch.Size) -> torch.Size | None:
+    """The shape a `kind` statistic of a parameter shaped `weight` must have (`found` fixes acts' row count);
+    None if the parameter cannot have one (the Linear kinds need a 2-D weight)."""
+    if kind == "fisher":
+        return weight
+    if len(weight) != 2:
+        return None
+    out_features, in_features = (weight[1], weight[0]) if transposed else (weight[0], weight[1])
+    if kind == "gram_in":
+        return torch.Size([in_features, in_features])
+    if kind == "gram_out":
+        return torch.Size([out_features, out_features])
+    return torch.Size([found[0] if len(found) else 0, in_features])  # acts: any number of rows
+
+
+class DataMethod(Method):
+    """A merge that needs per-task `Statistics` of the kinds in `needs` (see the module docstring)."""
+
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, base: Mapping[str, torch.Tensor] | TensorSource,
+              finetuned: Sequence[Mapping[str, torch.Tensor] | TensorSource],
+              stats: Sequence[Statistics]) -> FlatLayout:
+        """Raise before any work unless the models and statistics fit; returns the layout of the floating tensors.
+
+        Shapes come from headers (for files) and statistics are not read. Errors name the model or the
+        statistics (task and file), the kind, the key and the shapes.
+        """
+        if isinstance(finetuned, (Mapping, TensorSource)) or not isinstance(finetuned, Sequence) or not finetuned:
+            raise ValueError(f"{self.name}: finetuned must be a non-empty list of models")
+        base_source = _source(base, "base")
+        sources = [_source(m, f"fine-tuned model {i + 1}") for i, m in enumerate(finetuned)]
+        layout = FlatLayout.from_source(base_source)
+        for source in sources:
+            layout.check(source)
+            extra = [key for key in source.keys() if key not in base_source.specs]
+            if extra:
+                raise KeyError(f"{source.label}: tensor {extra[0]!r} is not in the base model ({base_source.label})")
+        if isinstance(stats, Statistics) or not isinstance(stats, Sequence) or len(stats) != len(sources):
+            got = "one Statistics" if isinstance(stats, Statistics) else (
+                f"{len(stats)}" if isinstance(stats, Sequence) else type(stats).__name__)
+            raise ValueError(f"{self.name}: needs statistics, one per fine-tuned model ({len(sources)}), got {got}")
+        weights = self.config.get("weights")
+        if weights is not None and len(weights) != len(sources):
+            raise ValueError(f"{self.name}: weights has {len(weights)} entries, expected one per fine-tuned "
+                             f"model ({len(sources)})")
+        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(sources), dtype=torch.float64)
+        if float(self.weights.sum()) == 0:
+            raise ValueError(f"{self.name}: weights sum to 0; their mean is undefined")
+        shapes = dict(zip(layout.names, layout.shapes))
+        for i, st in enumerate(stats):
+            if not isinstance(st, Statistics):
+                raise TypeError(f"{self.name}: statistics {i + 1} is a {type(st).__name__}, not a Statistics")
+            who = f"{self.name}: statistics {i + 1} ({st.origin})"
+            for kind in self.needs:
+                if kind not in KINDS:
+                    raise ValueError(f"{self.name}: needs unknown statistics kind {kind!r}")
+                names = st.names(kind)
+                if not names:
+                    raise ValueError(f"{who}: no {kind!r} statistics (it has {', '.join(st.kinds()) or 'none'}); "
+                                     f"collect them with kinds=[..., {kind!r}]")
+                for key in names:
+                    if key not in shapes:
+                        raise KeyError(f"{who}: {kind!r} statistics for {key!r}, which is not a floating parameter "
+                                       f"of the base model")
+                    found = st.shape(kind, key)
+                    expected = expected_shape(kind, shapes[key], key in st.transposed, found)
+                    if expected is None or found != expected:
+                        raise ValueError(f"{who}: {kind!r} statistics for {key!r} have shape {list(found)}, expected "
+                                         f"{list(expected) if expected is not None else 'a 2-D weight'} for the "
+                                         f"parameter of shape {list(shapes[key])}")
+                if i:
+                    first = set(stats[0].names(kind))
+                    diff = sorted(first.symmetric_difference(names))
+                    if diff:
+                        holder = stats[0] if diff[0] in first else st
+                        raise ValueError(f"{who}: the {kind!r} statistics cover other parameters than those of "
+                                         f"statistics 1 (task {stats[0].task!r}): {diff[0]!r} is only in task "
+                                         f"{holder.task!r}")
+                    flipped = sorted(key for key in names if (key in st.transposed) != (key in stats[0].transposed))
+                    if flipped:
+                        raise ValueError(f"{who}: {flipped[0]!r} is stored transposed (Conv1D) in one of tasks "
+                                         f"{stats[0].task!r} and {st.task!r} only; the models differ in architecture")
+        return layout
+
+    def prepare(self, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
+                stats: Sequence[Statistics]) -> None:
+        """Whole-model passes before merging (e.g. Fisher normalisation constants); none by default."""
+
+    def merge_parameter(self, name: str, base: torch.Tensor, finetuned: list[torch.Tensor],
+                        stats: Sequence[Statistics]) -> torch.Tensor | None:
+        """The merged value of parameter `name` (any floating dtype), or None to average it."""
+        return None
+
+    def average(self, base: torch.Tensor, finetuned: list[torch.Tensor]) -> torch.Tensor:
+        """`base + sum_i w_i (theta_i - base) / sum_i w_i` in float64."""
+        b = base.double()
+        coefficients = self.weights / self.weights.sum()
+        return b + sum(float(c) * (t.double() - b) for c, t in zip(coefficients, finetuned))
+
+    def merge_model(self, base: Mapping[str, torch.Tensor], finetuned: list[Mapping[str, torch.Tensor]],
+                    stats: list[Statistics], *, progress: bool = False) -> dict[str, torch.Tensor]:
+        """The merged state dict: the base's keys and dtypes, floating tensors merged, others copied."""
+        layout = self.check(base, finetuned, stats)
+        self.prepare(base, finetuned, stats)
+        merged_names = set(layout.names)
+        result = {}
+        for name in tqdm(list(base), desc=f"{self.name}: merging", unit="tensor", disable=not progress):
+            b = base[name]
+            if name not in merged_names:
+                result[name] = b.detach().clone()
+                continue
+            thetas = [m[name] for m in finetuned]
+            value = self.merge_parameter(name, b, thetas, stats)
+            if value is None:
+                value = self.average(b, thetas)
+            result[name] = value.to(b.dtype).reshape(b.shape).contiguous()
+        return result
+
+    def working_bytes(self, layout: FlatLayout, n: int) -> int:
+        """Memory the merge of one parameter holds beyond its output (for predictions): by default n + 3 float64
+        copies of the largest tensor."""
+        return (n + 3) * 8 * max(shape.numel() for shape in layout.shapes)
+
+    def global_passes(self) -> int:
+        """Passes over the whole model (or statistics) `prepare` takes; for reports."""
+        return 0
