@@ -325,7 +325,7 @@ def _finetune_config(args: argparse.Namespace):
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import METHODS, DemoSettings
+    from .demo import ALL_METHODS, DemoSettings
 
     defaults = DemoSettings()
     parser.add_argument("--out", type=Path, default=Path("pyfuse-demo"),
@@ -333,9 +333,12 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="15-step schedules and 160 test examples per task")
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
-                        help=f"comma-separated, from: {', '.join(METHODS)}")
+                        help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
+                             "data-aware fisher..esm++, which gather statistics first)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="adaptation seed (mask noise, batch order)")
     parser.add_argument("--backend", default="auto", help="the fused op's backend (auto, cpp, triton, reference)")
+    parser.add_argument("--encoder", default=defaults.encoder,
+                        help="sentence encoder: hub id or local directory (default: all-MiniLM-L6-v2, packaged)")
     _add_finetune_options(parser)
 
 
@@ -346,7 +349,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["steps"] = args.steps
     settings = DemoSettings(tasks=args.tasks, methods=args.methods, seed=args.seed, finetune=_finetune_config(args),
-                            **overrides)
+                            encoder=args.encoder, **overrides)
     report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
                       log=lambda message: print(message, flush=True))
     print()

@@ -13,6 +13,7 @@ benchmark fixes its schedule up front; nothing is tuned on the outcome.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -30,8 +31,10 @@ from .adaptive import loop as adaptive
 from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
-from .merge import merge
+from .merge import merge, plan_merge
+from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
+from .stats import Statistics, collect_statistics
 from .taskvectors import TaskVectors
 
 REPORT_NAME = "report.json"
@@ -42,11 +45,23 @@ STATIC_METHODS = {
     "ties": ("ties", {"density": 0.2, "scaling": 0.3}),
 }
 ADAPTIVE_METHODS = ("adamerging", "concrete_task_arithmetic", "concrete_adamerging")
+DATA_METHODS = {  # demo name: (registered method, parameters, statistics it needs)
+    "fisher": ("fisher", {}, ("fisher",)),
+    "regmean": ("regmean", {}, ("gram_in",)),
+    "mats_regmean": ("mats", {"objective": "regmean"}, ("gram_in",)),
+    "mats_kfac": ("mats", {"objective": "kfac"}, ("gram_in", "gram_out")),
+    "esm": ("esm", {}, ("acts",)),
+    "esm++": ("esm++", {}, ("acts",)),
+}
 METHODS = (*STATIC_METHODS, *ADAPTIVE_METHODS)
+"""The demo's default rows; `DATA_METHODS` are opt-in (`--methods`), as they need statistics."""
+ALL_METHODS = (*METHODS, *DATA_METHODS)
 LABELS = {
     "individual": "Individual", "pretrained": "Pre-trained", "weight_averaging": "Weight Averaging",
     "task_arithmetic": "Task Arithmetic", "ties": "Ties-Merging", "adamerging": "AdaMerging (layer-wise)",
     "concrete_task_arithmetic": "Concrete TA", "concrete_adamerging": "Concrete AM (layer-wise)",
+    "fisher": "Fisher", "regmean": "RegMean", "mats_regmean": "MaTS-RegMean", "mats_kfac": "MaTS-KFAC",
+    "esm": "ESM", "esm++": "ESM++",
 }
 
 
@@ -71,14 +86,16 @@ class DemoSettings:
     eval_mask: str = "relaxed"
     seed: int = 0
     test_limit: int | None = None
+    stats_examples: int = 256
+    validation_examples: int = 32
     encoder: str = DEFAULT_ENCODER
     max_length: int = 64
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
-            raise ValueError(f"unknown demo method {unknown[0]!r}; available: {', '.join(METHODS)}")
+            raise ValueError(f"unknown demo method {unknown[0]!r}; available: {', '.join(ALL_METHODS)}")
         if not self.methods:
             raise ValueError("choose at least one method")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -123,6 +140,9 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
     rows.append(_row("pretrained", evaluate_tasks(encoder.module, adaptation)))
     curves: dict[str, Any] = {}
     vectors = None
+    clock = time.perf_counter()
+    statistics = _statistics(encoder, tasks, models, settings, progress)
+    statistics_seconds = time.perf_counter() - clock
     for method in settings.methods:
         log(f"merging: {LABELS[method]}")
         with PeakRssAnon() as memory:
@@ -131,6 +151,9 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
                 name, params = STATIC_METHODS[method]
                 merged = merge(name, base, list(models.values()), **params)
                 accuracy = None
+            elif method in DATA_METHODS:
+                call = _data_merge(method, encoder, tasks, base, models, statistics, settings)
+                accuracy = evaluate_tasks(call, adaptation)
             else:
                 if vectors is None:
                     vectors = TaskVectors.from_models(base, list(models.values()), names=list(models))
@@ -153,12 +176,64 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
                              "final_loss": (r.meta.get("loss") or [None])[-1]} for name, r in finetuned.items()},
         "rows": rows,
         "curves": curves,
+        "statistics_seconds": statistics_seconds if statistics else None,
         "backend": backend,
         "torch_threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
     }
     _write(out_dir, report)
     return report
+
+
+def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], models: dict[str, dict[str, torch.Tensor]],
+                settings: DemoSettings, progress: bool) -> list[Statistics]:
+    """Each fine-tuned model's statistics on its own task's first training examples (all kinds the chosen
+    data-aware methods need, in one pass per task); none when no data-aware method is chosen."""
+    kinds = sorted({kind for m in settings.methods if m in DATA_METHODS for kind in DATA_METHODS[m][2]})
+    if not kinds:
+        return []
+    stats = []
+    for task in tasks:
+        model = copy.deepcopy(encoder.module)
+        model.load_state_dict(models[task.name], strict=False)
+        texts, labels = task.train
+        subset = TextClassifierTask(task.name, task.head, (texts[:settings.stats_examples],
+                                                           labels[:settings.stats_examples]), task.test)
+        batches = [{**batch, "labels": y} for batch, y in subset.labelled_batches(encoder, "train", 16)]
+        stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels="gold",
+                                        label_fn=lambda b: b["labels"],
+                                        token_mask_fn=lambda b: b["attention_mask"].bool(), name=task.name,
+                                        progress=progress, seed=settings.seed))
+    return stats
+
+
+def _data_merge(method: str, encoder: TextEncoder, tasks: Sequence[TextClassifierTask], base: dict[str, torch.Tensor],
+                models: dict[str, dict[str, torch.Tensor]], statistics: list[Statistics],
+                settings: DemoSettings) -> Callable[..., Any]:
+    """Merge with a data-aware method; returns the merged model's call (ESM++: the routed model)."""
+    name, params, _ = DATA_METHODS[method]
+    params = dict(params)
+    if name in ("esm", "esm++"):
+        start, stop = settings.stats_examples, settings.stats_examples + settings.validation_examples
+        validation = [(t, t.labelled_batches(encoder, "train", 32)) for t in (
+            TextClassifierTask(t.name, t.head, (t.train[0][start:stop], t.train[1][start:stop]), t.test)
+            for t in tasks)]
+
+        def objective(state_dict: dict[str, torch.Tensor]) -> float:
+            call = _bound(encoder, state_dict)
+            with torch.no_grad():
+                return sum(torch.nn.functional.cross_entropy(t.logits(call, batch), y, reduction="sum").item()
+                           for t, batches in validation for batch, y in batches)
+
+        params["objective"] = objective
+    plan = plan_merge(name, base, list(models.values()), statistics=statistics, **params)
+    merged = plan.state_dict()
+    if name != "esm++":
+        return _bound(encoder, merged)
+    routed = copy.deepcopy(encoder.module)
+    routed.load_state_dict(merged, strict=False)
+    install_routed_experts(routed, plan.method.experts)
+    return routed
 
 
 def classifier_task(encoder: TextEncoder, data: Any, test_limit: int | None) -> TextClassifierTask:

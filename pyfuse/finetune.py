@@ -139,9 +139,10 @@ def load_finetuned(encoder: TextEncoder, result: FinetuneResult) -> dict[str, to
         from safetensors.torch import load_file
 
         return load_file(str(result.path / FULL_WEIGHTS))
-    from .models.lora import lora_finetuned_state_dict
+    from .models.lora import lora_task_models
 
-    return lora_finetuned_state_dict(encoder.state_dict(), result.path)
+    _, (finetuned,) = lora_task_models(encoder.state_dict(), [result.path])
+    return finetuned
 
 
 def _trainable_copy(encoder: TextEncoder, config: FinetuneConfig) -> torch.nn.Module:

@@ -1,0 +1,75 @@
+"""`pyfuse demo` end to end on the real embedded tasks, with a tiny encoder and tiny schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyfuse.cli import main
+from pyfuse.data.embedded import load_embedded_tasks
+from pyfuse.demo import FIGURE_NAME, METHODS, REPORT_NAME, DemoSettings, run_demo
+from pyfuse.finetune import FinetuneConfig
+
+from .text_helpers import tiny_encoder_dir
+
+TASKS = ("tweet_sentiment", "noun_supersense", "definition_pos")
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    texts = [text for task in load_embedded_tasks() for text in
+             (*task.train_texts, *task.test_texts, *task.class_descriptions)]
+    return tiny_encoder_dir(tmp_path_factory.mktemp("encoder"), texts, hidden=48)
+
+
+FINETUNE = FinetuneConfig(steps=60, batch_size=32, lr=3e-3, warmup=0.0)
+
+
+def test_demo_pipeline(encoder, tmp_path):
+    settings = DemoSettings(tasks=TASKS, steps=2, test_limit=120, encoder=str(encoder), finetune=FINETUNE)
+    report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    on_disk = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert (tmp_path / "out" / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert [t["name"] for t in report["tasks"]] == list(TASKS)
+    assert [row["method"] for row in report["rows"]] == ["individual", "pretrained", *METHODS]
+    for row in report["rows"]:
+        assert set(row["accuracy"]) == set(TASKS) and all(0 <= a <= 1 for a in row["accuracy"].values())
+        assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / len(TASKS))
+        if row["method"] in METHODS:
+            assert row["seconds"] > 0 and row["peak_rss_anon_bytes"] > 0
+    individual, pretrained = report["rows"][0]["accuracy"], report["rows"][1]["accuracy"]
+    for task in TASKS:  # every fine-tuned model beats the pre-trained one on its own task
+        assert individual[task] > pretrained[task] + 0.05, (task, individual[task], pretrained[task])
+    assert set(report["curves"]) == {"adamerging", "concrete_task_arithmetic", "concrete_adamerging"}
+    concrete = report["curves"]["concrete_adamerging"]
+    assert [p["steps"] for p in concrete["phases"]] == [2, 2] and len(concrete["entropy"]["value"]) == 4
+    assert concrete["eval_mask"]["mode"] == "relaxed" and report["seeds"] == {"finetune": 0, "adaptation": 0}
+    assert not any(r["reused"] for r in report["finetuned"].values())
+
+
+def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_path, capsys):
+    args = ["demo", "--quick", "--steps", "1", "--tasks", ",".join(TASKS[:2]), "--methods", "task_arithmetic,ties",
+            "--encoder", str(encoder), "--finetune-steps", "60", "--finetune-lr", "3e-3",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "0 reused from the cache, 2 trained" in first
+    header = next(line for line in first.splitlines() if line.startswith("Method"))
+    assert header.split()[:4] == ["Method", *TASKS[:2], "Avg."]
+    for label in ("Individual", "Pre-trained", "Task Arithmetic", "Ties-Merging"):
+        assert any(line.startswith(label) for line in first.splitlines())
+    assert f"report: {(tmp_path / 'out' / REPORT_NAME).resolve()}" in first
+    assert main(args) == 0
+    assert "2 reused from the cache, 0 trained" in capsys.readouterr().out
+    kept = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len([n for n in kept if n.startswith("report")]) == 2 and REPORT_NAME in kept
+
+
+def test_bad_settings_fail_before_any_work():
+    with pytest.raises(ValueError, match="unknown demo method 'tiess'"):
+        DemoSettings(methods=("tiess",))
+    with pytest.raises(ValueError, match="unknown embedded task"):
+        load_embedded_tasks(["no_such_task"])
