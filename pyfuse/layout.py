@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,17 @@ class FlatLayout:
             raise ValueError(f"{source.label}: no floating-point tensors to merge")
         sizes = torch.tensor([0] + [s.numel() for s in shapes], dtype=torch.int64)
         return cls(tuple(names), tuple(shapes), tuple(dtypes), torch.cumsum(sizes, 0))
+
+    @classmethod
+    def for_models(cls, base: TensorSource, models: Sequence[TensorSource]) -> FlatLayout:
+        """The base's layout, after checking that every model has exactly its tensors (errors name model and key)."""
+        layout = cls.from_source(base)
+        for source in models:
+            layout.check(source)
+            extra = [key for key in source.keys() if key not in base.specs]
+            if extra:
+                raise KeyError(f"{source.label}: tensor {extra[0]!r} is not in the base model ({base.label})")
+        return layout
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> FlatLayout:

@@ -346,12 +346,7 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     base_source = open_source(base, _label(base, "base"))
     models = [open_source(m, _label(m, f"fine-tuned model {i + 1}")) for i, m in enumerate(finetuned)]
-    layout = FlatLayout.from_source(base_source)
-    for source in models:
-        layout.check(source)
-        extra = [key for key in source.keys() if key not in base_source.specs]
-        if extra:
-            raise KeyError(f"{source.label}: tensor {extra[0]!r} is not in the base model ({base_source.label})")
+    layout = FlatLayout.for_models(base_source, models)
     if isinstance(instance, DataMethod):
         instance.check(base_source, models, statistics)
     else:

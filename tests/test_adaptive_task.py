@@ -45,3 +45,24 @@ def test_task_checks_its_fields():
         Task("t", 3, lambda call, b: b)
     with pytest.raises(TypeError, match="'t': logits"):
         Task("t", [1], None)
+
+
+def test_evaluate_tasks_uses_a_tasks_metric_over_the_whole_test_set():
+    import torch
+
+    from pyfuse.adaptive import Task, evaluate_tasks
+
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.45, 0.55]])
+    labels = torch.tensor([1, 0, 0, 0, 1])
+    test_data = [(scores[:2], labels[:2]), (scores[2:], labels[2:])]  # the "batch" is the scores themselves
+    seen = []
+
+    def metric(all_scores, all_labels):
+        seen.append((all_scores.clone(), all_labels.clone()))
+        return 0.25
+
+    plain = Task("t", [scores], lambda call, batch: call(batch), test_data)
+    assert evaluate_tasks(lambda x: x, [plain]) == {"t": 4 / 5}
+    custom = Task("t", [scores], lambda call, batch: call(batch), test_data, metric=metric)
+    assert evaluate_tasks(lambda x: x, [custom]) == {"t": 0.25}
+    assert torch.equal(seen[0][0], scores) and torch.equal(seen[0][1], labels)

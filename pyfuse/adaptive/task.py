@@ -28,12 +28,15 @@ class Task:
             or a DataLoader whose shuffling generator is seeded where it is built).
         logits: `logits(call, batch) -> [B, C]` class logits of the merged model on `batch`.
         test_data: optional labelled data, an iterable of `(batch, labels)` pairs, for accuracy curves.
+        metric: optional `metric(scores [N, C], labels [N]) -> float` over the whole test data, higher is
+            better, in place of accuracy (e.g. Spearman's rho for STS-B).
     """
 
     name: str
     batches: Iterable
     logits: Callable[[ModelCall, Any], torch.Tensor]
     test_data: Iterable | None = None
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -86,18 +89,22 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_tasks(call: ModelCall, tasks: Iterable[Task]) -> dict[str, float]:
-    """Test accuracy of `call` (a model, or merged parameters bound to one) on every task with test data."""
-    accuracy = {}
+    """Test accuracy (or the task's own `metric`) of `call` (a model, or merged parameters bound to one) on
+    every task with test data."""
+    results = {}
     with torch.no_grad():
         for task in tasks:
             if task.test_data is None:
                 continue
-            correct = total = 0
-            for batch, labels in task.test_data:
-                predicted = task.logits(call, batch).argmax(dim=-1)
-                correct += int((predicted == labels.to(predicted.device)).sum())
-                total += labels.numel()
-            if total == 0:
+            scores, labels = [], []
+            for batch, batch_labels in task.test_data:
+                scores.append(task.logits(call, batch).float().cpu())
+                labels.append(batch_labels.cpu())
+            if not scores or sum(y.numel() for y in labels) == 0:
                 raise ValueError(f"task {task.name!r}: its test data is empty")
-            accuracy[task.name] = correct / total
-    return accuracy
+            scores, labels = torch.cat(scores), torch.cat(labels)
+            if task.metric is not None:
+                results[task.name] = float(task.metric(scores, labels))
+            else:
+                results[task.name] = float((scores.argmax(dim=-1) == labels).double().mean())
+    return results

@@ -83,12 +83,7 @@ class DataMethod(Method):
             raise ValueError(f"{self.name}: finetuned must be a non-empty list of models")
         base_source = _source(base, "base")
         sources = [_source(m, f"fine-tuned model {i + 1}") for i, m in enumerate(finetuned)]
-        layout = FlatLayout.from_source(base_source)
-        for source in sources:
-            layout.check(source)
-            extra = [key for key in source.keys() if key not in base_source.specs]
-            if extra:
-                raise KeyError(f"{source.label}: tensor {extra[0]!r} is not in the base model ({base_source.label})")
+        layout = FlatLayout.for_models(base_source, sources)
         if isinstance(stats, Statistics) or not isinstance(stats, Sequence) or len(stats) != len(sources):
             got = "one Statistics" if isinstance(stats, Statistics) else (
                 f"{len(stats)}" if isinstance(stats, Sequence) else type(stats).__name__)

@@ -8,13 +8,13 @@ restricted to those answers, which entropy minimisation and accuracy (argmax) us
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..adaptive.task import ModelCall, Task
+from ..adaptive.task import ModelCall, Task, evaluate_tasks
 from ..data.glue import GlueSpec, glue_batches, glue_spec, glue_test_data
 from ..taskvectors import TaskVectors
 from .hub import resolve_model_dir
@@ -111,8 +111,8 @@ def glue_task(name: str, model, tokenizer, dataset, *, batch_size: int = 16, max
 
     Its unlabeled batches are the test examples in a seeded random order (test-time adaptation, as AdaMerging
     does; `adapt_limit` keeps that many), its test data the labelled examples in order (`test_limit`), and its
-    logits the `LabelWordScorer` of the task's label words. `Task.test_data` labels are class indices; for
-    STS-B use `evaluate_glue` for the paper's metric (Spearman's rho), since argmax accuracy is exact match.
+    logits the `LabelWordScorer` of the task's label words, and its metric the paper's (accuracy, or
+    Spearman's rho for STS-B).
     """
     spec = glue_spec(name)
     return Task(
@@ -122,10 +122,11 @@ def glue_task(name: str, model, tokenizer, dataset, *, batch_size: int = 16, max
         logits=LabelWordScorer.for_model(model, tokenizer, spec.label_words),
         test_data=glue_test_data(spec, dataset, tokenizer, batch_size=batch_size, max_length=max_length,
                                  limit=test_limit),
+        metric=spec.evaluate,
     )
 
 
-def evaluate_glue(call: ModelCall, task: Task, spec: GlueSpec | None = None, *, progress: bool = False) -> float:
+def evaluate_glue(call: ModelCall, task: Task, spec: GlueSpec | None = None) -> float:
     """The paper's metric of `call` on a task's test data: accuracy, or Spearman's rho for STS-B.
 
     `spec` defaults to the GLUE task named like `task`.
@@ -133,11 +134,4 @@ def evaluate_glue(call: ModelCall, task: Task, spec: GlueSpec | None = None, *, 
     spec = spec or glue_spec(task.name)
     if task.test_data is None:
         raise ValueError(f"task {task.name!r} has no test data")
-    scores, labels = [], []
-    with torch.no_grad():
-        for batch, batch_labels in tqdm(task.test_data, desc=f"evaluate {spec.name}", disable=not progress):
-            scores.append(task.logits(call, batch).cpu())
-            labels.append(batch_labels.cpu())
-    if not scores:
-        raise ValueError(f"task {task.name!r}: its test data is empty")
-    return spec.evaluate(torch.cat(scores), torch.cat(labels))
+    return evaluate_tasks(call, [dataclasses.replace(task, metric=spec.evaluate)])[task.name]
