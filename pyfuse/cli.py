@@ -330,7 +330,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--out", type=Path, default=Path("pyfuse-demo"),
                         help="where report.json and demo.png go (default ./pyfuse-demo; earlier ones are kept)")
-    parser.add_argument("--quick", action="store_true", help="15-step schedules and 160 test examples per task")
+    parser.add_argument("--quick", action="store_true", help="10-step schedules and 100 test examples per task")
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
                         help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
@@ -353,14 +353,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
                       log=lambda message: print(message, flush=True))
     print()
-    print(_demo_table(report))
+    print(demo_table(report))
     print(f"\nseeds: fine-tuning {report['seeds']['finetune']}, adaptation {report['seeds']['adaptation']}; "
           f"{report['seconds'] / 60:.1f} min in all")
     print(f"report: {(args.out / REPORT_NAME).resolve()}")
     return 0
 
 
-def _demo_table(report: dict[str, Any]) -> str:
+def demo_table(report: dict[str, Any]) -> str:
     """Rows = Individual, Pre-trained, each method; columns = tasks and average (accuracy, %), time, memory."""
     tasks = [t["name"] for t in report["tasks"]]
     header = ["Method", *tasks, "Avg.", "time", "peak mem"]

@@ -70,26 +70,28 @@ class DemoSettings:
     """Everything that decides the demo's numbers.
 
     `steps` is the length of every adaptive schedule: AdaMerging steps, Concrete TA mask steps, and both
-    phases of Concrete AdaMerging (meta steps, then AdaMerging steps). The paper runs 500-2000 steps at
-    Adam lr 1e-3; the demo runs ~10x fewer, so `lr` (coefficients) and `mask_lr` (logits) default to 10x
-    the paper's. `inner_lr` keeps the paper's CLIP value. `test_limit` keeps the first examples of each
-    test split (None: all).
+    phases of Concrete AdaMerging (meta steps, then AdaMerging steps). The paper runs 1000 AdaMerging
+    and 2000 mask steps at Adam lr 1e-3, so a coefficient moves by up to ~1 and a logit by up to ~2 over a
+    run (Adam's step is about lr); the demo's schedules are far shorter, so by default `lr` (coefficients)
+    and `mask_lr` (logits) keep those totals: `1 / steps` and `2 / steps`. `inner_lr` keeps the paper's
+    CLIP value. `test_limit` keeps the first examples of each test split (None: all); adaptation uses
+    the same examples, unlabeled.
     """
 
     tasks: tuple[str, ...] | None = None
     methods: tuple[str, ...] = METHODS
-    steps: int = 100
-    lr: float = 1e-2
-    mask_lr: float = 1e-2
+    steps: int = 30
+    lr: float | None = None
+    mask_lr: float | None = None
     inner_lr: float = 1.0
     batch_size: int = 16
     eval_mask: str = "relaxed"
     seed: int = 0
-    test_limit: int | None = None
+    test_limit: int | None = 200
     stats_examples: int = 256
     validation_examples: int = 32
     encoder: str = DEFAULT_ENCODER
-    max_length: int = 64
+    max_length: int = 48
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
@@ -103,8 +105,16 @@ class DemoSettings:
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"test_limit must be positive, got {self.test_limit}")
 
+    @property
+    def coefficient_lr(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / self.steps
 
-QUICK = {"steps": 15, "test_limit": 160}
+    @property
+    def logits_lr(self) -> float:
+        return self.mask_lr if self.mask_lr is not None else 2.0 / self.steps
+
+
+QUICK = {"steps": 10, "test_limit": 100}
 """`--quick`: shorter schedules and smaller test splits; fine-tuning is unchanged, so the cache is shared."""
 
 
@@ -172,6 +182,8 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
                    "description": d.description} for t, d in zip(tasks, data)],
         "settings": dataclasses.asdict(settings),
         "seeds": {"finetune": settings.finetune.seed, "adaptation": settings.seed},
+        "learning_rates": {"coefficients": settings.coefficient_lr, "mask_logits": settings.logits_lr,
+                           "inner": settings.inner_lr},
         "finetuned": {name: {"path": str(r.path), "reused": r.reused, "seconds": r.meta.get("seconds"),
                              "final_loss": (r.meta.get("loss") or [None])[-1]} for name, r in finetuned.items()},
         "rows": rows,
@@ -259,16 +271,18 @@ def _bound(encoder: TextEncoder, tensors: dict[str, torch.Tensor]) -> Callable[.
 
 def _adaptive(method: str, encoder: TextEncoder, vectors: TaskVectors, tasks: Sequence[Task], s: DemoSettings,
               progress: bool, backend: str) -> adaptive.MergeResult:
-    options = RunOptions(progress=progress, backend=backend, checkpoint_every=0)
+    # the starting accuracy of each schedule is a row of the table already (task arithmetic)
+    options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False)
     if method == "adamerging":
-        return adaptive.adamerging(encoder.module, vectors, tasks, granularity="layer", steps=s.steps, lr=s.lr,
-                                   options=options)
+        return adaptive.adamerging(encoder.module, vectors, tasks, granularity="layer", steps=s.steps,
+                                   lr=s.coefficient_lr, options=options)
     if method == "concrete_task_arithmetic":
-        return adaptive.concrete_task_arithmetic(encoder.module, vectors, tasks, steps=s.steps, mask_lr=s.mask_lr,
-                                                 eval_mask=s.eval_mask, seed=s.seed, options=options)
+        return adaptive.concrete_task_arithmetic(encoder.module, vectors, tasks, steps=s.steps,
+                                                 mask_lr=s.logits_lr, eval_mask=s.eval_mask, seed=s.seed,
+                                                 options=options)
     return adaptive.concrete_adamerging(encoder.module, vectors, tasks, granularity="layer", meta_steps=s.steps,
-                                        adamerging_steps=s.steps, inner_lr=s.inner_lr, mask_lr=s.mask_lr, lr=s.lr,
-                                        eval_mask=s.eval_mask, seed=s.seed, options=options)
+                                        adamerging_steps=s.steps, inner_lr=s.inner_lr, mask_lr=s.logits_lr,
+                                        lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=s.seed, options=options)
 
 
 def _row(method: str, accuracy: dict[str, float], *, seconds: float | None = None, peak: int | None = None,

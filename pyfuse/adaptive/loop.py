@@ -90,6 +90,7 @@ class RunOptions:
         resume: continue from `out_dir/checkpoint.pt` (an error if there is none).
         checkpoint_every: write the checkpoint every this many steps (0: only at the end).
         eval_every: measure test accuracy every this many steps (None: before and after only).
+        eval_start: measure it before the first step too (skip it when the caller already knows it).
         progress: show a tqdm bar with the summed entropy.
         backend: the fused op's backend ("auto", "cpp", "triton", "reference").
     """
@@ -98,6 +99,7 @@ class RunOptions:
     resume: bool = False
     checkpoint_every: int = 100
     eval_every: int | None = None
+    eval_start: bool = True
     progress: bool = True
     backend: str = "auto"
 
@@ -279,7 +281,7 @@ class AdaptiveLoop:
                 raise ValueError("resume needs out_dir (the checkpoint is read from out_dir/checkpoint.pt)")
             self.load_state(load_checkpoint(checkpoint))
             resumed_from = self.step
-        else:
+        elif opts.eval_start:
             self._record_accuracy(0, self.phases[0][0] if self.phases else "none")
         started = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.settings.method, disable=not opts.progress)

@@ -37,7 +37,7 @@ System = tuple[Operator, torch.Tensor, "tuple[int, ...] | None"]
 
 def diagonal_fisher_system(fishers: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> System:
     """`(sum F_i) * theta = sum F_i * theta_i`, elementwise: every entry is its own 1x1 system."""
-    total = torch.stack(list(fishers)).sum(0)
+    total = sum(fishers[1:], fishers[0].clone())  # no stacked [n, ...] temporary
     rhs = sum(f * p for f, p in zip(fishers, params))
     return (lambda x: total * x), rhs, ()
 
@@ -48,7 +48,7 @@ def regmean_system(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     The paper writes `(sum G_i) W^T = sum G_i W_i^T` for `[in, out]` weights; transposing (G symmetric)
     gives this form, in which each output row of W is an independent system with matrix G.
     """
-    total = torch.stack(list(grams)).sum(0)
+    total = sum(grams[1:], grams[0].clone())
     rhs = sum(w @ g for w, g in zip(weights, grams))
     return (lambda x: x @ total), rhs, (1,)
 
