@@ -295,6 +295,13 @@ def _run_plot(args: argparse.Namespace) -> int:
     print(plot_report(args.report, args.output))
     return 0
 
+def _seeds(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
 def _csv(value: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in value.split(",") if item.strip())
     if not items:
@@ -310,7 +317,10 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=_csv, help="comma-separated embedded tasks (default: all)")
     parser.add_argument("--finetune", dest="mode", choices=("full", "lora"), default=defaults.mode,
                         help="full fine-tuning (the paper's vision setting) or LoRA r=16 (its language setting)")
-    parser.add_argument("--finetune-steps", type=int, default=defaults.steps, help="fine-tuning steps per task")
+    parser.add_argument("--finetune-steps", type=int,
+                        help=f"fine-tuning steps per task (default {defaults.steps}; demo --quick: 50)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision,
+                        help="fine-tuning under bfloat16 autocast (mixed precision, the default) or in float32")
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 5e-5 full, 5e-4 LoRA)")
     parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
     parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"
@@ -318,10 +328,13 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _finetune_config(args: argparse.Namespace):
+def _finetune_config(args: argparse.Namespace, quick: bool = False):
+    from .demo import QUICK_FINETUNE_STEPS
     from .finetune import FinetuneConfig
 
-    return FinetuneConfig(mode=args.mode, steps=args.finetune_steps, lr=args.finetune_lr, seed=args.finetune_seed)
+    steps = args.finetune_steps if args.finetune_steps is not None else (QUICK_FINETUNE_STEPS if quick else None)
+    return FinetuneConfig(mode=args.mode, lr=args.finetune_lr, seed=args.finetune_seed, precision=args.precision,
+                          **({"steps": steps} if steps is not None else {}))
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -330,12 +343,18 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--out", type=Path, default=Path("pyfuse-demo"),
                         help="where report.json and demo.png go (default ./pyfuse-demo; earlier ones are kept)")
-    parser.add_argument("--quick", action="store_true", help="10-step schedules and 100 test examples per task")
+    parser.add_argument("--quick", action="store_true",
+                        help="10-step schedules, 100 test examples per task, one seed, 50-step fine-tuning")
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
                         help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
                              "data-aware fisher..esm++, which gather statistics first)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="adaptation seed (mask noise, batch order)")
+    parser.add_argument("--seeds", type=_seeds,
+                        help="comma-separated seeds; every stochastic method (adaptive, data-aware) runs once per seed "
+                             "and the table shows mean and standard deviation (default "
+                             f"{','.join(map(str, defaults.seeds))}; --quick: 0)")
+    parser.add_argument("--test-limit", type=int,
+                        help="evaluate (and adapt) on the first N test examples of each task (default: all)")
     parser.add_argument("--backend", default="auto", help="the fused op's backend (auto, cpp, triton, reference)")
     parser.add_argument("--encoder", default=defaults.encoder,
                         help="sentence encoder: hub id or local directory (default: all-MiniLM-L6-v2, packaged)")
@@ -346,29 +365,38 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import QUICK, REPORT_NAME, DemoSettings, run_demo
 
     overrides = dict(QUICK) if args.quick else {}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    settings = DemoSettings(tasks=args.tasks, methods=args.methods, seed=args.seed, finetune=_finetune_config(args),
+    for name in ("steps", "test_limit", "seeds"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    settings = DemoSettings(tasks=args.tasks, methods=args.methods, finetune=_finetune_config(args, quick=args.quick),
                             encoder=args.encoder, **overrides)
     report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
                       log=lambda message: print(message, flush=True))
     print()
     print(demo_table(report))
-    print(f"\nseeds: fine-tuning {report['seeds']['finetune']}, adaptation {report['seeds']['adaptation']}; "
+    print(f"\nseeds: fine-tuning {report['finetune_seed']}, adaptation {','.join(map(str, report['seeds']))} "
+          "(stochastic methods: mean ± sample std over seeds); * = at chance (below chance + 2 standard errors); "
           f"{report['seconds'] / 60:.1f} min in all")
     print(f"report: {(args.out / REPORT_NAME).resolve()}")
     return 0
 
 
 def demo_table(report: dict[str, Any]) -> str:
-    """Rows = Individual, Pre-trained, each method; columns = tasks and average (accuracy, %), time, memory."""
+    """Rows = Individual, Pre-trained, each method; columns = tasks and average (accuracy, % as mean ± std over
+    seeds, * at chance), time per seed, extra memory."""
     tasks = [t["name"] for t in report["tasks"]]
-    header = ["Method", *tasks, "Avg.", "time", "peak mem"]
+    header = ["Method", *tasks, "Avg.", "time", "extra mem"]
+
+    def cell(value: float, std: float | None, flag: bool = False) -> str:
+        return f"{100 * value:.1f}" + ("" if std is None else f" ± {100 * std:.1f}") + ("*" if flag else "")
+
     lines = []
     for row in report["rows"]:
-        cells = [row["label"], *(f"{100 * row['accuracy'][t]:.1f}" for t in tasks), f"{100 * row['average']:.1f}",
+        stds = row.get("accuracy_std") or {}
+        cells = [row["label"], *(cell(row["accuracy"][t], stds.get(t), t in row.get("at_chance", ())) for t in tasks),
+                 cell(row["average"], row.get("average_std")),
                  "" if row["seconds"] is None else f"{row['seconds']:.1f} s",
-                 "" if row["peak_rss_anon_bytes"] is None else _size(row["peak_rss_anon_bytes"])]
+                 "" if row.get("extra_rss_anon_bytes") is None else _size(row["extra_rss_anon_bytes"])]
         lines.append(cells)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731

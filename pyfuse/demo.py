@@ -17,7 +17,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +28,9 @@ from typing import Any
 
 import torch
 
-from .adaptive import RunOptions, Task, evaluate_tasks
+from .adaptive import RunOptions, Task
 from .adaptive import loop as adaptive
+from .adaptive.task import largest_class_share, task_metric, task_predictions
 from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
@@ -54,6 +57,8 @@ DATA_METHODS = {  # demo name: (registered method, parameters, statistics it nee
     "esm++": ("esm++", {}, ("acts",)),
 }
 METHODS = (*STATIC_METHODS, *ADAPTIVE_METHODS)
+STOCHASTIC = (*ADAPTIVE_METHODS, *DATA_METHODS)
+"""Methods whose result depends on the seed (mask noise, batch order, sampled statistics): run once per seed."""
 """The demo's default rows; `DATA_METHODS` are opt-in (`--methods`), as they need statistics."""
 ALL_METHODS = (*METHODS, *DATA_METHODS)
 LABELS = {
@@ -73,9 +78,11 @@ class DemoSettings:
     phases of Concrete AdaMerging (meta steps, then AdaMerging steps). The paper runs 1000 AdaMerging
     and 2000 mask steps at Adam lr 1e-3, so a coefficient moves by up to ~1 and a logit by up to ~2 over a
     run (Adam's step is about lr); the demo's schedules are far shorter, so by default `lr` (coefficients)
-    and `mask_lr` (logits) keep those totals: `1 / steps` and `2 / steps`. `inner_lr` keeps the paper's
-    CLIP value. `test_limit` keeps the first examples of each test split (None: all); adaptation uses
-    the same examples, unlabeled.
+    and `mask_lr` (logits) keep those totals: `1 / steps` and `2 / steps`. `inner_lr`, `inner_optimizer` and
+    `clamp` are Concrete AdaMerging's (see the README's fidelity table). Every stochastic method (the adaptive
+    and data-aware ones) runs once per seed in `seeds`; the seed keys the mask noise, the order of the
+    unlabeled batches and the statistics' samples. `test_limit` keeps the first examples of each test split
+    (None: all); adaptation uses the same examples, unlabeled.
     """
 
     tasks: tuple[str, ...] | None = None
@@ -84,10 +91,13 @@ class DemoSettings:
     lr: float | None = None
     mask_lr: float | None = None
     inner_lr: float = 1.0
+    inner_optimizer: str = "adam"
+    clamp: bool = True
     batch_size: int = 16
     eval_mask: str = "relaxed"
-    seed: int = 0
-    test_limit: int | None = 200
+    seeds: tuple[int, ...] = (0, 1, 2)
+    test_limit: int | None = None
+    precision: str = "fp32"
     stats_examples: int = 256
     validation_examples: int = 32
     encoder: str = DEFAULT_ENCODER
@@ -104,6 +114,8 @@ class DemoSettings:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"test_limit must be positive, got {self.test_limit}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be one or more distinct integers, got {self.seeds!r}")
 
     @property
     def coefficient_lr(self) -> float:
@@ -114,27 +126,65 @@ class DemoSettings:
         return self.mask_lr if self.mask_lr is not None else 2.0 / self.steps
 
 
-QUICK = {"steps": 10, "test_limit": 100}
-"""`--quick`: shorter schedules and smaller test splits; fine-tuning is unchanged, so the cache is shared."""
+QUICK = {"steps": 10, "test_limit": 100, "seeds": (0,)}
+"""`--quick`: shorter schedules, smaller test splits, one seed (and `QUICK_FINETUNE_STEPS` of fine-tuning)."""
+QUICK_FINETUNE_STEPS = 50
 
 
-def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-             progress: bool = True, backend: str = "auto",
-             log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Run the benchmark; write `report.json` and `demo.png` into `out_dir`; return the report.
+@dataclass
+class DemoContext:
+    """The benchmark's fixed inputs: the encoder, its tasks and the fine-tuned models (shared by every method)."""
 
-    An earlier report and figure in `out_dir` are kept under a timestamped name, never overwritten.
-    """
+    settings: DemoSettings
+    encoder: TextEncoder
+    data: list[Any]
+    tasks: list[TextClassifierTask]
+    finetuned: dict[str, FinetuneResult]
+    models: dict[str, dict[str, torch.Tensor]]
+    base: dict[str, torch.Tensor]
+    _vectors: TaskVectors | None = None
+    _statistics: dict[int, list[Statistics]] = field(default_factory=dict)
+
+    def task_vectors(self) -> TaskVectors:
+        """The fine-tuned models' task vectors over the base (built on first use, then kept)."""
+        if self._vectors is None:
+            self._vectors = TaskVectors.from_models(self.base, list(self.models.values()), names=list(self.models))
+        return self._vectors
+
+    def adaptation(self, seed: int) -> list[Task]:
+        """Every task's adaptation `Task`: its unlabeled test batches in the order `seed` shuffles them, and
+        the labelled test data (the same for every seed)."""
+        return [t.adaptation_task(self.encoder, batch_size=self.settings.batch_size, seed=seed) for t in self.tasks]
+
+    def statistics(self, seed: int, progress: bool) -> list[Statistics]:
+        if seed not in self._statistics:
+            self._statistics[seed] = _statistics(self.encoder, self.tasks, self.models, self.settings, progress, seed)
+        return self._statistics[seed]
+
+
+@dataclass
+class MethodRun:
+    """One method's merged model with one seed, evaluated on every task."""
+
+    seed: int | None
+    accuracy: dict[str, float]
+    class_share: dict[str, float]
+    seconds: float | None = None
+    peak: int | None = None
+    extra: int | None = None
+    curve: dict[str, Any] | None = None
+
+
+def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                 log: Callable[[str], None] = lambda message: None) -> DemoContext:
+    """Load the encoder and the embedded tasks, fine-tune (or reuse) one model per task."""
     from .data.embedded import load_embedded_tasks
 
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
     data = load_embedded_tasks(list(settings.tasks) if settings.tasks else None)
     encoder = TextEncoder(settings.encoder, max_length=settings.max_length)
-    tasks = [classifier_task(encoder, t, settings.test_limit) for t in data]
+    tasks = [classifier_task(encoder, t, settings.test_limit, settings.precision) for t in data]
     log(f"encoder {encoder.path} ({sum(p.numel() for p in encoder.module.parameters()) / 1e6:.1f}M parameters); "
         f"tasks: {', '.join(t.name for t in tasks)}")
-
     finetuned: dict[str, FinetuneResult] = {}
     for task, source in zip(tasks, data):
         finetuned[task.name] = finetune(encoder, task, settings.finetune, data_id=data_id(source),
@@ -143,62 +193,103 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
     log(f"fine-tuned models: {reused} reused from the cache, {len(tasks) - reused} trained")
     models = {name: load_finetuned(encoder, result) for name, result in finetuned.items()}
     base = {name: encoder.state_dict()[name] for name in next(iter(models.values()))}
-    adaptation = [t.adaptation_task(encoder, batch_size=settings.batch_size, seed=settings.seed) for t in tasks]
+    return DemoContext(settings, encoder, data, tasks, finetuned, models, base)
 
-    rows = [_row("individual", {t.name: evaluate_tasks(_bound(encoder, models[t.name]), [a])[t.name]
-                                for t, a in zip(tasks, adaptation)})]
-    rows.append(_row("pretrained", evaluate_tasks(encoder.module, adaptation)))
+
+def evaluate(call: Callable[..., Any], tasks: Sequence[Task], seed: int | None = None, **measures: Any) -> MethodRun:
+    """Accuracy and largest predicted-class share of `call` on every task's whole test data."""
+    predictions = task_predictions(call, tasks)
+    by_name = {t.name: t for t in tasks}
+    return MethodRun(seed, {name: task_metric(by_name[name], *p) for name, p in predictions.items()},
+                     {name: largest_class_share(scores) for name, (scores, _) in predictions.items()}, **measures)
+
+
+def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = True,
+               backend: str = "auto") -> MethodRun:
+    """Merge with one demo method and one seed; evaluate the merged model on every task."""
+    tasks = ctx.adaptation(seed)
+    stats = ctx.statistics(seed, progress) if method in DATA_METHODS else None
+    vectors = ctx.task_vectors() if method in ADAPTIVE_METHODS else None  # built once, outside the measured block
+    curve = None
+    with PeakRssAnon() as memory:
+        clock = time.perf_counter()
+        if method in STATIC_METHODS:
+            name, params = STATIC_METHODS[method]
+            call = _bound(ctx.encoder, merge(name, ctx.base, list(ctx.models.values()), **params))
+        elif method in DATA_METHODS:
+            call = _data_merge(method, ctx, stats)
+        else:
+            result = _adaptive(method, ctx, vectors, tasks, seed, progress, backend)
+            call = _bound(ctx.encoder, result.state_dict)
+            curve = {key: result.report[key] for key in ("entropy", "accuracy", "phases", "eval_mask")}
+        seconds = time.perf_counter() - clock
+    return evaluate(call, tasks, seed, seconds=seconds, peak=memory.peak, extra=memory.extra, curve=curve)
+
+
+def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+             progress: bool = True, backend: str = "auto",
+             log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Run the benchmark; write `report.json` and `demo.png` into `out_dir`; return the report.
+
+    Stochastic methods (`STOCHASTIC`) run once per seed; rows carry the mean and the sample standard
+    deviation over seeds. An earlier report and figure in `out_dir` are kept under a timestamped name.
+    """
+    started = time.perf_counter()
+    ctx = prepare_demo(settings, cache_dir=cache_dir, progress=progress, log=log)
+    tests = ctx.adaptation(settings.seeds[0])  # the labelled test data: the same for every seed
+    rows = [_row(ctx, "individual", [MethodRun(None, *_individual(ctx, tests))]),
+            _row(ctx, "pretrained", [evaluate(ctx.encoder.module, tests)])]
     curves: dict[str, Any] = {}
-    vectors = None
-    clock = time.perf_counter()
-    statistics = _statistics(encoder, tasks, models, settings, progress)
-    statistics_seconds = time.perf_counter() - clock
     for method in settings.methods:
-        log(f"merging: {LABELS[method]}")
-        with PeakRssAnon() as memory:
-            clock = time.perf_counter()
-            if method in STATIC_METHODS:
-                name, params = STATIC_METHODS[method]
-                merged = merge(name, base, list(models.values()), **params)
-                accuracy = None
-            elif method in DATA_METHODS:
-                call = _data_merge(method, encoder, tasks, base, models, statistics, settings)
-                accuracy = evaluate_tasks(call, adaptation)
-            else:
-                if vectors is None:
-                    vectors = TaskVectors.from_models(base, list(models.values()), names=list(models))
-                result = _adaptive(method, encoder, vectors, adaptation, settings, progress, backend)
-                merged, accuracy = result.state_dict, result.report["final_accuracy"]
-                curves[method] = {key: result.report[key] for key in ("entropy", "accuracy", "phases", "eval_mask")}
-            seconds = time.perf_counter() - clock
-        if accuracy is None:
-            accuracy = evaluate_tasks(_bound(encoder, merged), adaptation)
-        rows.append(_row(method, accuracy, seconds=seconds, peak=memory.peak, extra=memory.extra))
+        runs = []
+        for seed in settings.seeds if method in STOCHASTIC else settings.seeds[:1]:
+            log(f"merging: {LABELS[method]}" + (f", seed {seed}" if method in STOCHASTIC else ""))
+            runs.append(run_method(ctx, method, seed, progress=progress, backend=backend))
+        rows.append(_row(ctx, method, runs))
+        if runs[0].curve is not None:
+            curves[method] = {**runs[0].curve, "seed": runs[0].seed}
 
     report = {
         "benchmark": "pyfuse embedded text benchmark",
-        "encoder": str(encoder.path),
+        "encoder": str(ctx.encoder.path),
         "tasks": [{"name": t.name, "classes": len(t.head), "train": len(t.train[0]), "test": len(t.test[0]),
-                   "description": d.description} for t, d in zip(tasks, data)],
+                   "chance_bound": chance_bound(len(t.head), len(t.test[0])), "description": d.description}
+                  for t, d in zip(ctx.tasks, ctx.data)],
         "settings": dataclasses.asdict(settings),
-        "seeds": {"finetune": settings.finetune.seed, "adaptation": settings.seed},
+        "seeds": list(settings.seeds),
+        "finetune_seed": settings.finetune.seed,
         "learning_rates": {"coefficients": settings.coefficient_lr, "mask_logits": settings.logits_lr,
                            "inner": settings.inner_lr},
         "finetuned": {name: {"path": str(r.path), "reused": r.reused, "seconds": r.meta.get("seconds"),
-                             "final_loss": (r.meta.get("loss") or [None])[-1]} for name, r in finetuned.items()},
+                             "final_loss": (r.meta.get("loss") or [None])[-1]} for name, r in ctx.finetuned.items()},
         "rows": rows,
         "curves": curves,
-        "statistics_seconds": statistics_seconds if statistics else None,
         "backend": backend,
         "torch_threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
     }
-    _write(out_dir, report)
+    _write(Path(out_dir), report)
     return report
 
 
+def chance_bound(classes: int, examples: int) -> float:
+    """The accuracy below which a task counts as at chance: chance (1/classes) plus two binomial standard errors."""
+    p = 1.0 / classes
+    return p + 2.0 * math.sqrt(p * (1.0 - p) / examples)
+
+
+def _individual(ctx: DemoContext, tests: Sequence[Task]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each fine-tuned model on its own task."""
+    accuracy, share = {}, {}
+    for test in tests:
+        run = evaluate(_bound(ctx.encoder, ctx.models[test.name]), [test])
+        accuracy.update(run.accuracy)
+        share.update(run.class_share)
+    return accuracy, share
+
+
 def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], models: dict[str, dict[str, torch.Tensor]],
-                settings: DemoSettings, progress: bool) -> list[Statistics]:
+                settings: DemoSettings, progress: bool, seed: int) -> list[Statistics]:
     """Each fine-tuned model's statistics on its own task's first training examples (all kinds the chosen
     data-aware methods need, in one pass per task); none when no data-aware method is chosen."""
     kinds = sorted({kind for m in settings.methods if m in DATA_METHODS for kind in DATA_METHODS[m][2]})
@@ -215,21 +306,20 @@ def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], model
         stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels="gold",
                                         label_fn=lambda b: b["labels"],
                                         token_mask_fn=lambda b: b["attention_mask"].bool(), name=task.name,
-                                        progress=progress, seed=settings.seed))
+                                        progress=progress, seed=seed))
     return stats
 
 
-def _data_merge(method: str, encoder: TextEncoder, tasks: Sequence[TextClassifierTask], base: dict[str, torch.Tensor],
-                models: dict[str, dict[str, torch.Tensor]], statistics: list[Statistics],
-                settings: DemoSettings) -> Callable[..., Any]:
+def _data_merge(method: str, ctx: DemoContext, statistics: list[Statistics]) -> Callable[..., Any]:
     """Merge with a data-aware method; returns the merged model's call (ESM++: the routed model)."""
+    encoder, settings = ctx.encoder, ctx.settings
     name, params, _ = DATA_METHODS[method]
     params = dict(params)
     if name in ("esm", "esm++"):
         start, stop = settings.stats_examples, settings.stats_examples + settings.validation_examples
         validation = [(t, t.labelled_batches(encoder, "train", 32)) for t in (
             TextClassifierTask(t.name, t.head, (t.train[0][start:stop], t.train[1][start:stop]), t.test)
-            for t in tasks)]
+            for t in ctx.tasks)]
 
         def objective(state_dict: dict[str, torch.Tensor]) -> float:
             call = _bound(encoder, state_dict)
@@ -238,7 +328,7 @@ def _data_merge(method: str, encoder: TextEncoder, tasks: Sequence[TextClassifie
                            for t, batches in validation for batch, y in batches)
 
         params["objective"] = objective
-    plan = plan_merge(name, base, list(models.values()), statistics=statistics, **params)
+    plan = plan_merge(name, ctx.base, list(ctx.models.values()), statistics=statistics, **params)
     merged = plan.state_dict()
     if name != "esm++":
         return _bound(encoder, merged)
@@ -248,11 +338,12 @@ def _data_merge(method: str, encoder: TextEncoder, tasks: Sequence[TextClassifie
     return routed
 
 
-def classifier_task(encoder: TextEncoder, data: Any, test_limit: int | None) -> TextClassifierTask:
+def classifier_task(encoder: TextEncoder, data: Any, test_limit: int | None,
+                    precision: str = "fp32") -> TextClassifierTask:
     test = (data.test_texts[:test_limit], data.test_labels[:test_limit]) if test_limit else (data.test_texts,
                                                                                             data.test_labels)
     return TextClassifierTask(data.name, encoder.head(data.class_descriptions), (data.train_texts, data.train_labels),
-                              test)
+                              test, precision)
 
 
 def data_id(data: Any) -> str:
@@ -269,27 +360,47 @@ def _bound(encoder: TextEncoder, tensors: dict[str, torch.Tensor]) -> Callable[.
     return call
 
 
-def _adaptive(method: str, encoder: TextEncoder, vectors: TaskVectors, tasks: Sequence[Task], s: DemoSettings,
-              progress: bool, backend: str) -> adaptive.MergeResult:
+def _adaptive(method: str, ctx: DemoContext, vectors: TaskVectors, tasks: Sequence[Task], seed: int, progress: bool,
+              backend: str) -> adaptive.MergeResult:
     # the starting accuracy of each schedule is a row of the table already (task arithmetic)
+    s, model = ctx.settings, ctx.encoder.module
     options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False)
     if method == "adamerging":
-        return adaptive.adamerging(encoder.module, vectors, tasks, granularity="layer", steps=s.steps,
-                                   lr=s.coefficient_lr, options=options)
+        return adaptive.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
+                                   options=options)
     if method == "concrete_task_arithmetic":
-        return adaptive.concrete_task_arithmetic(encoder.module, vectors, tasks, steps=s.steps,
-                                                 mask_lr=s.logits_lr, eval_mask=s.eval_mask, seed=s.seed,
-                                                 options=options)
-    return adaptive.concrete_adamerging(encoder.module, vectors, tasks, granularity="layer", meta_steps=s.steps,
-                                        adamerging_steps=s.steps, inner_lr=s.inner_lr, mask_lr=s.logits_lr,
-                                        lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=s.seed, options=options)
+        return adaptive.concrete_task_arithmetic(model, vectors, tasks, steps=s.steps, mask_lr=s.logits_lr,
+                                                 eval_mask=s.eval_mask, seed=seed, options=options)
+    return adaptive.concrete_adamerging(model, vectors, tasks, granularity="layer", meta_steps=s.steps,
+                                        adamerging_steps=s.steps, inner_lr=s.inner_lr,
+                                        inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr,
+                                        lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=seed, options=options)
 
 
-def _row(method: str, accuracy: dict[str, float], *, seconds: float | None = None, peak: int | None = None,
-         extra: int | None = None) -> dict[str, Any]:
-    return {"method": method, "label": LABELS[method], "accuracy": accuracy,
-            "average": sum(accuracy.values()) / len(accuracy), "seconds": seconds, "peak_rss_anon_bytes": peak,
-            "extra_rss_anon_bytes": extra}
+def _row(ctx: DemoContext, method: str, runs: Sequence[MethodRun]) -> dict[str, Any]:
+    """A table row: the mean over `runs` (one per seed) per task and on average, with the sample standard
+    deviation over seeds where there are several, the per-seed values, and the tasks at chance."""
+    names = list(runs[0].accuracy)
+    averages = [sum(r.accuracy.values()) / len(r.accuracy) for r in runs]
+    several = len(runs) > 1
+    accuracy = {t: statistics.fmean(r.accuracy[t] for r in runs) for t in names}
+    bounds = {t.name: chance_bound(len(t.head), len(t.test[0])) for t in ctx.tasks}
+    measured = [r for r in runs if r.seconds is not None]
+    return {
+        "method": method, "label": LABELS[method],
+        "accuracy": accuracy,
+        "accuracy_std": {t: statistics.stdev(r.accuracy[t] for r in runs) for t in names} if several else None,
+        "average": statistics.fmean(averages),
+        "average_std": statistics.stdev(averages) if several else None,
+        "seeds": [r.seed for r in runs] if runs[0].seed is not None else None,
+        "per_seed": [{"seed": r.seed, "accuracy": r.accuracy, "average": a, "seconds": r.seconds}
+                     for r, a in zip(runs, averages)] if several else None,
+        "max_class_share": {t: max(r.class_share[t] for r in runs) for t in names},
+        "at_chance": [t for t in names if accuracy[t] <= bounds[t]],
+        "seconds": statistics.fmean(r.seconds for r in measured) if measured else None,
+        "peak_rss_anon_bytes": max(r.peak for r in measured) if measured and measured[0].peak is not None else None,
+        "extra_rss_anon_bytes": max(r.extra for r in measured) if measured and measured[0].extra is not None else None,
+    }
 
 
 def _write(out_dir: Path, report: dict[str, Any]) -> None:

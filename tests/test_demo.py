@@ -8,7 +8,7 @@ import pytest
 
 from pyfuse.cli import main
 from pyfuse.data.embedded import load_embedded_tasks
-from pyfuse.demo import FIGURE_NAME, METHODS, REPORT_NAME, DemoSettings, run_demo
+from pyfuse.demo import FIGURE_NAME, METHODS, REPORT_NAME, STOCHASTIC, DemoSettings, chance_bound, run_demo
 from pyfuse.finetune import FinetuneConfig
 
 from .text_helpers import tiny_encoder_dir
@@ -27,7 +27,8 @@ FINETUNE = FinetuneConfig(steps=60, batch_size=32, lr=3e-3, warmup=0.0)
 
 
 def test_demo_pipeline(encoder, tmp_path):
-    settings = DemoSettings(tasks=TASKS, steps=2, test_limit=120, encoder=str(encoder), finetune=FINETUNE)
+    settings = DemoSettings(tasks=TASKS, steps=2, test_limit=120, seeds=(0, 1), encoder=str(encoder),
+                            finetune=FINETUNE)
     report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     on_disk = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert on_disk == json.loads(json.dumps(report))
@@ -40,13 +41,29 @@ def test_demo_pipeline(encoder, tmp_path):
         assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / len(TASKS))
         if row["method"] in METHODS:
             assert row["seconds"] > 0 and row["peak_rss_anon_bytes"] > 0
+        assert all(0 < share <= 1 for share in row["max_class_share"].values())
+        bounds = {t["name"]: t["chance_bound"] for t in report["tasks"]}
+        assert row["at_chance"] == [t for t in TASKS if row["accuracy"][t] <= bounds[t]]
+        if row["method"] in STOCHASTIC:  # once per seed: mean and sample std over the per-seed values
+            per_seed = row["per_seed"]
+            assert [r["seed"] for r in per_seed] == row["seeds"] == [0, 1]
+            averages = [r["average"] for r in per_seed]
+            assert row["average"] == pytest.approx(sum(averages) / 2)
+            assert row["average_std"] == pytest.approx(abs(averages[0] - averages[1]) / 2 ** 0.5)
+            for t in TASKS:
+                values = [r["accuracy"][t] for r in per_seed]
+                assert row["accuracy"][t] == pytest.approx(sum(values) / 2)
+                assert row["accuracy_std"][t] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        else:  # deterministic: run once
+            assert row["average_std"] is None and row["per_seed"] is None
     individual, pretrained = report["rows"][0]["accuracy"], report["rows"][1]["accuracy"]
     for task in TASKS:  # every fine-tuned model beats the pre-trained one on its own task
         assert individual[task] > pretrained[task] + 0.05, (task, individual[task], pretrained[task])
     assert set(report["curves"]) == {"adamerging", "concrete_task_arithmetic", "concrete_adamerging"}
     concrete = report["curves"]["concrete_adamerging"]
     assert [p["steps"] for p in concrete["phases"]] == [2, 2] and len(concrete["entropy"]["value"]) == 4
-    assert concrete["eval_mask"]["mode"] == "relaxed" and report["seeds"] == {"finetune": 0, "adaptation": 0}
+    assert concrete["eval_mask"]["mode"] == "relaxed" and report["seeds"] == [0, 1] and report["finetune_seed"] == 0
+    assert [t["test"] for t in report["tasks"]] == [120] * len(TASKS)
     assert not any(r["reused"] for r in report["finetuned"].values())
 
 
@@ -68,7 +85,14 @@ def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_pat
     assert len([n for n in kept if n.startswith("report")]) == 2 and REPORT_NAME in kept
 
 
+def test_chance_bound_is_chance_plus_two_binomial_standard_errors():
+    assert chance_bound(4, 400) == pytest.approx(0.25 + 2 * (0.25 * 0.75 / 400) ** 0.5)
+    assert chance_bound(8, 100) == pytest.approx(0.125 + 2 * (0.125 * 0.875 / 100) ** 0.5)
+
+
 def test_bad_settings_fail_before_any_work():
+    with pytest.raises(ValueError, match="distinct"):
+        DemoSettings(seeds=(0, 0))
     with pytest.raises(ValueError, match="unknown demo method 'tiess'"):
         DemoSettings(methods=("tiess",))
     with pytest.raises(ValueError, match="unknown embedded task"):

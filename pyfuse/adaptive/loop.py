@@ -35,7 +35,7 @@ from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
-from .task import BatchStream, Task, entropy_loss, evaluate_tasks
+from .task import BatchStream, Task, entropy_loss, evaluate_tasks, largest_class_share, task_metric, task_predictions
 from .trim import ties_trim
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -43,6 +43,7 @@ REPORT_NAME = "report.json"
 MASK_NAME = "mask.safetensors"
 MERGED_NAME = "merged"
 EVAL_MASKS = ("relaxed", "hard", "threshold")
+INNER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Settings:
     init: float = 0.3
     clamp: bool = False
     inner_lr: float = 1.0
+    inner_optimizer: str = "adam"
     mask_lr: float = 1e-3
     lr: float = 1e-3
     temperature: float = 0.5
@@ -72,6 +74,8 @@ class Settings:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.meta_steps >= EVAL_STEP:
             raise ValueError(f"meta_steps must be < {EVAL_STEP} (the Philox counter of the evaluation mask)")
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer must be one of {tuple(INNER_OPTIMIZERS)}, got {self.inner_optimizer!r}")
         if self.eval_mask not in MODES:
             raise ValueError(f"eval_mask must be one of {MODES}, got {self.eval_mask!r}")
         if self.meta_steps and self.eval_mask == "none":
@@ -144,7 +148,8 @@ class AdaptiveLoop:
             self.optimizers["mask"] = torch.optim.Adam([m.logits], lr=settings.mask_lr)
             if learns_coefficients:
                 # Persists across outer steps (only the coefficients are reset), as the authors' code does.
-                self.optimizers["inner"] = torch.optim.Adam([m.coefficients], lr=settings.inner_lr)
+                self.optimizers["inner"] = INNER_OPTIMIZERS[settings.inner_optimizer]([m.coefficients],
+                                                                                     lr=settings.inner_lr)
         if settings.adapt_steps:
             self.optimizers["adapt"] = torch.optim.Adam([m.coefficients], lr=settings.lr)
         self.step = 0
@@ -305,10 +310,12 @@ class AdaptiveLoop:
         finally:
             bar.close()
         flat = self.merged_flat()
-        final = self.evaluate(flat)
+        predictions = task_predictions(self.merger.bind(flat), self.tasks)
+        final = {t.name: task_metric(t, *predictions[t.name]) for t in self.tasks if t.name in predictions}
+        shares = {name: largest_class_share(scores) for name, (scores, _) in predictions.items()}
         if self.history["accuracy"]["step"][-1:] != [self.step]:
             self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
-        report = self._report(final, resumed_from, time.perf_counter() - started)
+        report = self._report(final, shares, resumed_from, time.perf_counter() - started)
         if out_dir is not None:
             save_checkpoint(checkpoint, self.state())
             self._write_outputs(out_dir, flat, report)
@@ -321,7 +328,8 @@ class AdaptiveLoop:
             report=report,
         )
 
-    def _report(self, final: dict[str, float], resumed_from: int | None, seconds: float) -> dict[str, Any]:
+    def _report(self, final: dict[str, float], shares: dict[str, float], resumed_from: int | None,
+                seconds: float) -> dict[str, Any]:
         s, m = self.settings, self.merger
         masked = s.eval_mask != "none"
         report: dict[str, Any] = {
@@ -338,6 +346,7 @@ class AdaptiveLoop:
             ),
             "final_accuracy": final,
             "final_average": sum(final.values()) / len(final) if final else None,
+            "final_class_share": shares,
             "coefficients": m.weights().detach().tolist(),
             "entropy": self.history["entropy"],
             "accuracy": self.history["accuracy"],
@@ -427,8 +436,8 @@ def concrete_task_arithmetic(
 def concrete_adamerging(
     model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
     granularity: str = "layer", meta_steps: int = 2000, adamerging_steps: int = 1000, inner_steps: int = 1,
-    inner_lr: float = 1.0, mask_lr: float = 1e-3, lr: float = 1e-3, init: float = 0.3, clamp: bool = False,
-    temperature: float = 0.5, eval_mask: str = "relaxed", rescale: bool = True, seed: int = 0,
+    inner_lr: float = 1.0, inner_optimizer: str = "adam", mask_lr: float = 1e-3, lr: float = 1e-3, init: float = 0.3,
+    clamp: bool = False, temperature: float = 0.5, eval_mask: str = "relaxed", rescale: bool = True, seed: int = 0,
     options: RunOptions | None = None,
 ) -> MergeResult:
     """Concrete AdaMerging (Algorithms 1 and 3): learn the shared mask with the bi-level loop (inner steps on
@@ -437,8 +446,8 @@ def concrete_adamerging(
     the authors use `inner_lr=0.1, mask_lr=1e-4` for Flan-T5."""
     settings = Settings(method="concrete_adamerging", coefficients=_granularity(granularity), meta_steps=meta_steps,
                         inner_steps=inner_steps, adapt_steps=adamerging_steps, init=init, clamp=clamp,
-                        inner_lr=inner_lr, mask_lr=mask_lr, lr=lr, temperature=temperature, seed=seed,
-                        eval_mask=_eval_mask(eval_mask), rescale=rescale)
+                        inner_lr=inner_lr, inner_optimizer=inner_optimizer, mask_lr=mask_lr, lr=lr,
+                        temperature=temperature, seed=seed, eval_mask=_eval_mask(eval_mask), rescale=rescale)
     return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
 
 

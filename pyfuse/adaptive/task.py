@@ -88,9 +88,8 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p + 1e-8)).sum(dim=-1).mean()
 
 
-def evaluate_tasks(call: ModelCall, tasks: Iterable[Task]) -> dict[str, float]:
-    """Test accuracy (or the task's own `metric`) of `call` (a model, or merged parameters bound to one) on
-    every task with test data."""
+def task_predictions(call: ModelCall, tasks: Iterable[Task]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Scores `[N, C]` (float32, CPU) and labels `[N]` of `call` on the whole test data of every task that has it."""
     results = {}
     with torch.no_grad():
         for task in tasks:
@@ -102,9 +101,26 @@ def evaluate_tasks(call: ModelCall, tasks: Iterable[Task]) -> dict[str, float]:
                 labels.append(batch_labels.cpu())
             if not scores or sum(y.numel() for y in labels) == 0:
                 raise ValueError(f"task {task.name!r}: its test data is empty")
-            scores, labels = torch.cat(scores), torch.cat(labels)
-            if task.metric is not None:
-                results[task.name] = float(task.metric(scores, labels))
-            else:
-                results[task.name] = float((scores.argmax(dim=-1) == labels).double().mean())
+            results[task.name] = (torch.cat(scores), torch.cat(labels))
     return results
+
+
+def task_metric(task: Task, scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The task's own `metric`, else accuracy."""
+    if task.metric is not None:
+        return float(task.metric(scores, labels))
+    return float((scores.argmax(dim=-1) == labels).double().mean())
+
+
+def largest_class_share(scores: torch.Tensor) -> float:
+    """The fraction of examples predicted as the most predicted class: 1.0 when a model answers one class for
+    everything (the collapse entropy minimisation can drive a task into)."""
+    return float(scores.argmax(dim=-1).bincount().max()) / scores.shape[0]
+
+
+def evaluate_tasks(call: ModelCall, tasks: Iterable[Task]) -> dict[str, float]:
+    """Test accuracy (or the task's own `metric`) of `call` (a model, or merged parameters bound to one) on
+    every task with test data."""
+    tasks = list(tasks)
+    by_name = {task.name: task for task in tasks}
+    return {name: task_metric(by_name[name], *result) for name, result in task_predictions(call, tasks).items()}

@@ -111,15 +111,20 @@ def class_logits(call: ModelCall, batch: Batch, head: torch.Tensor, scale: float
 class TextClassifierTask:
     """What a text classification task needs to train, adapt and evaluate: its head and its data.
 
-    `train` and `test` are (texts, labels) pairs; labels index `head`'s rows.
+    `train` and `test` are (texts, labels) pairs; labels index `head`'s rows. `precision="bf16"` runs the
+    encoder under bfloat16 autocast when computing logits (adaptation and evaluation; the merged weights
+    stay fp32), about twice as fast on a CPU with AVX-512 BF16.
     """
 
     name: str
     head: torch.Tensor
     train: tuple[Sequence[str], Sequence[int]]
     test: tuple[Sequence[str], Sequence[int]]
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"task {self.name!r}: precision must be 'bf16' or 'fp32', got {self.precision!r}")
         for split in ("train", "test"):
             texts, labels = getattr(self, split)
             if len(texts) != len(labels):
@@ -130,7 +135,8 @@ class TextClassifierTask:
                                  f"{self.head.shape[0]} classes")
 
     def logits(self, call: ModelCall, batch: Batch) -> torch.Tensor:
-        return class_logits(call, batch, self.head)
+        with torch.autocast(self.head.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return class_logits(call, batch, self.head).float()
 
     def labelled_batches(self, encoder: TextEncoder, split: str, batch_size: int, *, shuffle: bool = False,
                          seed: int = 0) -> list[tuple[Batch, torch.Tensor]]:
