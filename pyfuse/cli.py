@@ -54,7 +54,12 @@ examples:
 The output directory receives model-0000k-of-0000n.safetensors shards with their index, the base's
 config.json, tokenizer and other small files, and merge_report.json (method, parameters, inputs with
 sha256 hashes, timings, peak memory). It is written under a temporary name and renamed when complete;
-an existing directory is replaced only with --force.
+an existing directory is replaced only with --force, and never when it holds a file the merge reads.
+NaN or inf in an input or the result stops the merge unless --allow-nonfinite.
+
+Adaptive methods (adamerging, adamerging++, concrete_task_arithmetic, concrete_adamerging) import and
+call the module:function entries their config names (see pyfuse/adaptive/config.py): that runs code
+from the config, so they need --trust-code.
 """
 
 _CONFIG_KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size")
