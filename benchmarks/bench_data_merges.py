@@ -125,9 +125,10 @@ class Bench:
         for task in range(self.tasks):
             parts = [Statistics.load(self.statistics_files[kind][task]) for kind in kinds]
             first = parts[0]
+            # no fingerprint: each part's covers its own parameters, not the combination's
             out.append(Statistics(
                 _combined(kinds, parts, keep, f"statistics of task {task}"), task=first.task,
-                examples=first.examples, tokens=first.tokens, fingerprint=first.fingerprint,
+                examples=first.examples, tokens=first.tokens,
                 labels=next((st.labels for st in parts if st.labels), None),
                 counts={key: count for st in parts for key, count in st.counts.items()},
                 transposed=set().union(*(st.transposed for st in parts))))

@@ -54,7 +54,12 @@ examples:
 The output directory receives model-0000k-of-0000n.safetensors shards with their index, the base's
 config.json, tokenizer and other small files, and merge_report.json (method, parameters, inputs with
 sha256 hashes, timings, peak memory). It is written under a temporary name and renamed when complete;
-an existing directory is replaced only with --force.
+an existing directory is replaced only with --force, and never when it holds a file the merge reads.
+NaN or inf in an input or the result stops the merge unless --allow-nonfinite.
+
+Adaptive methods (adamerging, adamerging++, concrete_task_arithmetic, concrete_adamerging) import and
+call the module:function entries their config names (see pyfuse/adaptive/config.py): that runs code
+from the config, so they need --trust-code.
 """
 
 _CONFIG_KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size")
@@ -99,7 +104,14 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate everything and print the plan, predicted peak memory and output size; "
                              "read no tensor data and write nothing")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT_DIR if it exists (never when it holds a file the merge reads)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="let NaN/inf in the inputs or the result (e.g. float16 overflow) into the output "
+                             "instead of stopping with an error")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="adaptive methods: allow the config to import and run the Python callables it names "
+                             "(tasks, architecture); never use it with a config you have not read")
     parser.add_argument("--dtype", help="output dtype (float32, bfloat16, float16); overrides the config")
     parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads)")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in the report")
@@ -115,7 +127,9 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {err.start} cannot be decoded") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
 
@@ -133,6 +147,8 @@ def load_merge_config(path: Path) -> dict[str, Any]:
     for key in ("method", "base", "models"):
         if key not in config:
             raise ConfigError(f"{path}: missing {key!r}")
+    if not isinstance(config["method"], str):
+        raise ConfigError(f"{path}: 'method' must be a method name such as ties, got {config['method']!r}")
     here = path.parent
 
     def resolve(value: Any, where: str) -> Path:
@@ -209,6 +225,7 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
                            f"{_count(entry['parameters'])} parameters, {len(entry['files'])} files, {_size(size)})"))
     rows.append(("merged", f"{summary['merged_tensors']} tensors, {_count(summary['merged_parameters'])} parameters"
                            f" ({summary['carried_tensors']} non-float tensors copied from the base)"))
+    rows += [("upcast", note) for note in summary["dtype_upcasts"]]
     if summary["global_passes"]:
         rows.append(("passes", f"{summary['global_passes']} over the whole model before merging, then one to merge"))
     rows.append(("output", f"{out_dir}  ({summary['output_dtype']}, {_size(summary['output_bytes'])} "
@@ -221,9 +238,11 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
 def _run_adaptive(args: argparse.Namespace, config: dict[str, Any]) -> int:
     """Adaptive methods learn from data: `pyfuse.adaptive.run_from_config` runs them (config in its docstring)."""
     from .adaptive import run_from_config
+    from .io.atomic import check_output_dir
 
     if args.dry_run:
         raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config['method']} needs data")
+    check_output_dir(args.out_dir, args.force or args.resume, [args.config])
     here = args.config.parent
 
     def resolve(value: Any) -> Any:
@@ -236,7 +255,8 @@ def _run_adaptive(args: argparse.Namespace, config: dict[str, Any]) -> int:
         config["models"] = {name: resolve(path) for name, path in models.items()}
     elif isinstance(models, list):
         config["models"] = [{**m, "path": resolve(m.get("path"))} if isinstance(m, dict) else m for m in models]
-    result = run_from_config(config, args.out_dir, resume=args.resume)
+    result = run_from_config(config, args.out_dir, resume=args.resume, force=args.force, trust_code=args.trust_code,
+                             allow_nonfinite=args.allow_nonfinite)
     print(f"merged with {config['method']} -> {args.out_dir}")
     rows = [(f"accuracy {task}", f"{acc:.4f}") for task, acc in result.report["final_accuracy"].items()]
     if result.report["final_average"] is not None:
@@ -247,18 +267,21 @@ def _run_adaptive(args: argparse.Namespace, config: dict[str, Any]) -> int:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .adaptive import METHODS as ADAPTIVE
+    from .io.atomic import check_output_dir
     from .io.writer import ShardedWriter, parse_size
     from .merge import DEFAULT_SHARD_SIZE, plan_merge
 
     raw = _read_yaml(args.config)
-    if isinstance(raw, dict) and raw.get("method") in ADAPTIVE:
+    if isinstance(raw, dict) and isinstance(raw.get("method"), str) and raw["method"] in ADAPTIVE:
         return _run_adaptive(args, raw)
     config = load_merge_config(args.config)
     plan = plan_merge(config["method"], config["base"], config["finetuned"], dtype=args.dtype or config["dtype"],
-                      device=args.device, threads=args.threads, statistics=config["statistics"], **config["params"])
+                      device=args.device, threads=args.threads, statistics=config["statistics"],
+                      allow_nonfinite=args.allow_nonfinite, **config["params"])
+    # the output location is checked before any tensor data is read, in dry runs too
+    target = check_output_dir(args.out_dir, args.force, [args.config, *plan.input_paths()])
     shard_size = config["shard_size"] or DEFAULT_SHARD_SIZE
-    # planning the shards also checks that OUT_DIR may be written (exists without --force)
-    shards = len(ShardedWriter(args.out_dir, plan.outputs, parse_size(shard_size), force=args.force).shard_names)
+    shards = len(ShardedWriter(target, plan.outputs, parse_size(shard_size)).shard_names)
     summary = plan.summary()
     if args.dry_run:
         print(f"pyfuse merge --dry-run {args.config}: everything checks out; no tensor data was read")
@@ -269,7 +292,9 @@ def _run_merge(args: argparse.Namespace) -> int:
         print(_table(rows))
         return 0
     report = plan.write(args.out_dir, force=args.force, shard_size=shard_size, hash_inputs=not args.no_hash,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, other_inputs=[args.config])
+    for path in report["removed_stale_partials"]:
+        print(f"removed {path}, left by an earlier run of this merge that did not finish")
     timings = report["timings"]
     print(f"merged {report['merged_tensors']} tensors ({_count(report['merged_parameters'])} parameters) "
           f"with {report['method']} in {timings['total_s']:.1f} s -> {args.out_dir}")
@@ -279,6 +304,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         ("time", steps),
         ("peak memory", f"{_size(report['peak_rss_anon_bytes'])} anonymous "
                         f"(predicted {_size(report['predicted_peak_rss_anon_bytes'])})"),
+        *(("upcast", note) for note in report["dtype_upcasts"]),
         ("report", str(args.out_dir / "merge_report.json")),
     ]))
     return 0

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .finite import NonFiniteError, check_finite, finite_chunks
+from .io.atomic import check_output_dir, remove_stale_partials
 from .io.hashing import sha256_file
 from .io.sources import TensorSource, checkpoint_files, open_source
-from .io.writer import ShardedWriter, check_output_dir, parse_size, small_files
+from .io.writer import ShardedWriter, parse_size, small_files
 from .layout import FlatLayout
 from .memory import PeakRssAnon, rss_anon_bytes
 from .methods import Chunk, StaticMethod, create_method, get_method
@@ -94,6 +96,13 @@ class _Reader:
                 yield s, lo, min(lo + size, numel), flats
 
     def _load(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
+        if not self._plan.allow_nonfinite:
+            for source, flat in zip((self._plan.base, *self._plan.models), flats):
+                what = f"{source.label}: tensor {self.layout.names[s]!r}"
+                try:
+                    check_finite(flat[lo:hi], what)
+                except NonFiniteError:
+                    check_finite(flat, what)  # raises again, counting over the whole tensor
         base = flats[0][lo:hi].to(device=self.device, dtype=torch.float32)  # a view when already fp32
         deltas = torch.empty(self.n, hi - lo, device=self.device)
         for row, flat in zip(deltas, flats[1:]):
@@ -145,6 +154,7 @@ class MergePlan:
     workers: int  # chunks processed at once (threads); 1 runs everything on the calling thread
     inputs: list[Any] = field(repr=False)  # what the caller passed: base first, then the fine-tuned models
     statistics: list[Statistics] | None = None  # data methods: one per fine-tuned model
+    allow_nonfinite: bool = False  # let NaN/inf through (inputs and output) instead of raising
 
     @property
     def output_bytes(self) -> int:
@@ -191,8 +201,33 @@ class MergePlan:
             "threads": self.workers,
             "global_passes": self.method.global_passes(),
             "predicted_peak_rss_anon_bytes": self.predicted_peak_bytes(),
+            "dtype_upcasts": self.dtype_upcasts(),
             **statistics,
         }
+
+    def dtype_upcasts(self) -> list[str]:
+        """Fine-tuned models whose floating dtypes differ from the base's. Every input is read into fp32 and
+        merged in fp32, so such models merge exactly; reports say which ones did."""
+        notes = []
+        for model in self.models:
+            differ = [(name, model.dtype(name)) for name, dtype in zip(self.layout.names, self.layout.dtypes)
+                      if model.dtype(name) != dtype]
+            if differ:
+                found = sorted({str(dtype).removeprefix("torch.") for _, dtype in differ})
+                base = sorted({str(self.base.dtype(name)).removeprefix("torch.") for name, _ in differ})
+                notes.append(f"{model.label}: {len(differ)} tensor(s) are {'/'.join(found)} where the base's are "
+                             f"{'/'.join(base)} (first {differ[0][0]!r}); both read into float32 and merged in "
+                             f"float32")
+        return notes
+
+    def input_paths(self) -> list[Path]:
+        """Every file or directory the merge reads: models, statistics files, path parameters (mask logits)."""
+        paths = [raw for raw in self.inputs if isinstance(raw, (str, os.PathLike))]
+        paths += [st.path for st in self.statistics or () if st.path is not None]
+        declared = self.method.params
+        paths += [value for key, value in self.method.config.items()
+                  if key in declared and declared[key].path and isinstance(value, (str, os.PathLike))]
+        return [Path(p) for p in paths]
 
     def _tensors(self, reader: _Reader, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
         """Each output tensor, in order, as an iterator over its flat chunks (merged, or carried from the base).
@@ -211,23 +246,32 @@ class MergePlan:
                 plan = self.method.plan(reader, index[name])
                 chunks = reader.map(lambda chunk, plan=plan, dtype=dtype:
                                     self.method.merge_chunk(chunk, plan).to(device="cpu", dtype=dtype), index[name])
+                yield name, self._checked(name, chunks)
             else:
                 flat = self.base.get(name).reshape(-1)
-                chunks = (flat[lo: lo + self.chunk_elements] for lo in range(0, shape.numel(), self.chunk_elements))
-            yield name, chunks
+                yield name, (flat[lo: lo + self.chunk_elements] for lo in range(0, shape.numel(), self.chunk_elements))
+
+    def _checked(self, name: str, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The merged chunks of one tensor, in its output dtype, raising after the last if any was non-finite
+        (NaN/inf inputs or statistics, or overflow in the merge or the cast to the output dtype)."""
+        return finite_chunks(chunks, f"{self.method.name}: merged tensor {name!r}", self.allow_nonfinite)
 
     def _data_tensors(self, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
         """A data method's merge, in memory on `workers` torch threads (the engine's pool serves chunks only)."""
+        models = [SourceTensors(m) for m in self.models]
+        for st, model, source in zip(self.statistics, models, self.models):
+            st.check_model(model, source.label)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.workers)
         try:
-            merged = self.method.merge_model(SourceTensors(self.base), [SourceTensors(m) for m in self.models],
-                                             self.statistics, progress=progress)
+            merged = self.method.merge_model(SourceTensors(self.base), models, self.statistics, progress=progress)
         finally:
             torch.set_num_threads(threads)
+        floating = set(self.layout.names)
         for name, _, dtype in self.outputs:
             flat = merged.pop(name).reshape(-1).to(dtype)
-            yield name, (flat[lo: lo + self.chunk_elements] for lo in range(0, flat.numel(), self.chunk_elements))
+            chunks = (flat[lo: lo + self.chunk_elements] for lo in range(0, flat.numel(), self.chunk_elements))
+            yield name, self._checked(name, chunks) if name in floating else chunks
 
     def state_dict(self, progress: bool = False) -> dict[str, torch.Tensor]:
         """Run the merge and return the result in memory (CPU tensors, shaped as the base's)."""
@@ -245,24 +289,26 @@ class MergePlan:
         return result
 
     def write(self, out_dir: str | os.PathLike, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
-              hash_inputs: bool = True, progress: bool = False) -> dict[str, Any]:
+              hash_inputs: bool = True, progress: bool = False,
+              other_inputs: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
         """Run the merge streaming into `out_dir` (sharded safetensors, the base's small files, a report).
 
-        Returns the report also written to `out_dir/merge_report.json`.
+        `out_dir` is checked first (`pyfuse.io.atomic.check_output_dir`): it must not exist unless `force`,
+        and may never hold an input (nor `other_inputs`, e.g. the config file). Temporary directories of
+        `out_dir` left by killed runs are removed (the report lists them). Returns the report also written
+        to `out_dir/merge_report.json`.
         """
         from . import __version__  # here: the package defines it after importing this module
 
         started = time.perf_counter()
-        check_output_dir(out_dir, force)
-        target = Path(out_dir).resolve()
-        for raw in self.inputs:
-            if isinstance(raw, (str, os.PathLike)) and target in (Path(raw).resolve(), *Path(raw).resolve().parents):
-                raise ValueError(f"refusing to write {out_dir}: it holds the input {raw}")
+        target = check_output_dir(out_dir, force, [*self.input_paths(), *other_inputs])
         max_shard_bytes = parse_size(shard_size)
         report = {"pyfuse_version": __version__, "torch_version": torch.__version__,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.summary()}
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.summary(),
+                  "removed_stale_partials": [str(p) for p in remove_stale_partials(target)]}
         timings = {}
-        with PeakRssAnon() as memory, _workers(self.workers) as pool:
+        with PeakRssAnon() as memory, _workers(self.workers) as pool, \
+                ShardedWriter(target, self.outputs, max_shard_bytes) as writer:
             if hash_inputs:
                 tick = time.perf_counter()
                 files = [(file, path) for entry, raw in zip(report["inputs"], self.inputs)
@@ -270,26 +316,25 @@ class MergePlan:
                 for (file, _), digest in zip(files, (pool.map if pool else map)(sha256_file, [p for _, p in files])):
                     file["sha256"] = digest
                 timings["hash_s"] = time.perf_counter() - tick
-            with ShardedWriter(out_dir, self.outputs, max_shard_bytes, force=force) as writer:
-                tick = time.perf_counter()
-                tensors = self._tensors(_Reader(self, progress, pool), progress)
-                name, chunks = next(tensors)  # runs the method's global passes, if any
-                timings["prepare_s"] = time.perf_counter() - tick
-                tick = time.perf_counter()
+            tick = time.perf_counter()
+            tensors = self._tensors(_Reader(self, progress, pool), progress)
+            name, chunks = next(tensors)  # runs the method's global passes, if any
+            timings["prepare_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            writer.write_tensor(name, chunks)
+            for name, chunks in tensors:
                 writer.write_tensor(name, chunks)
-                for name, chunks in tensors:
-                    writer.write_tensor(name, chunks)
-                timings["merge_s"] = time.perf_counter() - tick
-                self._copy_small_files(writer)
-                timings["total_s"] = time.perf_counter() - started
-                report["output"] = {"dir": str(Path(out_dir).resolve()), "shards": writer.shard_names,
-                                    "tensor_bytes": writer.total_bytes}
-                report["timings"] = timings
-                report["peak_rss_anon_bytes"] = memory.peak
-                if getattr(self.method, "result", None):  # what a data method found: CG residuals, ESM's alpha
-                    report["method_result"] = _jsonable(self.method.result)
-                writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
-                writer.commit()
+            timings["merge_s"] = time.perf_counter() - tick
+            self._copy_small_files(writer)
+            timings["total_s"] = time.perf_counter() - started
+            report["output"] = {"dir": str(Path(out_dir).resolve()), "shards": writer.shard_names,
+                                "tensor_bytes": writer.total_bytes}
+            report["timings"] = timings
+            report["peak_rss_anon_bytes"] = memory.peak
+            if getattr(self.method, "result", None):  # what a data method found: CG residuals, ESM's alpha
+                report["method_result"] = _jsonable(self.method.result)
+            writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+            writer.commit()
         return report
 
     def _copy_small_files(self, writer: ShardedWriter) -> None:
@@ -313,13 +358,14 @@ class MergePlan:
 def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", threads: int | None = None,
                chunk_elements: int = CHUNK_ELEMENTS, statistics: Sequence[Statistics | str | os.PathLike] | None = None,
-               **params: Any) -> MergePlan:
+               allow_nonfinite: bool = False, **params: Any) -> MergePlan:
     """Check a merge completely, from headers only: parameters, keys, shapes, dtypes. Nothing is read or merged.
 
     `threads` is how many chunks are merged at once (default: torch's CPU threads; 1 on CUDA); a data
     method uses as many torch threads. `statistics`: for data methods only, one `Statistics` or saved
     statistics file per fine-tuned model. Errors name the model and the key (or the method and the
-    parameter, or the statistics, kind and key).
+    parameter, or the statistics, kind and key). When merging, NaN or inf in an input or the result
+    raises (naming model or method, tensor and count) unless `allow_nonfinite=True`.
     """
     cls = get_method(method)
     if issubclass(cls, DataMethod):
@@ -356,7 +402,7 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
                 (out_dtype or base_source.dtype(key)) if key in merged else base_source.dtype(key))
                for key in base_source.keys()]
     return MergePlan(instance, base_source, models, layout, outputs, device, chunk_elements, threads,
-                     [base, *finetuned], statistics)
+                     [base, *finetuned], statistics, allow_nonfinite)
 
 
 def merge(method: str, base, finetuned: list, *, dtype: str | torch.dtype | None = None,

@@ -41,6 +41,7 @@ KINDS = ("gram_in", "gram_out", "fisher", "acts")
 GRADIENT_KINDS = ("gram_out", "fisher")
 LABEL_MODES = ("sampled", "gold")
 METADATA_KEY = "pyfuse_statistics"
+FINGERPRINT_PREFIX = "params-sha256:"  # fingerprints without it (older files) cover other tensors: not compared
 FORMAT = "pyfuse-statistics/1"
 FISHER_CHUNK_BYTES = 256 << 20  # per-example gradients held at once: bounds the Fisher's memory, not its result
 
@@ -96,6 +97,19 @@ class Statistics:
         """The parameter names that have a `kind` statistic, sorted."""
         prefix = f"{_check_kind(kind)}/"
         return sorted(key[len(prefix):] for key in self._source.keys() if key.startswith(prefix))
+
+    def parameters(self) -> list[str]:
+        """The parameter names any statistic covers, sorted: what the fingerprint was taken over."""
+        return sorted({_split_key(key, self.label)[1] for key in self._source.keys()})
+
+    def check_model(self, model: Mapping[str, torch.Tensor], label: str) -> None:
+        """Raise unless these statistics were collected on `model` (its covered parameters match the fingerprint)."""
+        if not (self.fingerprint or "").startswith(FINGERPRINT_PREFIX):
+            return
+        if model_fingerprint(model, self.parameters()) != self.fingerprint:
+            raise ValueError(f"statistics of {self.origin} were not collected on {label}: its parameters differ "
+                             "from the ones the statistics' fingerprint records (statistics given for the wrong "
+                             "model?)")
 
     def kinds(self) -> list[str]:
         """The kinds present, in `KINDS` order."""
@@ -175,13 +189,19 @@ def _split_key(key: str, label: str) -> tuple[str, str]:
     return kind, name
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of the model's parameters, in name order."""
+def model_fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
+    """A digest of the parameters `names` (default: all of a module's): names, shapes and fp32 values, in name order.
+
+    The same from a module as from a checkpoint's tensors, so a merge can check statistics against the model
+    given with them (`Statistics.check_model`).
+    """
+    tensors = dict(model.named_parameters(remove_duplicate=False)) if isinstance(model, torch.nn.Module) else model
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        digest.update(f"{name}:{list(param.shape)}:{param.dtype}\n".encode())
-        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    for name in sorted(tensors if names is None else names):
+        value = tensors[name].detach()
+        digest.update(f"{name}:{list(value.shape)}\n".encode())
+        digest.update(memoryview(value.cpu().to(torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return FINGERPRINT_PREFIX + digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,5 +448,5 @@ def _assemble(kinds, layers, fisher, examples, tokens, name, labels, model) -> S
         tensors[f"fisher/{key}"] = (value / examples).cpu()
         counts[f"fisher/{key}"] = examples
     return Statistics(tensors, task=name, examples=examples, tokens=tokens, labels=labels,
-                      fingerprint=model_fingerprint(model), counts=counts,
+                      fingerprint=model_fingerprint(model, {key.split("/", 1)[1] for key in tensors}), counts=counts,
                       transposed=[layer.key for layer in layers if layer.transposed])

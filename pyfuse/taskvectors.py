@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .finite import check_finite
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
 
@@ -47,11 +48,14 @@ class TaskVectors:
         names: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
+        allow_nonfinite: bool = False,
     ) -> TaskVectors:
         """Build from a base and n fine-tuned models (state dicts, modules or safetensors paths).
 
-        Every model is checked against the base (keys, shapes, dtypes) before any tensor is read;
-        then tensors are read one at a time, so peak memory stays near the size of the final buffers.
+        Every model is checked against the base (keys, shapes) before any tensor is read; then tensors
+        are read one at a time, so peak memory stays near the size of the final buffers. Floating dtypes
+        may differ (a bf16 fine-tune of an fp32 base): differences are taken in fp32. NaN or inf in any
+        tensor raises, naming the model and the tensor, unless `allow_nonfinite`.
         """
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"task vectors are stored as one of {_STORAGE_DTYPES}, got {dtype}")
@@ -71,9 +75,10 @@ class TaskVectors:
         for index, key in enumerate(tqdm(layout.names, desc="task vectors", disable=not progress)):
             start, end = offsets[index], offsets[index + 1]
             b = base_flat[start:end]
-            b.copy_(base_src.get(key).reshape(-1))
+            b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite).reshape(-1))
             for row, source in enumerate(sources):
-                vectors[row, start:end].copy_(source.get(key).reshape(-1).float() - b)
+                tuned = check_finite(source.get(key), f"{source.label}: tensor {key!r}", allow_nonfinite)
+                vectors[row, start:end].copy_(tuned.reshape(-1).float() - b)
         carried = {key: base_src.get(key) for key in base_src.keys() if key not in set(layout.names)}
         return cls(layout, base_flat, vectors, names, carried)
 

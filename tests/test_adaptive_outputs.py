@@ -46,7 +46,7 @@ def test_concrete_adamerging_from_config_writes_loadable_outputs(clip_dirs, tmp_
     config = _clip_config(clip_dirs, "concrete_adamerging",
                           {"granularity": "layer", "meta_steps": 2, "adamerging_steps": 2, "eval_mask": "hard",
                            "seed": 5})
-    result = run_from_config(config, tmp_path / "out")
+    result = run_from_config(config, tmp_path / "out", trust_code=True)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "mask.safetensors", "merged", "report.json"]
 
@@ -92,7 +92,7 @@ def test_config_with_an_architecture_callable_saves_plain_safetensors(tmp_path):
         "params": {"granularity": "task", "steps": 3, "lr": 0.05},
         "run": RUN,
     }
-    result = run_from_config(config, tmp_path / "out")
+    result = run_from_config(config, tmp_path / "out", trust_code=True)
     saved = load_file(tmp_path / "out" / "merged" / "model.safetensors")
     assert saved.keys() == result.state_dict.keys()
     for name, tensor in saved.items():
@@ -113,14 +113,14 @@ def test_config_with_an_architecture_callable_saves_plain_safetensors(tmp_path):
 def test_config_errors_name_the_offending_entry(clip_dirs, tmp_path, change, message):
     config = {**_clip_config(clip_dirs, "adamerging", {"steps": 1}), **change}
     with pytest.raises(ValueError, match=message):
-        run_from_config(config, tmp_path / "out")
+        run_from_config(config, tmp_path / "out", trust_code=True)
 
 
 def test_task_factory_must_return_a_task_of_that_name(clip_dirs, tmp_path):
     config = _clip_config(clip_dirs, "adamerging", {"steps": 1})
     config["tasks"]["cars"] = {"factory": "tests.adaptive_helpers:clip_task", "kwargs": {"name": "dtd"}}
     with pytest.raises(ValueError, match="returned a task named 'dtd'"):
-        run_from_config(config, tmp_path / "out")
+        run_from_config(config, tmp_path / "out", trust_code=True)
 
 
 def test_cli_runs_an_adaptive_merge_and_plots_it(clip_dirs, tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_cli_runs_an_adaptive_merge_and_plots_it(clip_dirs, tmp_path, capsys):
     config["models"] = {name: name for name in CLIP_TASKS}
     path = clip_dirs / "concrete_ta.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["merge", str(path), str(tmp_path / "out")]) == 0
+    assert main(["merge", str(path), str(tmp_path / "out"), "--trust-code"]) == 0
     assert "average" in capsys.readouterr().out
     assert CLIPVisionModel.from_pretrained(tmp_path / "out" / "merged") is not None
     assert main(["plot", str(tmp_path / "out" / "report.json"), "-o", str(tmp_path / "curves.png")]) == 0

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..io.atomic import check_output_dir
 from ..taskvectors import TaskVectors
-from .loop import METHODS, MergeResult, RunOptions
+from .loop import METHODS, MergeResult, RunOptions, Settings, _granularity
 from .task import Task
 
 _VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SECTIONS = {"method", "base", "models", "tasks", "architecture", "vector_dtype", "params", "run"}
 
 
-def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False) -> MergeResult:
+def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False,
+                    force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False) -> MergeResult:
     """Run the adaptive method a config names; outputs go to `out_dir`.
+
+    A config names Python callables (`tasks`, `architecture`) that are imported and called: that runs
+    code, so it is refused unless `trust_code=True` (`--trust-code`). Everything else (sections, method,
+    parameters, the output directory) is checked before any model is loaded. `out_dir` must not exist
+    unless `force` or `resume`, and may never hold an input model. NaN or inf in the inputs or the merged
+    model raise unless `allow_nonfinite`.
 
     Config shape (a parsed YAML mapping)::
 
@@ -39,7 +48,7 @@ def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, re
 
     `out_dir` receives checkpoint.pt, report.json, mask.safetensors (Concrete methods) and merged/
     (a `from_pretrained`-loadable directory for Hugging Face models, else merged/model.safetensors).
-    `resume=True` continues from out_dir/checkpoint.pt.
+    `resume=True` continues from out_dir/checkpoint.pt (written by an earlier run of the same config).
     """
     unknown = sorted(set(config) - _SECTIONS)
     if unknown:
@@ -65,23 +74,47 @@ def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, re
     unknown = sorted(set(run) - allowed)
     if unknown:
         raise ValueError(f"config: run has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    options = RunOptions(out_dir=out_dir, resume=resume, **run)
-
+    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **run)
+    params = dict(config.get("params") or {})
+    _check_params(method, params)
+    code = [f"tasks.{name}" for name in task_specs] + (["architecture"] if config.get("architecture") else [])
+    if not trust_code:
+        raise PermissionError(f"config: {', '.join(code)} name Python callables that would be imported and run; "
+                              "pass --trust-code (trust_code=True) only for a config whose code you trust")
     base = config["base"]
+    inputs = [path for path in (base, *models.values()) if isinstance(path, (str, os.PathLike))]
+    check_output_dir(out_dir, force or resume, inputs)
+
     architecture = config.get("architecture")
     model = _load_callable(architecture, "architecture")(base) if architecture else _auto_model(base)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"config: architecture {architecture!r} returned a {type(model).__name__}, not an nn.Module")
     task_vectors = TaskVectors.from_models(base, list(models.values()), names=list(models),
-                                           dtype=_VECTOR_DTYPES[dtype_name], progress=options.progress)
+                                           dtype=_VECTOR_DTYPES[dtype_name], progress=options.progress,
+                                           allow_nonfinite=allow_nonfinite)
     tasks = [_make_task(name, task_specs[name]) for name in models]
-    params = dict(config.get("params") or {})
+    return METHODS[method](model, task_vectors, tasks, **params, options=options)
+
+
+def _check_params(method: str, params: dict[str, Any]) -> None:
+    """The method's keyword arguments checked without a model: names against its signature, values by the
+    checks its `Settings` make (a typo or a bad value fails here, not after the models load)."""
+    function = METHODS[method]
+    if "options" in params:
+        raise ValueError(f"config: params for {method}: 'options' is not a parameter; use the 'run' section")
     try:
-        return METHODS[method](model, task_vectors, tasks, **params, options=options)
+        bound = inspect.signature(function).bind(None, None, (), **params)
     except TypeError as err:
-        if "unexpected keyword argument" in str(err):
-            raise ValueError(f"config: params for {method}: {err}") from None
-        raise
+        raise ValueError(f"config: params for {method}: {err}") from None
+    bound.apply_defaults()
+    given = bound.arguments
+    try:
+        if "granularity" in given:
+            _granularity(given["granularity"])
+        fields = set(Settings.__dataclass_fields__) - {"method", "coefficients"}
+        Settings(method=method, coefficients="fixed", **{key: given[key] for key in fields if key in given})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config: params for {method}: {err}") from None
 
 
 def _models(models: Any) -> dict[str, Any]:

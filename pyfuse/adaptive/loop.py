@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path
 from ..ops import MODES
 from ..ops.backends import resolve
@@ -80,9 +81,11 @@ class Settings:
             raise ValueError(f"eval_mask must be one of {MODES}, got {self.eval_mask!r}")
         if self.meta_steps and self.eval_mask == "none":
             raise ValueError(f"a learned mask is evaluated with one of {EVAL_MASKS}, not 'none'")
-        for name in ("inner_lr", "mask_lr", "lr", "temperature"):
+        for name in ("inner_lr", "mask_lr", "lr"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not float(self.temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
 
 
 @dataclass
@@ -97,6 +100,7 @@ class RunOptions:
         eval_start: measure it before the first step too (skip it when the caller already knows it).
         progress: show a tqdm bar with the summed entropy.
         backend: the fused op's backend ("auto", "cpp", "triton", "reference").
+        allow_nonfinite: write a merged model holding NaN or inf instead of raising.
     """
 
     out_dir: str | os.PathLike | None = None
@@ -106,6 +110,7 @@ class RunOptions:
     eval_start: bool = True
     progress: bool = True
     backend: str = "auto"
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -363,6 +368,7 @@ class AdaptiveLoop:
 
     def _write_outputs(self, out_dir: Path, flat: torch.Tensor, report: dict[str, Any]) -> None:
         m = self.merger
+        check_finite(flat, f"{self.settings.method}: merged model", self.options.allow_nonfinite)
         if self.settings.meta_steps:
             logits = {name: view.detach().clone() for name, view in m.task_vectors.layout.unflatten(m.logits).items()}
             metadata = {"seed": str(m.seed), "temperature": str(m.temperature), "eval_mask": self.settings.eval_mask,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -46,6 +49,99 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+PARTIAL_TAG = ".partial-"
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """An output directory that `check_output_dir` cleared for writing: what `commit_dir` may replace."""
+
+    path: Path
+    replaces: tuple[int, int] | None  # (device, inode) of the existing directory --force allows replacing
+
+    def partial_name(self) -> Path:
+        """A hidden sibling to write into; the pid in its name lets a later run tell whether it is stale."""
+        return self.path.parent / f".{self.path.name}{PARTIAL_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def check_output_dir(path: str | os.PathLike, force: bool = False,
+                     inputs: Iterable[str | os.PathLike] = ()) -> OutputDir:
+    """Clear `path` for writing before any work starts, or raise naming what is in the way.
+
+    Refused: an existing `path` without `force`; anything but a directory there; a path holding one of
+    `inputs` (files or directories the run reads, which replacing it would delete), even with `force`;
+    a location that cannot be created (a parent that is a file, or not writable).
+    """
+    out = Path(path)
+    target = out.resolve()
+    for item in inputs:
+        resolved = Path(item).resolve()
+        if resolved == target or target in resolved.parents:
+            raise ValueError(f"refusing to write {out}: it holds the input {item}, which this run reads "
+                             "(replacing the directory would delete it)")
+    replaces = None
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise FileExistsError(f"{out} already exists; choose another output or pass --force (force=True)")
+        if out.is_symlink() or not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
+        status = out.stat()
+        replaces = (status.st_dev, status.st_ino)
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {out}: {parent} is not writable")
+    return OutputDir(out, replaces)
+
+
+def remove_stale_partials(out: OutputDir) -> list[Path]:
+    """Remove the temporary directories of `out` left by runs that were killed (their process is gone)."""
+    removed = []
+    if not out.path.parent.is_dir():
+        return removed
+    for candidate in out.path.parent.glob(f".{glob.escape(out.path.name)}{PARTIAL_TAG}*"):
+        pid = candidate.name[len(f".{out.path.name}{PARTIAL_TAG}"):].partition("-")[0]
+        if candidate.is_dir() and not candidate.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def commit_dir(tmp: Path, out: OutputDir) -> Path:
+    """Rename the completed directory `tmp` to `out.path`, replacing only the directory that was checked.
+
+    A directory that appeared at the output (or replaced the checked one) since `check_output_dir` is
+    left alone and the commit refused, naming it.
+    """
+    path = out.path
+    if path.exists() or path.is_symlink():
+        status = path.lstat()
+        if out.replaces != (status.st_dev, status.st_ino):
+            raise FileExistsError(f"{path} appeared while this run was writing it; not replacing it "
+                                  f"(run again, with --force to replace it)")
+        old = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -8,9 +8,11 @@ so inputs can be checked before any tensor data is read; `get` reads one tensor 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,20 +58,53 @@ def _from_mapping(tensors: Mapping[str, torch.Tensor], label: str) -> TensorSour
     return TensorSource(label, specs, lambda key: tensors[key].detach())
 
 
-def _safetensors_header(path: Path) -> dict:
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, each checked against the file's size.
+
+    Errors name the file and the entry: a truncated file or offsets past its end fail here, not at the read.
+    """
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         size_bytes = f.read(8)
         if len(size_bytes) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header size)")
         size = int.from_bytes(size_bytes, "little")
-        if size > os.path.getsize(path):
+        if size > file_size - 8:
             raise ValueError(f"{path}: not a safetensors file (header size {size} exceeds the file)")
         try:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: malformed safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
+    data_size = file_size - 8 - size
+    for key, info in header.items():
+        _check_entry(path, key, info, data_size)
     return header
+
+
+def _check_entry(path: Path, key: str, info: Any, data_size: int) -> None:
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{where}: malformed header entry (needs dtype, shape and data_offsets), got {info!r:.100}")
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    shape, offsets = info["shape"], info["data_offsets"]
+    if dtype is None:
+        raise TypeError(f"{where} has unsupported dtype {info['dtype']!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.100}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise ValueError(f"{where}: data_offsets must be [begin, end] integers, got {offsets!r:.100}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if not 0 <= begin <= end or end - begin != nbytes:
+        raise ValueError(f"{where}: data_offsets {offsets} do not hold {nbytes} bytes of {info['dtype']} {shape}")
+    if end > data_size:
+        raise ValueError(f"{where}: data ends at byte {end} of the data section, but the file holds only "
+                         f"{data_size} (truncated?)")
 
 
 def _from_safetensors(files: dict[str, Path], label: str) -> TensorSource:
@@ -81,10 +116,7 @@ def _from_safetensors(files: dict[str, Path], label: str) -> TensorSource:
         for key, info in _safetensors_header(path).items():
             if key in files and files[key] != path:
                 continue
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise TypeError(f"{label}: tensor {key!r} has unsupported dtype {info['dtype']}")
-            specs[key] = (torch.Size(info["shape"]), dtype)
+            specs[key] = (torch.Size(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
     missing = sorted(k for k in files if k not in specs)
     if missing:
         raise KeyError(f"{label}: the index lists {missing[:3]} but their shard does not hold them")
@@ -103,12 +135,7 @@ def _files_of(path: Path) -> dict[str, Path]:
     if path.is_dir():
         index = path / SAFETENSORS_INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {key: path / name for key, name in weight_map.items()}
-            for shard in set(files.values()):
-                if not shard.exists():
-                    raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing")
-            return files
+            return _index_files(index)
         single = path / SAFETENSORS_SINGLE
         if single.exists():
             path = single
@@ -119,6 +146,27 @@ def _files_of(path: Path) -> dict[str, Path]:
     elif not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     return {key: path for key in _safetensors_header(path)}
+
+
+def _index_files(index: Path) -> dict[str, Path]:
+    """Tensor name -> shard file from a sharded checkpoint's index; every shard must lie inside its directory."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{index}: not a JSON object ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    files = {}
+    for key, name in weight_map.items():
+        shard = index.parent / name
+        # by name, not by resolving links: the Hub's cache links shards to blobs elsewhere, which is fine
+        if Path(name).is_absolute() or ".." in Path(os.path.normpath(name)).parts:
+            raise ValueError(f"{index}: tensor {key!r} points to {name!r}, outside the checkpoint directory")
+        files[key] = shard
+    for shard in sorted(set(files.values())):
+        if not shard.is_file():
+            raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing")
+    return files
 
 
 def open_source(model, label: str | None = None) -> TensorSource:

@@ -1,23 +1,22 @@
 """Writing a checkpoint as sharded safetensors, tensor by tensor and chunk by chunk, all or nothing.
 
 Everything is written into a hidden temporary directory beside the output and renamed to the output
-name only when complete, so an interrupted run leaves no half-written checkpoint; an existing output is
-replaced only with `force=True`. Shards are `model-0000k-of-0000n.safetensors` with
+name only when complete (`pyfuse.io.atomic`), so an interrupted run leaves no half-written checkpoint;
+the output must have been cleared by `check_output_dir` first. Shards are `model-0000k-of-0000n.safetensors` with
 `model.safetensors.index.json`, the layout `transformers`' `from_pretrained` reads.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from .atomic import OutputDir, commit_dir
 from .sources import _SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 
 DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
@@ -42,17 +41,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """The output path, after checking that writing there replaces nothing unless `force`."""
-    out = Path(out_dir)
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise FileExistsError(f"{out} already exists; choose another output or pass --force (force=True)")
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
-    return out
-
-
 def small_files(model_dir: Path) -> list[Path]:
     """The files of a model directory worth copying beside merged weights: config, tokenizer, and the like."""
     picked = []
@@ -73,9 +61,8 @@ class ShardedWriter:
     `copy_file`, then `commit()`. Leaving the block without committing removes everything written.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, entries: Sequence[tuple[str, torch.Size, torch.dtype]],
-                 max_shard_bytes: int, force: bool = False):
-        self.out = check_output_dir(out_dir, force)
+    def __init__(self, out: OutputDir, entries: Sequence[tuple[str, torch.Size, torch.dtype]], max_shard_bytes: int):
+        self.out = out
         for name, _, dtype in entries:
             if dtype not in DTYPE_CODES:
                 raise TypeError(f"tensor {name!r}: safetensors cannot store {dtype}")
@@ -103,17 +90,19 @@ class ShardedWriter:
         return shards
 
     def __enter__(self) -> ShardedWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self._tmp = self.out.partial_name()
+        self._tmp.parent.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if not self.committed and self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        try:
+            if self._file is not None:
+                file, self._file = self._file, None
+                file.close()  # flushes: on a full disk this raises again, after which the removal must still run
+        finally:
+            if not self.committed and self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property
     def path(self) -> Path:
@@ -166,22 +155,16 @@ class ShardedWriter:
         shutil.copyfile(source, self.path / source.name)
 
     def commit(self) -> Path:
-        """Write the index and move the finished directory to `out` (replacing it only if forced)."""
+        """Write the index and move the finished directory to `out` (replacing only the directory checked)."""
         if self._next != len(self._entries):
             raise RuntimeError(f"only {self._next} of {len(self._entries)} tensors were written")
         weight_map = {self._entries[i][0]: self.shard_names[k] for k, members in enumerate(self._shards)
                       for i in members}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         self.write_file(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
-        if self.out.exists():  # only reachable with force: check_output_dir refused otherwise
-            old = self.out.parent / f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-            os.rename(self.path, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.path, self.out)
+        commit_dir(self.path, self.out)
         self.committed = True
-        return self.out
+        return self.out.path
 
 
 def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:

@@ -40,6 +40,7 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 """The default of a parameter that has none: leaving it out is an error."""
 
 
@@ -78,6 +79,9 @@ def resolve_params(method: str, declared: Mapping[str, Param], given: Mapping[st
     resolved = {}
     for key, spec in declared.items():
         value = given.get(key, spec.default)
+        if value is None and spec.default is not None:  # YAML `key: null` or key=None: not a value of the parameter
+            raise ValueError(f"{method}: parameter {key!r} is null; give a value or leave it out for the default"
+                             f"{'' if spec.default is REQUIRED else f' ({spec.default})'}")
         if value is REQUIRED:
             raise ValueError(f"{method}: parameter {key!r} is required ({spec.help})")
         if spec.check is not None and value is not None:
@@ -94,7 +98,7 @@ def resolve_params(method: str, declared: Mapping[str, Param], given: Mapping[st
 # ---------------------------------------------------------------------------------------------
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
            high_open: bool = False) -> Callable[[Any], float]:
-    """A finite real number in the given (optionally open) interval."""
+    """A finite real number in the given (optionally open) interval, within float32's range (merges run in fp32)."""
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
     where = f" in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
@@ -103,6 +107,8 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError(f"must be a finite number{where if low is not None or high is not None else ''}, "
                             f"got {value!r}")
+        if abs(value) > _FLOAT32_MAX:
+            raise ValueError(f"must be within float32's range (|x| <= {_FLOAT32_MAX:.4g}), got {value!r}")
         if (low is not None and (value < low or (low_open and value == low))) or (
             high is not None and (value > high or (high_open and value == high))
         ):
@@ -175,6 +181,8 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
+    if not isinstance(name, str):
+        raise ValueError(f"the merge method must be a name such as 'ties', got {name!r}")
     try:
         return _METHODS[name]
     except KeyError:

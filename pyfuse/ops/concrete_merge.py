@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..finite import check_finite
 from . import backends
 from .profiling import nvtx_range
 from .reference import MODES, RELAXED
@@ -88,6 +89,8 @@ def _validate(base, task_vectors, logits, weights, offsets, backend_name):
     for name in ("base", "task_vectors", "weights"):
         if tensors[name].dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating tensor, got {tensors[name].dtype}")
+    if not torch.compiler.is_compiling():  # weights are [n] or [n, S]: checking them costs nothing
+        check_finite(weights, "weights")
     offsets = _check_offsets(offsets, numel)
     n, num_segments = task_vectors.shape[0], offsets.numel() - 1
     if weights.shape not in ((n,), (n, num_segments)):
