@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
+from .progress import progress_bar
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,7 +68,7 @@ class TaskVectors:
         base_flat = torch.empty(layout.numel, dtype=torch.float32)
         vectors = torch.empty(len(sources), layout.numel, dtype=dtype)
         offsets = layout.offsets.tolist()
-        for index, key in enumerate(tqdm(layout.names, desc="task vectors", disable=not progress)):
+        for index, key in enumerate(progress_bar(layout.names, desc="task vectors", disable=not progress)):
             start, end = offsets[index], offsets[index + 1]
             b = base_flat[start:end]
             b.copy_(base_src.get(key).reshape(-1))
