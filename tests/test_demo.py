@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -43,6 +45,10 @@ def test_demo_pipeline(encoder, tmp_path):
     on_disk = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert (tmp_path / "out" / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (REPORT_NAME, FIGURE_NAME):  # readable like any file the user writes, not tempfile's 0600
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o666 & ~umask
 
     assert [t["name"] for t in report["tasks"]] == list(TASKS)
     assert [row["method"] for row in report["rows"]] == ["individual", "pretrained", *METHODS]
