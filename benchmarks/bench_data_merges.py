@@ -54,7 +54,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from pyfuse.io.atomic import atomic_path
@@ -68,6 +67,8 @@ from pyfuse.stats import KINDS, Statistics, collect_statistics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PeakRssAnon, print_table, write_json  # noqa: E402
+
+from pyfuse.progress import progress_bar
 
 NOISE = 1e-3  # std of each fine-tuned model's perturbation of the base
 CLASSES = 10
@@ -173,7 +174,7 @@ def _build(args: argparse.Namespace, workdir: Path) -> Bench:
     base = {key: value.clone() for key, value in model.state_dict().items()}
     base_path = _save(base, workdir / "base.safetensors")
     model_paths = []
-    for task in tqdm(range(args.tasks), desc="fine-tuned models", disable=not args.progress):
+    for task in progress_bar(range(args.tasks), desc="fine-tuned models", disable=not args.progress):
         generator = torch.Generator().manual_seed(1000 + task)
         finetuned = {key: value + NOISE * torch.randn(value.shape, generator=generator)
                      if value.is_floating_point() else value for key, value in base.items()}
@@ -288,7 +289,7 @@ def merges_part(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     """Every merge in `args.merges` from the files, one after another, each timed and measured."""
     solved = {name for layer in bench.layers[:args.mats_layers] for name in layer}
     rows = []
-    for label in tqdm(args.merges, desc="merges", disable=not args.progress):
+    for label in progress_bar(args.merges, desc="merges", disable=not args.progress):
         method, params = MERGES[label]
         needs = _needs(method, params)
         if method == "mats":

@@ -388,7 +388,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import QUICK, REPORT_NAME, DemoSettings, run_demo
+    from .demo import FIGURE_NAME, QUICK, REPORT_NAME, DemoSettings, run_demo
 
     overrides = dict(QUICK) if args.quick else {}
     for name in ("steps", "test_limit", "seeds"):
@@ -404,6 +404,7 @@ def _run_demo(args: argparse.Namespace) -> int:
           "(stochastic methods: mean ± sample std over seeds); * = at chance (below chance + 2 standard errors); "
           f"{report['seconds'] / 60:.1f} min in all")
     print(f"report: {(args.out / REPORT_NAME).resolve()}")
+    print(f"figure: {(args.out / FIGURE_NAME).resolve()}")
     return 0
 
 

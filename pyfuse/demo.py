@@ -424,33 +424,60 @@ def _write(out_dir: Path, report: dict[str, Any]) -> None:
 
 
 def plot_demo(report: dict[str, Any], png: str | os.PathLike) -> Path:
-    """Per-task accuracy bars of every row, and the Concrete methods' meta-learning curves, into one PNG."""
+    """Draw `demo_figure(report)` into the PNG `png`; returns its path."""
+    png = Path(png)
+    with atomic_path(png) as tmp:
+        demo_figure(report).savefig(tmp, format="png", dpi=100)
+    return png
+
+
+def demo_figure(report: dict[str, Any]) -> Any:
+    """Per-task accuracy bars of every row (mean, with the standard deviation over seeds as error bars where
+    there are several seeds), and the adaptive methods' entropy curves: a matplotlib Figure.
+
+    Each method keeps one colour in both panels; legends sit beside the axes, clear of the bars; steps are
+    integers, and a dotted line marks where a run changes phase (Concrete AM: meta-learning, then AdaMerging).
+    """
+    # The Agg canvas directly, so plotting never touches the caller's pyplot backend or figures.
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows, curves = report["rows"], report["curves"]
-    figure = Figure(figsize=(12, 8 if curves else 4.5), layout="constrained")
+    palette = colormaps["tab10" if len(rows) <= 10 else "tab20"]
+    colour = {row["method"]: palette(i) for i, row in enumerate(rows)}
+    figure = Figure(figsize=(13, 8 if curves else 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2 if curves else 1, 1, squeeze=False)[:, 0]
     tasks = [t["name"] for t in report["tasks"]] + ["average"]
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         values = [100 * row["accuracy"][t] for t in tasks[:-1]] + [100 * row["average"]]
+        errors = None
+        if row.get("accuracy_std") is not None:
+            errors = [100 * row["accuracy_std"][t] for t in tasks[:-1]] + [100 * row["average_std"]]
         axes[0].bar([x + (i - (len(rows) - 1) / 2) * width for x in range(len(tasks))], values, width,
+                    yerr=errors, capsize=2, error_kw={"linewidth": 0.8}, color=colour[row["method"]],
                     label=row["label"])
     axes[0].set_xticks(range(len(tasks)), tasks)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize="small", ncol=4, loc="lower center")
-    axes[0].set_title(f"{report['benchmark']}: {len(tasks) - 1} tasks")
+    axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    seeds = report.get("seeds") or []
+    spread = f"; error bars: std over seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    axes[0].set_title(f"{report['benchmark']}: {len(tasks) - 1} tasks{spread}")
     if curves:
         for method, curve in curves.items():
             entropy = curve["entropy"]
-            axes[1].plot(entropy["step"], entropy["value"], linewidth=1, label=LABELS[method])
-        axes[1].set_xlabel("step (Concrete AM: meta-learning, then AdaMerging)")
+            axes[1].plot(entropy["step"], entropy["value"], linewidth=1, color=colour[method], label=LABELS[method])
+            phases, steps = entropy.get("phase", []), entropy["step"]
+            for j in range(1, len(phases)):
+                if phases[j] != phases[j - 1]:  # between the last step of one phase and the first of the next
+                    axes[1].axvline((steps[j - 1] + steps[j]) / 2, color=colour[method], linestyle=":",
+                                    linewidth=1.5, label=f"{LABELS[method]}: end of the {phases[j - 1]} phase")
+        axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[1].set_xlabel("step")
         axes[1].set_ylabel("entropy, summed over tasks")
-        axes[1].legend(fontsize="small")
+        axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         axes[1].grid(alpha=0.3)
-    png = Path(png)
-    with atomic_path(png) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    return png
+    return figure

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .io.atomic import atomic_dir
 from .io.hashing import sha256_file
 from .models.hub import WEIGHT_FILES
 from .models.text_classifier import TextClassifierTask, TextEncoder, class_logits
+from .progress import progress_bar
 
 FORMAT_VERSION = 1
 MODES = ("full", "lora")
@@ -184,7 +184,7 @@ def _train(model: torch.nn.Module, encoder: TextEncoder, task: TextClassifierTas
     rng = random.Random(config.seed)
     losses = []
     model.train()
-    bar = tqdm(range(config.steps), desc=f"fine-tune {task.name} ({config.mode})", disable=not progress)
+    bar = progress_bar(range(config.steps), desc=f"fine-tune {task.name} ({config.mode})", disable=not progress)
     for _ in bar:
         if len(order) < config.batch_size:
             epoch = list(range(len(texts)))

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .finite import NonFiniteError, check_finite, finite_chunks
 from .io.atomic import check_output_dir, remove_stale_partials
@@ -36,6 +35,7 @@ from .layout import FlatLayout
 from .memory import PeakRssAnon, rss_anon_bytes
 from .methods import Chunk, StaticMethod, create_method, get_method
 from .methods.data import DataMethod, SourceTensors
+from .progress import progress_bar
 from .stats import Statistics
 from .taskvectors import _label
 
@@ -87,7 +87,7 @@ class _Reader:
         indices = range(len(self.layout)) if index is None else (index,)
         show = self._progress and index is None and desc is not None
         size = self._plan.chunk_elements
-        for s in tqdm(indices, desc=desc, unit="tensor", leave=False, disable=not show):
+        for s in progress_bar(indices, desc=desc, unit="tensor", leave=False, disable=not show):
             name = self.layout.names[s]
             # flattened once per tensor: free for files and contiguous tensors, a copy only for strided ones
             flats = [source.get(name).reshape(-1) for source in (self._plan.base, *self._plan.models)]
@@ -240,8 +240,8 @@ class MergePlan:
             return
         self.method.prepare(reader)
         index = {name: s for s, name in enumerate(self.layout.names)}
-        for name, shape, dtype in tqdm(self.outputs, desc=f"{self.method.name}: merging", unit="tensor",
-                                       disable=not progress):
+        for name, shape, dtype in progress_bar(self.outputs, desc=f"{self.method.name}: merging", unit="tensor",
+                                               disable=not progress):
             if name in index:
                 plan = self.method.plan(reader, index[name])
                 chunks = reader.map(lambda chunk, plan=plan, dtype=dtype:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .adaptive.task import ModelCall, Task
 from .io.atomic import atomic_path
 from .io.sources import TensorSource, open_source
+from .progress import progress_bar
 
 __all__ = ["KINDS", "Statistics", "collect_statistics", "model_fingerprint"]
 
@@ -354,8 +354,8 @@ def collect_statistics(
     handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
     try:
         count = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
-        for i, batch in enumerate(tqdm(batches, desc=f"statistics: {name}", total=count, unit="batch",
-                                       disable=not progress)):
+        for i, batch in enumerate(progress_bar(batches, desc=f"statistics: {name}", total=count, unit="batch",
+                                              disable=not progress)):
             if max_batches is not None and i >= max_batches:
                 break
             mask = token_mask_fn(batch).bool() if token_mask_fn is not None else None

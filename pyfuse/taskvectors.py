@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .finite import check_finite
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
+from .progress import progress_bar
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -72,7 +72,7 @@ class TaskVectors:
         base_flat = torch.empty(layout.numel, dtype=torch.float32)
         vectors = torch.empty(len(sources), layout.numel, dtype=dtype)
         offsets = layout.offsets.tolist()
-        for index, key in enumerate(tqdm(layout.names, desc="task vectors", disable=not progress)):
+        for index, key in enumerate(progress_bar(layout.names, desc="task vectors", disable=not progress)):
             start, end = offsets[index], offsets[index + 1]
             b = base_flat[start:end]
             b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite).reshape(-1))

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
 from pyfuse.cli import main
 from pyfuse.data.embedded import load_embedded_tasks
-from pyfuse.demo import FIGURE_NAME, METHODS, REPORT_NAME, STOCHASTIC, DemoSettings, chance_bound, run_demo
+from pyfuse.demo import (
+    FIGURE_NAME,
+    LABELS,
+    METHODS,
+    REPORT_NAME,
+    STOCHASTIC,
+    DemoSettings,
+    chance_bound,
+    demo_figure,
+    run_demo,
+)
 from pyfuse.finetune import FinetuneConfig
 
 from .text_helpers import tiny_encoder_dir
@@ -33,6 +45,10 @@ def test_demo_pipeline(encoder, tmp_path):
     on_disk = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert (tmp_path / "out" / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (REPORT_NAME, FIGURE_NAME):  # readable like any file the user writes, not tempfile's 0600
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o666 & ~umask
 
     assert [t["name"] for t in report["tasks"]] == list(TASKS)
     assert [row["method"] for row in report["rows"]] == ["individual", "pretrained", *METHODS]
@@ -79,6 +95,7 @@ def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_pat
     for label in ("Individual", "Pre-trained", "Task Arithmetic", "Ties-Merging"):
         assert any(line.startswith(label) for line in first.splitlines())
     assert f"report: {(tmp_path / 'out' / REPORT_NAME).resolve()}" in first
+    assert f"figure: {(tmp_path / 'out' / FIGURE_NAME).resolve()}" in first
     assert main(args) == 0
     assert "2 reused from the cache, 0 trained" in capsys.readouterr().out
     kept = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -97,3 +114,53 @@ def test_bad_settings_fail_before_any_work():
         DemoSettings(methods=("tiess",))
     with pytest.raises(ValueError, match="unknown embedded task"):
         load_embedded_tasks(["no_such_task"])
+
+
+def _figure_report() -> dict:
+    """A demo report in the shape run_demo writes: two deterministic rows, two rows over 3 seeds, and the
+    entropy curves of a one-phase and a two-phase (3 meta steps, then 3 AdaMerging steps) adaptive run."""
+    tasks = ["a", "b"]
+
+    def row(method, accuracy, std=None):
+        return {"method": method, "label": LABELS[method], "accuracy": dict(zip(tasks, accuracy)),
+                "average": sum(accuracy) / 2, "accuracy_std": dict(zip(tasks, std)) if std else None,
+                "average_std": sum(std) / 4 if std else None}
+
+    curve = {"step": [1, 2, 3, 4, 5, 6], "phase": ["meta"] * 3 + ["adapt"] * 3, "value": [3, 2, 1.5, 1.4, 1.2, 1.1]}
+    return {"benchmark": "test", "tasks": [{"name": t} for t in tasks], "seeds": [0, 1, 2],
+            "rows": [row("individual", [0.9, 0.8]), row("task_arithmetic", [0.7, 0.6]),
+                     row("adamerging", [0.75, 0.65], [0.02, 0.04]),
+                     row("concrete_adamerging", [0.72, 0.7], [0.1, 0.0])],
+            "curves": {"adamerging": {"entropy": {"step": [1, 2, 3], "phase": ["adapt"] * 3, "value": [2, 1.8, 1.7]}},
+                       "concrete_adamerging": {"entropy": curve}}}
+
+
+def test_demo_figure_colours_error_bars_legends_ticks_and_phase_marker():
+    report = _figure_report()
+    figure = demo_figure(report)
+    figure.canvas.draw()
+    bars, curves = figure.axes
+    renderer = figure.canvas.get_renderer()
+    for ax in (bars, curves):  # each legend beside its axes, clear of what they draw
+        assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    containers = {c.get_label(): c for c in bars.containers}
+    lines = {line.get_label(): line for line in curves.get_lines()}
+    colours = [tuple(containers[row["label"]].patches[0].get_facecolor()) for row in report["rows"]]
+    assert len(set(colours)) == len(report["rows"])  # one colour per method
+    for row in report["rows"]:
+        container = containers[row["label"]]
+        assert len({tuple(p.get_facecolor()) for p in container.patches}) == 1
+        if row["method"] in report["curves"]:  # the same colour in the entropy panel
+            colour = container.patches[0].get_facecolor()[:3]
+            assert tuple(float(c) for c in lines[row["label"]].get_color()[:3]) == pytest.approx(colour)
+        if row["accuracy_std"] is None:
+            assert container.errorbar is None
+        else:  # error bars span mean ± std, in percent, for each task and the average
+            segments = container.errorbar.lines[2][0].get_segments()
+            stds = [row["accuracy_std"]["a"], row["accuracy_std"]["b"], row["average_std"]]
+            assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([200 * v for v in stds])
+    ticks = [t for t in curves.get_xticks() if curves.get_xlim()[0] <= t <= curves.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    markers = [line for line in curves.get_lines() if line.get_linestyle() == ":"]
+    assert len(markers) == 1 and list(markers[0].get_xdata()) == [3.5, 3.5]  # after meta step 3, before step 4
+    assert markers[0].get_color() == lines[LABELS["concrete_adamerging"]].get_color()

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path
 from ..ops import MODES
 from ..ops.backends import resolve
+from ..progress import progress_bar
 from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
@@ -98,7 +98,7 @@ class RunOptions:
         checkpoint_every: write the checkpoint every this many steps (0: only at the end).
         eval_every: measure test accuracy every this many steps (None: before and after only).
         eval_start: measure it before the first step too (skip it when the caller already knows it).
-        progress: show a tqdm bar with the summed entropy.
+        progress: show a progress bar (`pyfuse.progress`) with the summed entropy.
         backend: the fused op's backend ("auto", "cpp", "triton", "reference").
         allow_nonfinite: write a merged model holding NaN or inf instead of raising.
     """
@@ -294,7 +294,8 @@ class AdaptiveLoop:
         elif opts.eval_start:
             self._record_accuracy(0, self.phases[0][0] if self.phases else "none")
         started = time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.settings.method, disable=not opts.progress)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.settings.method,
+                           disable=not opts.progress)
         try:
             while self.step < self.total_steps:
                 phase, t = self._phase_at(self.step)

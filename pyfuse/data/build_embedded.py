@@ -32,10 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pyfuse.io.atomic import atomic_dir
 from pyfuse.io.hashing import sha256_file
+
+from ..progress import progress_bar
 
 FORMAT_VERSION = 1
 SEED = 0
@@ -404,8 +404,7 @@ def build(out: str | Path, *, progress: bool = True) -> dict:
     versions = source_versions()
     manifest: dict = {"format_version": FORMAT_VERSION, "seed": SEED, "sources": versions, "tasks": []}
     with atomic_dir(out) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the data directory is meant to be read by all
-        for spec in tqdm(TASKS, desc="embedded tasks", disable=not progress):
+        for spec in progress_bar(TASKS, desc="embedded tasks", disable=not progress):
             splits = split_task(group_by_class(spec.read(), spec.classes), spec.name)
             file_name = f"{spec.name}.jsonl.gz"
             write_jsonl_gz(tmp / file_name, splits)

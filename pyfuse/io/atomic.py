@@ -1,4 +1,8 @@
-"""Outputs that are never seen half-written: a temp file (or directory) beside the target, then a rename."""
+"""Outputs that are never seen half-written: a temp file (or directory) beside the target, then a rename.
+
+The temp names are created with the modes `open` and `mkdir` use (0666 / 0777 less the umask: 0644 /
+0755 usually), not tempfile's private 0600 / 0700, so an output is as readable as any file the user writes.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is synced and renamed onto `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _temp_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -36,7 +39,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success it replaces `path` (an older one is removed after)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temp_name(path)
+    tmp.mkdir(0o777)
     try:
         yield tmp
         old = None
@@ -142,6 +146,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def _temp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -17,10 +17,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
+from ..progress import progress_bar
 from ..stats import KINDS, Statistics
 from . import Method
 
@@ -153,7 +153,7 @@ class DataMethod(Method):
         self.prepare(base, finetuned, stats)
         merged_names = set(layout.names)
         result = {}
-        for name in tqdm(list(base), desc=f"{self.name}: merging", unit="tensor", disable=not progress):
+        for name in progress_bar(list(base), desc=f"{self.name}: merging", unit="tensor", disable=not progress):
             b = base[name]
             if name not in merged_names:
                 result[name] = b.detach().clone()

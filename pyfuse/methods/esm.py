@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_path
 from ..layout import FlatLayout
+from ..progress import progress_bar
 from ..stats import Statistics
 from . import Param, boolean, integer, number, numbers, register
 from .data import DataMethod
@@ -356,7 +356,7 @@ class ESM(DataMethod):
         """The merged update `dW` (fp32) of every floating tensor."""
         cfg = self.config
         out = {}
-        for name, b in tqdm(base.items(), desc=self.name, unit="tensor", disable=not progress, leave=False):
+        for name, b in progress_bar(base.items(), desc=self.name, unit="tensor", disable=not progress, leave=False):
             if not b.is_floating_point():
                 continue
             task = [ft[name].float() - b.float() for ft in finetuned]

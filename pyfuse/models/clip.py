@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adaptive.task import ModelCall, Task
 from ..io.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorSource, open_source
+from ..progress import progress_bar
 from .hub import WEIGHT_FILES, ModelNotFoundError, resolve_model_dir
 
 DEFAULT_HF_MODEL = "openai/clip-vit-base-patch32"
@@ -88,7 +88,7 @@ class ClipClassifier:
         chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
         with torch.no_grad():
             embedded = [torch.nn.functional.normalize(self.text_features(chunk).float(), dim=-1)
-                        for chunk in tqdm(chunks, desc="zero-shot head", disable=not progress)]
+                        for chunk in progress_bar(chunks, desc="zero-shot head", disable=not progress)]
         per_class = torch.cat(embedded).reshape(len(classnames), len(templates), -1).mean(dim=1)
         return torch.nn.functional.normalize(per_class, dim=-1)
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
+from ..progress import progress_bar
 from ..taskvectors import TaskVectors
 from .hub import resolve_model_dir
 
@@ -177,7 +177,7 @@ def lora_task_vectors(base, adapters: Sequence, names: Sequence[str] | None = No
     restricted = {name: source.get(name) for name in targeted}
     layout = FlatLayout.from_state_dict(restricted)
     vectors = torch.zeros(len(loaded), layout.numel, dtype=dtype)
-    for index, name in enumerate(tqdm(layout.names, desc="LoRA task vectors", disable=not progress)):
+    for index, name in enumerate(progress_bar(layout.names, desc="LoRA task vectors", disable=not progress)):
         start, end = layout.span(index)
         for row, adapter in enumerate(loaded):
             if name in adapter.factors:
