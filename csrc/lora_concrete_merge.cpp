@@ -5,18 +5,14 @@
 //
 // Work is cut into ROW TILES: whole rows of one segment, about kTile elements (at least one row), so a
 // tile is a contiguous run of flat elements. Per tile, a = (L * c) @ R is formed into a tile-sized buffer
-// by a register-blocked loop (4 rows x kCols columns of accumulators), then used at once; the weight
-// gradient of component k, sum_j g_j m_j L[row_j, k] R[k, col_j], is sum over the tile's rows of
-// L[row, k] * <gm[row, :], R[k, :]>. Per-tile partial sums are added per segment in tile order, so results
+// (a small BLAS product), then used at once; the weight gradient of component k, sum_j g_j m_j L[row_j, k]
+// R[k, col_j], is the sum over the tile's rows of L[row, k] * (gm @ R^T)[row, k]. Per-tile partial sums are added per segment in tile order, so results
 // are deterministic and independent of the thread count. Extra memory: per tile in flight, O(kTile + K_s *
 // cols) floats (the factors widened to fp32 when stored in bf16 / fp16); per call, O(tiles + K).
 #include "merge_common.h"
 
 namespace pyfuse {
 namespace {
-
-constexpr int64_t kRows = 4;   // rows of accumulators in the blocked products
-constexpr int64_t kCols = 64;  // columns of accumulators in the blocked products
 
 struct RowTile {
   int64_t seg, row0, row1;
@@ -88,44 +84,16 @@ const float* factor_f32(const TF* src, int64_t len, std::vector<float>& buf) {
   }
 }
 
-// a[tr, cols] = lc[tr, K] @ r[K, cols], accumulators for kRows x kCols outputs at a time.
-void combine_rows(const float* __restrict lc, const float* __restrict r, int64_t tr, int64_t K, int64_t cols,
-                  float* __restrict a) {
-  for (int64_t i = 0; i < tr; i += kRows) {
-    const int64_t h = std::min(kRows, tr - i);
-    for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
-      const int64_t w = std::min(kCols, cols - c0);
-      alignas(64) float acc[kRows][kCols] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict rk = r + k * cols + c0;
-        if (h == kRows && w == kCols) {  // the common case, with constant trip counts
-          for (int64_t ii = 0; ii < kRows; ++ii) {
-            const float l = lc[(i + ii) * K + k];
-            for (int64_t c = 0; c < kCols; ++c) acc[ii][c] += l * rk[c];
-          }
-        } else {
-          for (int64_t ii = 0; ii < h; ++ii) {
-            const float l = lc[(i + ii) * K + k];
-            for (int64_t c = 0; c < w; ++c) acc[ii][c] += l * rk[c];
-          }
-        }
-      }
-      for (int64_t ii = 0; ii < h; ++ii) {
-        for (int64_t c = 0; c < w; ++c) a[(i + ii) * cols + c0 + c] = acc[ii][c];
-      }
-    }
-  }
-}
-
-// q[k] += sum_i lf[i, k] * <gm[i, :], r[k, :]> over the tile's tr rows.
-void component_dots(const float* __restrict gm, const float* __restrict lf, const float* __restrict r, int64_t tr,
-                    int64_t K, int64_t cols, double* __restrict q) {
-  for (int64_t k = 0; k < K; ++k) {
-    const float* rk = r + k * cols;
-    double qk = 0.0;
-    for (int64_t i = 0; i < tr; ++i) qk += static_cast<double>(lf[i * K + k]) * chunk_dot(gm + i * cols, rk, cols);
-    q[k] += qk;
-  }
+// c[m, n] = a[m, k] @ b (b is [k, n], or [n, k] read transposed), all fp32 row-major buffers. A tile's
+// products are small (m ~ kTile / cols rows) and run inside the parallel tile loop, where the BLAS
+// behind at::mm stays on the calling thread; it is several times faster than a hand-written loop.
+void matmul(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_t n, bool b_transposed) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor ta = at::from_blob(const_cast<float*>(a), {m, k}, f32);
+  const at::Tensor tb = b_transposed ? at::from_blob(const_cast<float*>(b), {n, k}, f32).t()
+                                     : at::from_blob(const_cast<float*>(b), {k, n}, f32);
+  at::Tensor tc = at::from_blob(c, {m, n}, f32);
+  at::mm_out(tc, ta, tb);
 }
 
 void check_factors(const at::Tensor& left, const at::Tensor& right, const at::Tensor& coef) {
@@ -149,6 +117,16 @@ struct TileFactors {
   }
 };
 
+// a[tr, cols] = (L_tile * c) @ R_s for the tile's rows, with c the segment's component weights.
+template <typename TF>
+void combine_tile(const TileFactors<TF>& tf, const float* c, int64_t tr, int64_t K, int64_t cols, float* a) {
+  std::vector<float> lc(static_cast<size_t>(tr * K));
+  for (int64_t i = 0; i < tr; ++i) {
+    for (int64_t k = 0; k < K; ++k) lc[i * K + k] = tf.l[i * K + k] * c[k];
+  }
+  matmul(lc.data(), tf.r, a, tr, K, cols, false);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // lora_merge_apply  (m_inout[j] <- base[j] + m_inout[j] * seg_scale[s] * a_j, a_s = (L_s * c) @ R_s)
 
@@ -160,14 +138,7 @@ void lora_merge_apply_impl(const TB* base, const TF* left, const TF* right, cons
     const int64_t s = tile.seg, K = f.k1[s] - f.k0[s], cols = f.cols[s], tr = tile.row1 - tile.row0;
     const int64_t j0 = f.start[s] + tile.row0 * cols, len = tr * cols;
     std::vector<float> a(static_cast<size_t>(len), 0.0f);
-    if (K > 0) {
-      TileFactors<TF> tf(left, right, f, tile);
-      std::vector<float> lc(static_cast<size_t>(tr * K));
-      for (int64_t i = 0; i < tr; ++i) {
-        for (int64_t k = 0; k < K; ++k) lc[i * K + k] = tf.l[i * K + k] * coef[f.k0[s] + k];
-      }
-      combine_rows(lc.data(), tf.r, tr, K, cols, a.data());
-    }
+    if (K > 0) combine_tile(TileFactors<TF>(left, right, f, tile), coef + f.k0[s], tr, K, cols, a.data());
     const float scale = seg_scale[s];
     alignas(64) float bbuf[kChunk];
     for (int64_t o = 0; o < len; o += kChunk) {
@@ -208,29 +179,34 @@ void lora_merge_apply(const at::Tensor& base, const at::Tensor& left, const at::
 
 template <int MODE, typename TF>
 void lora_backward_accumulate_impl(const float* g, const TF* left, const TF* right, const float* coef,
-                                   const float* x, const Noise& nz, float* ga, const Factored& f,
-                                   std::vector<double>& part, std::vector<double>& tile_gam) {
+                                   const float* x, const Noise& nz, float* ga, bool need_ga, bool need_dots,
+                                   const Factored& f, std::vector<double>& part, std::vector<double>& tile_gam) {
   for_each_tile(static_cast<int64_t>(f.tiles.size()), [&](int64_t t) {
     const RowTile tile = f.tiles[t];
     const int64_t s = tile.seg, K = f.k1[s] - f.k0[s], cols = f.cols[s], tr = tile.row1 - tile.row0;
     const int64_t j0 = f.start[s] + tile.row0 * cols, len = tr * cols;
     std::vector<float> gm(static_cast<size_t>(len));
-    std::vector<float> a(static_cast<size_t>(len), 0.0f);
+    std::vector<float> a(need_ga ? static_cast<size_t>(len) : 0, 0.0f);
     for (int64_t o = 0; o < len; o += kChunk) {
       const int64_t n = std::min(kChunk, len - o);
       float* gmo = gm.data() + o;
       chunk_mask<MODE>(x + j0 + o, nz, static_cast<uint64_t>(j0 + o), n, gmo);
       for (int64_t k = 0; k < n; ++k) gmo[k] *= g[j0 + o + k];
     }
-    if (K > 0) {
-      TileFactors<TF> tf(left, right, f, tile);
-      std::vector<float> lc(static_cast<size_t>(tr * K));
-      for (int64_t i = 0; i < tr; ++i) {
-        for (int64_t k = 0; k < K; ++k) lc[i * K + k] = tf.l[i * K + k] * coef[f.k0[s] + k];
+    if (K > 0 && (need_ga || need_dots)) {
+      const TileFactors<TF> tf(left, right, f, tile);
+      if (need_ga) combine_tile(tf, coef + f.k0[s], tr, K, cols, a.data());
+      if (need_dots) {
+        // the weight gradient of component k: sum over rows of L[row, k] * (gm @ R^T)[row, k]
+        std::vector<float> p(static_cast<size_t>(tr * K));
+        matmul(gm.data(), tf.r, p.data(), tr, cols, K, true);
+        double* q = part.data() + f.part_at[t];
+        for (int64_t i = 0; i < tr; ++i) {
+          for (int64_t k = 0; k < K; ++k) q[k] += static_cast<double>(tf.l[i * K + k]) * p[i * K + k];
+        }
       }
-      combine_rows(lc.data(), tf.r, tr, K, cols, a.data());
-      component_dots(gm.data(), tf.l, tf.r, tr, K, cols, part.data() + f.part_at[t]);
     }
+    if (!need_ga) return;
     double gam = 0.0;
     for (int64_t o = 0; o < len; o += kChunk) {
       const int64_t n = std::min(kChunk, len - o);
@@ -247,7 +223,8 @@ void lora_backward_accumulate_impl(const float* g, const TF* left, const TF* rig
 std::tuple<at::Tensor, at::Tensor> lora_backward_accumulate(
     const at::Tensor& grad_out, const at::Tensor& left, const at::Tensor& right, const at::Tensor& rows,
     const at::Tensor& comp_offsets, const at::Tensor& coef, const at::Tensor& logits, const at::Tensor& offsets,
-    uint64_t seed, uint32_t step, double temperature, int64_t mode, at::Tensor ga_out) {
+    uint64_t seed, uint32_t step, double temperature, int64_t mode, at::Tensor ga_out, bool need_ga,
+    bool need_dots) {
   const int64_t D = logits.numel();
   check_f32(logits, "logits", D);
   check_f32(grad_out, "grad_out", D);
@@ -266,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> lora_backward_accumulate(
       lora_backward_accumulate_impl<MODE, TF>(
           grad_out.data_ptr<float>(), reinterpret_cast<const TF*>(left.data_ptr()),
           reinterpret_cast<const TF*>(right.data_ptr()), coef.data_ptr<float>(), logits.data_ptr<float>(), nz,
-          ga_out.data_ptr<float>(), f, part, tile_gam);
+          ga_out.data_ptr<float>(), need_ga, need_dots, f, part, tile_gam);
     });
   });
   at::Tensor comp_dot = at::empty({K}, logits.options().dtype(at::kFloat));
@@ -295,10 +272,11 @@ void register_lora(pybind11::module_& m) {
         py::arg("base"), py::arg("left"), py::arg("right"), py::arg("rows"), py::arg("comp_offsets"),
         py::arg("coef"), py::arg("offsets"), py::arg("seg_scale"), py::arg("m_inout"));
   m.def("lora_backward_accumulate", &lora_backward_accumulate,
-        "returns (comp_dot [K], seg_gam [S]) and writes ga_out = g * a (factored task vectors)", py::arg("grad_out"),
-        py::arg("left"), py::arg("right"), py::arg("rows"), py::arg("comp_offsets"), py::arg("coef"),
-        py::arg("logits"), py::arg("offsets"), py::arg("seed"), py::arg("step"), py::arg("temperature"),
-        py::arg("mode"), py::arg("ga_out"));
+        "returns (comp_dot [K], seg_gam [S]) and writes ga_out = g * a (factored task vectors); need_ga / "
+        "need_dots false skip ga_out and seg_gam / comp_dot (left zero)",
+        py::arg("grad_out"), py::arg("left"), py::arg("right"), py::arg("rows"), py::arg("comp_offsets"),
+        py::arg("coef"), py::arg("logits"), py::arg("offsets"), py::arg("seed"), py::arg("step"),
+        py::arg("temperature"), py::arg("mode"), py::arg("ga_out"), py::arg("need_ga"), py::arg("need_dots"));
 }
 
 }  // namespace pyfuse

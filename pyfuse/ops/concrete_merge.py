@@ -145,17 +145,22 @@ def masked_forward(name, phases, logits, offsets, seed, step, temperature, mode,
     return out, seg_sum
 
 
-def masked_backward(name, phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, accumulate):
+def masked_backward(name, phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, need_logits,
+                    accumulate):
     """The fused backward every merge op shares. `accumulate(seg_scale, seed, mode_id, ga_out)` regenerates the
     mask, writes g * a into `ga_out` and returns (grad_weights [n, S], seg_gam [S]) (see the reference's
-    `backward_accumulate`); the logits' gradient then follows from the mask alone (phase `backward_logits`)."""
+    `backward_accumulate`); the logits' gradient then follows from the mask alone (phase `backward_logits`).
+    Without `need_logits` (the logits are not trained in this pass) that last phase is skipped and the first
+    returned tensor is left unfilled: the caller drops it."""
     seed, mode_id = _to_u64(seed), MODES.index(mode)
     seg_scale = _segment_scale(seg_sum, offsets, rescale)
     grad_logits = torch.empty_like(logits)
     with nvtx_range(f"{name}.backward"):
         with nvtx_range(f"{name}.backward_accumulate"):
             grad_weights, seg_gam = accumulate(seg_scale, seed, mode_id, grad_logits)
-        if mode_id != RELAXED:  # hard, threshold and constant masks have zero derivative in the logits
+        if not need_logits:
+            pass
+        elif mode_id != RELAXED:  # hard, threshold and constant masks have zero derivative in the logits
             grad_logits.zero_()
         else:
             with nvtx_range(f"{name}.backward_logits"):
@@ -210,6 +215,7 @@ def _merge_backward_op(
     mode: str,
     rescale: bool,
     backend: str,
+    need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     phases = backends.phases(backend)
     grad_out = grad_out.to(logits.dtype).contiguous()
@@ -220,12 +226,14 @@ def _merge_backward_op(
         )
 
     return masked_backward(
-        "concrete_merge", phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, accumulate
+        "concrete_merge", phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, need_logits,
+        accumulate,
     )
 
 
 @_merge_backward_op.register_fake
-def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, temperature, mode, rescale, backend):
+def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, temperature, mode, rescale, backend,
+      need_logits):
     return logits.new_empty(logits.shape), weights.new_empty(weights.shape)
 
 
@@ -238,9 +246,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_seg_sum):
     task_vectors, logits, weights, offsets, seg_sum = ctx.saved_tensors
+    need_logits = ctx.needs_input_grad[2]
     grad_logits, grad_weights = _merge_backward_op(
-        grad_out, task_vectors, logits, weights, offsets, seg_sum, *ctx.args
+        grad_out, task_vectors, logits, weights, offsets, seg_sum, *ctx.args, need_logits
     )
+    grad_logits = grad_logits if need_logits else None
     return None, None, grad_logits, grad_weights.to(ctx.weights_dtype), None, None, None, None, None, None, None
 
 

@@ -196,11 +196,12 @@ def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_s
 
 
 def lora_backward_accumulate(
-    grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out
+    grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
+    need_ga=True, need_dots=True,
 ):
     return _ext().lora_backward_accumulate(
         grad_out, left, right, rows, comp_offsets, coef, logits, offsets, int(seed), int(step), float(temperature),
-        int(mode), ga_out,
+        int(mode), ga_out, bool(need_ga), bool(need_dots),
     )
 
 

@@ -93,6 +93,8 @@ def _lora_merge_backward_op(
     mode: str,
     rescale: bool,
     backend: str,
+    need_logits: bool,
+    need_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     phases = backends.phases(backend)
     grad_out = grad_out.to(logits.dtype).contiguous()
@@ -101,7 +103,7 @@ def _lora_merge_backward_op(
     def accumulate(seg_scale, seed_u64, mode_id, ga_out):
         comp_dot, seg_gam = phases.lora_backward_accumulate(
             grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed_u64, step, temperature, mode_id,
-            ga_out,
+            ga_out, need_logits, need_weights,
         )
         # dL/dw[i, s] = seg_scale[s] * sum of scale_k * comp_dot[k] over task i's components in s
         per_component = comp_scale.to(comp_dot.dtype) * comp_dot
@@ -111,12 +113,12 @@ def _lora_merge_backward_op(
         return grad_weights * seg_scale, seg_gam
 
     return masked_backward(_NAME, phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale,
-                           accumulate)
+                           need_logits, accumulate)
 
 
 @_lora_merge_backward_op.register_fake
 def _(grad_out, left, right, rows, comp_offsets, comp_task, comp_scale, logits, weights, offsets, seg_sum, seed,
-      step, temperature, mode, rescale, backend):
+      step, temperature, mode, rescale, backend, need_logits, need_weights):
     return logits.new_empty(logits.shape), weights.new_empty(weights.shape)
 
 
@@ -129,8 +131,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_seg_sum):
-    grad_logits, grad_weights = _lora_merge_backward_op(grad_out, *ctx.saved_tensors, *ctx.args)
-    return (None,) * 7 + (grad_logits, grad_weights.to(ctx.weights_dtype)) + (None,) * 7
+    # Each backward product costs as much as the forward one here, so only the wanted gradients are formed.
+    need_logits, need_weights = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
+    grad_logits, grad_weights = _lora_merge_backward_op(grad_out, *ctx.saved_tensors, *ctx.args, need_logits,
+                                                        need_weights)
+    grads = (grad_logits if need_logits else None, grad_weights.to(ctx.weights_dtype) if need_weights else None)
+    return (None,) * 7 + grads + (None,) * 7
 
 
 _lora_merge_op.register_autograd(_backward, setup_context=_setup_context)

@@ -106,9 +106,10 @@ def uniform(seed, step, start, count, device=None):
 # - `lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout) -> None`
 #       in place: m_inout[j] <- base[j] + m_inout[j] * seg_scale[s] * a_j.
 # - `lora_backward_accumulate(grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step,
-#       temperature, mode, ga_out) -> (comp_dot [K], seg_gam [S])`
+#       temperature, mode, ga_out, need_ga, need_dots) -> (comp_dot [K], seg_gam [S])`
 #       regenerates m; comp_dot[k] = sum_{j in s} g_j m_j L_s[row_j, k] R_s[k, col_j] (the unscaled weight
-#       gradient of component k), seg_gam[s] = sum_j g_j a_j m_j, and ga_out[j] = g_j a_j.
+#       gradient of component k; zeros without `need_dots`), seg_gam[s] = sum_j g_j a_j m_j and ga_out[j] =
+#       g_j a_j (zeros and ga_out untouched without `need_ga`: the logits need them, the weights do not).
 # ---------------------------------------------------------------------------------------------
 def lora_segments(left, right, rows, comp_offsets, offsets):
     """(s, lo, hi, L_s, R_s, k0, k1) for every segment: its flat range, factor views and component range."""
@@ -136,7 +137,8 @@ def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_s
 
 
 def lora_backward_accumulate(
-    grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out
+    grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
+    need_ga=True, need_dots=True,
 ):
     dtype = logits.dtype
     m = concrete_mask(logits, seed, step, temperature, mode)
@@ -144,9 +146,11 @@ def lora_backward_accumulate(
     comp_dot = torch.zeros(coef.numel(), dtype=dtype, device=logits.device)
     seg_gam = torch.zeros(offsets.numel() - 1, dtype=dtype, device=logits.device)
     for s, lo, hi, left_s, right_s, k0, k1 in lora_segments(left, right, rows, comp_offsets, offsets):
-        a = _lora_combined(left_s, right_s, coef[k0:k1], dtype)
         gm = (g[lo:hi] * m[lo:hi]).view(left_s.shape[0], -1)
-        comp_dot[k0:k1] = ((gm @ right_s.to(dtype).T) * left_s.to(dtype)).sum(0)
-        seg_gam[s] = (gm.reshape(-1) * a).sum()
-        ga_out[lo:hi] = g[lo:hi] * a
+        if need_dots:
+            comp_dot[k0:k1] = ((gm @ right_s.to(dtype).T) * left_s.to(dtype)).sum(0)
+        if need_ga:
+            a = _lora_combined(left_s, right_s, coef[k0:k1], dtype)
+            seg_gam[s] = (gm.reshape(-1) * a).sum()
+            ga_out[lo:hi] = g[lo:hi] * a
     return comp_dot, seg_gam
