@@ -16,6 +16,7 @@ import torch
 
 from ..finite import check_finite
 from . import backends
+from .factors import LoraFactors
 from .profiling import nvtx_range
 from .reference import MODES, RELAXED
 
@@ -70,8 +71,13 @@ def _check_offsets(offsets: torch.Tensor, numel: int) -> torch.Tensor:
     return offsets.to(torch.int64).contiguous()
 
 
-def _validate(base, task_vectors, logits, weights, offsets, backend_name):
-    tensors = {"base": base, "task_vectors": task_vectors, "logits": logits, "weights": weights, "offsets": offsets}
+def validate_merge(base, logits, weights, offsets, backend_name, n, tensors):
+    """Checks every merge op shares: devices, the logits, base and weights against D, S and n, and the offsets.
+
+    `tensors` maps names to every tensor argument (the op's own ones included, for the device check and
+    the floating-dtype check of those named "base", "task_vectors" and "weights"); returns the resolved
+    backend and the int64 offsets.
+    """
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -84,20 +90,30 @@ def _validate(base, task_vectors, logits, weights, offsets, backend_name):
     numel = logits.numel()
     if base.dim() != 1 or base.numel() != numel:
         raise ValueError(f"base must be [D] with D = len(logits) = {numel}, got shape {tuple(base.shape)}")
-    if task_vectors.dim() != 2 or task_vectors.shape[1] != numel or task_vectors.shape[0] < 1:
-        raise ValueError(f"task_vectors must be [n, D] with D = {numel}, n >= 1, got shape {tuple(task_vectors.shape)}")
     for name in ("base", "task_vectors", "weights"):
-        if tensors[name].dtype not in _FLOATS:
+        if name in tensors and tensors[name].dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating tensor, got {tensors[name].dtype}")
     if not torch.compiler.is_compiling():  # weights are [n] or [n, S]: checking them costs nothing
         check_finite(weights, "weights")
     offsets = _check_offsets(offsets, numel)
-    n, num_segments = task_vectors.shape[0], offsets.numel() - 1
+    num_segments = offsets.numel() - 1
     if weights.shape not in ((n,), (n, num_segments)):
         raise ValueError(
             f"weights must be task-wise [n]={[n]} or layer-wise [n, S]={[n, num_segments]}, got {list(weights.shape)}"
         )
     return resolved, offsets
+
+
+def _validate(base, task_vectors, logits, weights, offsets, backend_name):
+    tensors = {"base": base, "task_vectors": task_vectors, "logits": logits, "weights": weights, "offsets": offsets}
+    if isinstance(task_vectors, torch.Tensor) and isinstance(logits, torch.Tensor):
+        numel = logits.numel()
+        if task_vectors.dim() != 2 or task_vectors.shape[1] != numel or task_vectors.shape[0] < 1:
+            raise ValueError(
+                f"task_vectors must be [n, D] with D = {numel}, n >= 1, got shape {tuple(task_vectors.shape)}"
+            )
+    n = task_vectors.shape[0] if isinstance(task_vectors, torch.Tensor) and task_vectors.dim() == 2 else 0
+    return validate_merge(base, logits, weights, offsets, backend_name, n, tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +135,48 @@ def _segment_scale(seg_sum: torch.Tensor, offsets: torch.Tensor, rescale: bool) 
     return torch.where(seg_sum > 0, lengths / seg_sum, torch.zeros_like(seg_sum))
 
 
+def masked_forward(name, phases, logits, offsets, seed, step, temperature, mode, rescale, apply):
+    """The forward every merge op shares: sample the mask (phase `mask_sums`), its per-segment rescale, then
+    `apply(seg_scale, m_inout)` (in place: m <- base + m * seg_scale[s] * a). Returns (out, seg_sum)."""
+    out = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device)
+    with nvtx_range(f"{name}.forward"):
+        with nvtx_range(f"{name}.mask_sums"):
+            seg_sum = phases.mask_sums(logits, offsets, _to_u64(seed), step, temperature, MODES.index(mode), out)
+        seg_scale = _segment_scale(seg_sum, offsets, rescale)
+        with nvtx_range(f"{name}.merge_apply"):
+            apply(seg_scale, out)
+    return out, seg_sum
+
+
+def masked_backward(name, phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, need_logits,
+                    accumulate):
+    """The fused backward every merge op shares. `accumulate(seg_scale, seed, mode_id, ga_out)` regenerates the
+    mask, writes g * a into `ga_out` and returns (grad_weights [n, S], seg_gam [S]) (see the reference's
+    `backward_accumulate`); the logits' gradient then follows from the mask alone (phase `backward_logits`).
+    Without `need_logits` (the logits are not trained in this pass) that last phase is skipped and the first
+    returned tensor is left unfilled: the caller drops it."""
+    seed, mode_id = _to_u64(seed), MODES.index(mode)
+    seg_scale = _segment_scale(seg_sum, offsets, rescale)
+    grad_logits = torch.empty_like(logits)
+    with nvtx_range(f"{name}.backward"):
+        with nvtx_range(f"{name}.backward_accumulate"):
+            grad_weights, seg_gam = accumulate(seg_scale, seed, mode_id, grad_logits)
+        if not need_logits:
+            pass
+        elif mode_id != RELAXED:  # hard, threshold and constant masks have zero derivative in the logits
+            grad_logits.zero_()
+        else:
+            with nvtx_range(f"{name}.backward_logits"):
+                if rescale:
+                    # d r_j / d m_k couples a segment through its mean: the -sum_j g_j a_j m_j / (|s| M_s^2) term
+                    lengths = (offsets[1:] - offsets[:-1]).to(seg_sum.dtype)
+                    seg_corr = seg_gam * seg_scale * seg_scale / lengths
+                else:
+                    seg_corr = torch.zeros_like(seg_sum)
+                phases.backward_logits(grad_logits, logits, offsets, seg_scale, seg_corr, seed, step, temperature)
+    return grad_logits, grad_weights
+
+
 @torch.library.custom_op("pyfuse::concrete_merge", mutates_args=())
 def _merge_op(
     base: torch.Tensor,
@@ -134,15 +192,11 @@ def _merge_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     phases = backends.phases(backend)
-    seed, mode_id = _to_u64(seed), MODES.index(mode)
-    out = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device)
-    with nvtx_range("concrete_merge.forward"):
-        with nvtx_range("concrete_merge.mask_sums"):
-            seg_sum = phases.mask_sums(logits, offsets, seed, step, temperature, mode_id, out)
-        seg_scale = _segment_scale(seg_sum, offsets, rescale)
-        with nvtx_range("concrete_merge.merge_apply"):
-            phases.merge_apply(base, task_vectors, weights, offsets, seg_scale, out)
-    return out, seg_sum
+
+    def apply(seg_scale, out):
+        phases.merge_apply(base, task_vectors, weights, offsets, seg_scale, out)
+
+    return masked_forward("concrete_merge", phases, logits, offsets, seed, step, temperature, mode, rescale, apply)
 
 
 @_merge_op.register_fake
@@ -164,34 +218,25 @@ def _merge_backward_op(
     mode: str,
     rescale: bool,
     backend: str,
+    need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     phases = backends.phases(backend)
-    seed, mode_id = _to_u64(seed), MODES.index(mode)
     grad_out = grad_out.to(logits.dtype).contiguous()
-    seg_scale = _segment_scale(seg_sum, offsets, rescale)
-    grad_logits = torch.empty_like(logits)
-    with nvtx_range("concrete_merge.backward"):
-        with nvtx_range("concrete_merge.backward_accumulate"):
-            grad_weights, seg_gam = phases.backward_accumulate(
-                grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode_id,
-                grad_logits,
-            )
-        if mode_id != RELAXED:  # hard, threshold and constant masks have zero derivative in the logits
-            grad_logits.zero_()
-        else:
-            with nvtx_range("concrete_merge.backward_logits"):
-                if rescale:
-                    # d r_j / d m_k couples a segment through its mean: the -sum_j g_j a_j m_j / (|s| M_s^2) term
-                    lengths = (offsets[1:] - offsets[:-1]).to(seg_sum.dtype)
-                    seg_corr = seg_gam * seg_scale * seg_scale / lengths
-                else:
-                    seg_corr = torch.zeros_like(seg_sum)
-                phases.backward_logits(grad_logits, logits, offsets, seg_scale, seg_corr, seed, step, temperature)
-    return grad_logits, grad_weights
+
+    def accumulate(seg_scale, seed_u64, mode_id, ga_out):
+        return phases.backward_accumulate(
+            grad_out, task_vectors, logits, weights, offsets, seg_scale, seed_u64, step, temperature, mode_id, ga_out
+        )
+
+    return masked_backward(
+        "concrete_merge", phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, need_logits,
+        accumulate,
+    )
 
 
 @_merge_backward_op.register_fake
-def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, temperature, mode, rescale, backend):
+def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, temperature, mode, rescale, backend,
+      need_logits):
     return logits.new_empty(logits.shape), weights.new_empty(weights.shape)
 
 
@@ -204,9 +249,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_seg_sum):
     task_vectors, logits, weights, offsets, seg_sum = ctx.saved_tensors
+    need_logits = ctx.needs_input_grad[2]
     grad_logits, grad_weights = _merge_backward_op(
-        grad_out, task_vectors, logits, weights, offsets, seg_sum, *ctx.args
+        grad_out, task_vectors, logits, weights, offsets, seg_sum, *ctx.args, need_logits
     )
+    grad_logits = grad_logits if need_logits else None
     return None, None, grad_logits, grad_weights.to(ctx.weights_dtype), None, None, None, None, None, None, None
 
 
@@ -216,9 +263,15 @@ _merge_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
+def layerwise_weights(weights: torch.Tensor, num_segments: int, dtype: torch.dtype) -> torch.Tensor:
+    """Task-wise `[n]` or layer-wise `[n, S]` weights as a contiguous layer-wise `[n, S]` tensor of `dtype`."""
+    layerwise = weights if weights.dim() == 2 else weights.unsqueeze(1).expand(-1, num_segments)
+    return layerwise.to(dtype).contiguous()
+
+
 def concrete_merge(
     base: torch.Tensor,
-    task_vectors: torch.Tensor,
+    task_vectors: torch.Tensor | LoraFactors,
     logits: torch.Tensor,
     weights: torch.Tensor,
     offsets: torch.Tensor,
@@ -234,7 +287,8 @@ def concrete_merge(
 
     Args:
         base: pre-trained parameters `[D]` (fp32/bf16/fp16).
-        task_vectors: `[n, D]` fine-tuned minus base (fp32/bf16/fp16; accumulated in fp32).
+        task_vectors: `[n, D]` fine-tuned minus base (fp32/bf16/fp16; accumulated in fp32), or `LoraFactors`
+            (task vectors kept as low-rank factors; merged by `lora_concrete_merge`, the same mask and result).
         logits: mask logits `[D]`, fp32.
         weights: task-wise `[n]` or layer-wise `[n, S]` merge coefficients.
         offsets: int64 `[S+1]` segment boundaries (one segment per parameter tensor).
@@ -247,15 +301,20 @@ def concrete_merge(
     Returns:
         fp32 `[D]` (fp64 only with fp64 logits on the reference backend).
     """
+    if isinstance(task_vectors, LoraFactors):
+        from .lora_concrete_merge import lora_concrete_merge  # it builds on this module
+
+        return lora_concrete_merge(
+            base, task_vectors, logits, weights, offsets, seed=seed, step=step, temperature=temperature, mask=mask,
+            rescale=rescale, backend=backend,
+        )
     _check_scalars(seed, step, temperature, mask)
     name, offsets = _validate(base, task_vectors, logits, weights, offsets, backend)
-    compute = logits.dtype
-    layerwise = weights if weights.dim() == 2 else weights.unsqueeze(1).expand(-1, offsets.numel() - 1)
     out, _ = _merge_op(
         base.contiguous(),
         task_vectors.contiguous(),
         logits.contiguous(),
-        layerwise.to(compute).contiguous(),
+        layerwise_weights(weights, offsets.numel() - 1, logits.dtype),
         offsets,
         _to_i64(seed),
         step,

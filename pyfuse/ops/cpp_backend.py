@@ -1,6 +1,6 @@
 """The C++ CPU backend: loads the compiled extension and forwards the phase functions to it.
 
-The extension (`csrc/concrete_merge.cpp` + `csrc/philox.h`) is found in this order:
+The extension (`csrc/concrete_merge.cpp`, `csrc/lora_concrete_merge.cpp` and their headers) is found in this order:
 
 1. `pyfuse._C`, built by `pip install --no-build-isolation -e .` (setup.py), unless csrc/ in a source
    checkout is newer than it;
@@ -24,7 +24,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-_EXPECTED = ("mask_sums", "merge_apply", "backward_accumulate", "backward_logits", "uniform")
+_EXPECTED = ("mask_sums", "merge_apply", "backward_accumulate", "backward_logits", "uniform", "lora_merge_apply",
+             "lora_backward_accumulate")
 _JIT_NAME = "pyfuse_cpp"
 
 _lock = threading.Lock()
@@ -188,6 +189,20 @@ def backward_accumulate(
 
 def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature):
     _ext().backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, int(seed), int(step), float(temperature))
+
+
+def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout):
+    _ext().lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout)
+
+
+def lora_backward_accumulate(
+    grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
+    need_ga=True, need_dots=True,
+):
+    return _ext().lora_backward_accumulate(
+        grad_out, left, right, rows, comp_offsets, coef, logits, offsets, int(seed), int(step), float(temperature),
+        int(mode), ga_out, bool(need_ga), bool(need_dots),
+    )
 
 
 def uniform(seed, step, start, count):

@@ -96,3 +96,61 @@ def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, 
 def uniform(seed, step, start, count, device=None):
     """The clamped uniforms u_j for j in [start, start + count)."""
     return concrete_uniform(seed, step, start, count, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The factored op's two phases (`pyfuse.ops.lora_concrete_merge`): the mask phases above are shared.
+# Segment s holds L_s [rows_s, K_s] and R_s [K_s, cols_s] (see `pyfuse.ops.factors`); `coef` [K] is
+# c_k = w[task_k, s] * scale_k, so the combination is a_s = (L_s * c_s) @ R_s.
+#
+# - `lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout) -> None`
+#       in place: m_inout[j] <- base[j] + m_inout[j] * seg_scale[s] * a_j.
+# - `lora_backward_accumulate(grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step,
+#       temperature, mode, ga_out, need_ga, need_dots) -> (comp_dot [K], seg_gam [S])`
+#       regenerates m; comp_dot[k] = sum_{j in s} g_j m_j L_s[row_j, k] R_s[k, col_j] (the unscaled weight
+#       gradient of component k; zeros without `need_dots`), seg_gam[s] = sum_j g_j a_j m_j and ga_out[j] =
+#       g_j a_j (zeros and ga_out untouched without `need_ga`: the logits need them, the weights do not).
+# ---------------------------------------------------------------------------------------------
+def lora_segments(left, right, rows, comp_offsets, offsets):
+    """(s, lo, hi, L_s, R_s, k0, k1) for every segment: its flat range, factor views and component range."""
+    bounds, ks, num_rows = offsets.tolist(), comp_offsets.tolist(), rows.tolist()
+    left_at = right_at = 0
+    for s, r in enumerate(num_rows):
+        lo, hi, k0, k1 = bounds[s], bounds[s + 1], ks[s], ks[s + 1]
+        cols = (hi - lo) // r
+        left_s = left[left_at: left_at + r * (k1 - k0)].view(r, k1 - k0)
+        right_s = right[right_at: right_at + (k1 - k0) * cols].view(k1 - k0, cols)
+        left_at += r * (k1 - k0)
+        right_at += (k1 - k0) * cols
+        yield s, lo, hi, left_s, right_s, k0, k1
+
+
+def _lora_combined(left_s, right_s, coef_s, dtype):
+    return ((left_s.to(dtype) * coef_s) @ right_s.to(dtype)).reshape(-1)
+
+
+def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout):
+    dtype = m_inout.dtype
+    for s, lo, hi, left_s, right_s, k0, k1 in lora_segments(left, right, rows, comp_offsets, offsets):
+        a = _lora_combined(left_s, right_s, coef[k0:k1], dtype)
+        m_inout[lo:hi] = base[lo:hi].to(dtype) + m_inout[lo:hi] * seg_scale[s] * a
+
+
+def lora_backward_accumulate(
+    grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
+    need_ga=True, need_dots=True,
+):
+    dtype = logits.dtype
+    m = concrete_mask(logits, seed, step, temperature, mode)
+    g = grad_out.to(dtype)
+    comp_dot = torch.zeros(coef.numel(), dtype=dtype, device=logits.device)
+    seg_gam = torch.zeros(offsets.numel() - 1, dtype=dtype, device=logits.device)
+    for s, lo, hi, left_s, right_s, k0, k1 in lora_segments(left, right, rows, comp_offsets, offsets):
+        gm = (g[lo:hi] * m[lo:hi]).view(left_s.shape[0], -1)
+        if need_dots:
+            comp_dot[k0:k1] = ((gm @ right_s.to(dtype).T) * left_s.to(dtype)).sum(0)
+        if need_ga:
+            a = _lora_combined(left_s, right_s, coef[k0:k1], dtype)
+            seg_gam[s] = (gm.reshape(-1) * a).sum()
+            ga_out[lo:hi] = g[lo:hi] * a
+    return comp_dot, seg_gam
