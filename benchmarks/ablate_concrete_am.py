@@ -51,6 +51,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "language_adamerging": ("adamerging", {"clamp": True, "lr_movement": 0.1}, ()),
     "language": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1, "lr_movement": 0.1, "mask_movement": 0.2},
                  ("relaxed",)),
+    "language_T1": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1, "lr_movement": 0.1, "mask_movement": 0.2,
+                                            "temperature": 1.0}, ("relaxed",)),
+    "language_T0.2": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1, "lr_movement": 0.1,
+                                              "mask_movement": 0.2, "temperature": 0.2}, ("relaxed",)),
 }
 
 

@@ -381,6 +381,11 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(map(str, defaults.seeds))}; --quick: 0)")
     parser.add_argument("--test-limit", type=int,
                         help="evaluate (and adapt) on the first N test examples of each task (default: all)")
+    parser.add_argument("--lr", type=float, help="Adam lr of the coefficients (default 0.1/steps)")
+    parser.add_argument("--mask-lr", type=float, help="Adam lr of the mask logits (default 0.2/steps)")
+    parser.add_argument("--inner-lr", type=float, help=f"Concrete AM's inner Adam lr (default {defaults.inner_lr})")
+    parser.add_argument("--no-clamp", dest="clamp", action="store_false", default=None,
+                        help="do not clamp the coefficients to [0, 1] (fusion_bench's choice)")
     parser.add_argument("--backend", default="auto", help="the fused op's backend (auto, cpp, triton, reference)")
     parser.add_argument("--encoder", default=defaults.encoder,
                         help="sentence encoder: hub id or local directory (default: all-MiniLM-L6-v2, packaged)")
@@ -391,7 +396,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import FIGURE_NAME, QUICK, REPORT_NAME, DemoSettings, run_demo
 
     overrides = dict(QUICK) if args.quick else {}
-    for name in ("steps", "test_limit", "seeds"):
+    for name in ("steps", "test_limit", "seeds", "lr", "mask_lr", "inner_lr", "clamp"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     settings = DemoSettings(tasks=args.tasks, methods=args.methods, finetune=_finetune_config(args, quick=args.quick),
