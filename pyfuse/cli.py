@@ -10,7 +10,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .demo import DemoSettings
 
 _MAIN_EPILOG = """\
 examples:
@@ -392,15 +395,22 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     _add_finetune_options(parser)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import FIGURE_NAME, QUICK, REPORT_NAME, DemoSettings, run_demo
+def demo_settings(args: argparse.Namespace) -> DemoSettings:
+    """The demo's settings from its command line: `--quick`'s values, then every option given explicitly."""
+    from .demo import QUICK, DemoSettings
 
     overrides = dict(QUICK) if args.quick else {}
     for name in ("steps", "test_limit", "seeds", "lr", "mask_lr", "inner_lr", "clamp"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    settings = DemoSettings(tasks=args.tasks, methods=args.methods, finetune=_finetune_config(args, quick=args.quick),
-                            encoder=args.encoder, **overrides)
+    return DemoSettings(tasks=args.tasks, methods=args.methods, finetune=_finetune_config(args, quick=args.quick),
+                        encoder=args.encoder, **overrides)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import FIGURE_NAME, REPORT_NAME, run_demo
+
+    settings = demo_settings(args)
     report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
                       log=lambda message: print(message, flush=True))
     print()

@@ -164,3 +164,17 @@ def test_demo_figure_colours_error_bars_legends_ticks_and_phase_marker():
     markers = [line for line in curves.get_lines() if line.get_linestyle() == ":"]
     assert len(markers) == 1 and list(markers[0].get_xdata()) == [3.5, 3.5]  # after meta step 3, before step 4
     assert markers[0].get_color() == lines[LABELS["concrete_adamerging"]].get_color()
+
+
+def test_demo_command_line_sets_the_adaptive_schedule():
+    from pyfuse.cli import build_parser, demo_settings
+
+    default = demo_settings(build_parser().parse_args(["demo"]))
+    assert (default.coefficient_lr, default.logits_lr) == pytest.approx((0.1 / default.steps, 0.2 / default.steps))
+    assert default.clamp and default.inner_lr == 0.1 and default.seeds == (0, 1, 2) and default.test_limit is None
+    clip = demo_settings(build_parser().parse_args(
+        ["demo", "--steps", "1000", "--lr", "1e-3", "--mask-lr", "1e-3", "--inner-lr", "1", "--no-clamp"]))
+    assert (clip.steps, clip.coefficient_lr, clip.logits_lr) == (1000, 1e-3, 1e-3)
+    assert (clip.inner_lr, clip.clamp) == (1.0, False)
+    quick = demo_settings(build_parser().parse_args(["demo", "--quick", "--seeds", "3,4"]))
+    assert (quick.steps, quick.test_limit, quick.seeds) == (10, 100, (3, 4))
