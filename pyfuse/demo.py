@@ -30,7 +30,7 @@ import torch
 
 from .adaptive import RunOptions, Task
 from .adaptive import loop as adaptive
-from .adaptive.task import largest_class_share, task_metric, task_predictions
+from .adaptive.task import evaluate_with_class_shares
 from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
@@ -204,10 +204,8 @@ def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None 
 
 def evaluate(call: Callable[..., Any], tasks: Sequence[Task], seed: int | None = None, **measures: Any) -> MethodRun:
     """Accuracy and largest predicted-class share of `call` on every task's whole test data."""
-    predictions = task_predictions(call, tasks)
-    by_name = {t.name: t for t in tasks}
-    return MethodRun(seed, {name: task_metric(by_name[name], *p) for name, p in predictions.items()},
-                     {name: largest_class_share(scores) for name, (scores, _) in predictions.items()}, **measures)
+    accuracy, shares = evaluate_with_class_shares(call, tasks)
+    return MethodRun(seed, accuracy, shares, **measures)
 
 
 def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = True,

@@ -36,7 +36,7 @@ from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
-from .task import BatchStream, Task, entropy_loss, evaluate_tasks, largest_class_share, task_metric, task_predictions
+from .task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
 from .trim import ties_trim
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -316,9 +316,7 @@ class AdaptiveLoop:
         finally:
             bar.close()
         flat = self.merged_flat()
-        predictions = task_predictions(self.merger.bind(flat), self.tasks)
-        final = {t.name: task_metric(t, *predictions[t.name]) for t in self.tasks if t.name in predictions}
-        shares = {name: largest_class_share(scores) for name, (scores, _) in predictions.items()}
+        final, shares = evaluate_with_class_shares(self.merger.bind(flat), self.tasks)
         if self.history["accuracy"]["step"][-1:] != [self.step]:
             self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
         report = self._report(final, shares, resumed_from, time.perf_counter() - started)

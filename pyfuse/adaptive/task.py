@@ -121,6 +121,13 @@ def largest_class_share(scores: torch.Tensor) -> float:
 def evaluate_tasks(call: ModelCall, tasks: Iterable[Task]) -> dict[str, float]:
     """Test accuracy (or the task's own `metric`) of `call` (a model, or merged parameters bound to one) on
     every task with test data."""
+    return evaluate_with_class_shares(call, tasks)[0]
+
+
+def evaluate_with_class_shares(call: ModelCall, tasks: Iterable[Task]) -> tuple[dict[str, float], dict[str, float]]:
+    """`evaluate_tasks` and, from the same predictions, each task's `largest_class_share`."""
     tasks = list(tasks)
     by_name = {task.name: task for task in tasks}
-    return {name: task_metric(by_name[name], *result) for name, result in task_predictions(call, tasks).items()}
+    predictions = task_predictions(call, tasks)
+    return ({name: task_metric(by_name[name], *result) for name, result in predictions.items()},
+            {name: largest_class_share(scores) for name, (scores, _) in predictions.items()})
