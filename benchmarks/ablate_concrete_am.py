@@ -160,6 +160,10 @@ def main() -> None:
         parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_masks = set(args.eval_masks.split(",")) if args.eval_masks else None
+    known = {m for _, _, masks in VARIANTS.values() for m in masks}
+    if eval_masks is not None and not eval_masks <= known:
+        unknown_mask = sorted(eval_masks - known)[0]
+        parser.error(f"unknown evaluation mask {unknown_mask!r}; choose from {', '.join(sorted(known))}")
     settings = DemoSettings(steps=args.steps, test_limit=args.test_limit, seeds=tuple(seeds))
     ctx = prepare_demo(settings, progress=False, log=print)
     rows: list[dict[str, Any]] = []

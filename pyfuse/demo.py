@@ -122,6 +122,10 @@ class DemoSettings:
             raise ValueError(f"test_limit must be positive, got {self.test_limit}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be one or more distinct integers, got {self.seeds!r}")
+        for name in ("lr", "mask_lr", "inner_lr"):  # checked here, before any model is loaded or fine-tuned
+            value = getattr(self, name)
+            if value is not None and not 0 < float(value) < float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
     @property
     def coefficient_lr(self) -> float:

@@ -178,3 +178,13 @@ def test_demo_command_line_sets_the_adaptive_schedule():
     assert (clip.inner_lr, clip.clamp) == (1.0, False)
     quick = demo_settings(build_parser().parse_args(["demo", "--quick", "--seeds", "3,4"]))
     assert (quick.steps, quick.test_limit, quick.seeds) == (10, 100, (3, 4))
+
+
+@pytest.mark.parametrize("option", ["--lr", "--mask-lr", "--inner-lr"])
+def test_demo_refuses_a_non_positive_learning_rate_before_any_work(option, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", option, "-1", "--out", str(out)]) == 1
+    err = capsys.readouterr()
+    assert f"{option.lstrip('-').replace('-', '_')} must be a positive finite number" in err.err
+    assert "fine-tuned models" not in err.out  # refused before the encoder and models were loaded
+    assert not out.exists()
