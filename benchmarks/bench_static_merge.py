@@ -85,7 +85,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
     output = process.stdout.read().decode(errors="replace")
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
-    return {"wall_s": wall, "peak_rss_anon_mb": peak / 2**20}
+    return {"wall_s": wall, "peak_rss_anon_mib": peak / 2**20}
 
 
 def pyfuse_run(root: Path, trim: str, env: dict[str, str], hash_inputs: bool) -> dict:
@@ -99,7 +99,7 @@ def pyfuse_run(root: Path, trim: str, env: dict[str, str], hash_inputs: bool) ->
     report = json.loads((out / "merge_report.json").read_text())
     result["merge_s"] = report["timings"]["total_s"]
     result["hash_s"] = report["timings"].get("hash_s")
-    result["predicted_peak_rss_anon_mb"] = report["predicted_peak_rss_anon_bytes"] / 2**20
+    result["predicted_peak_rss_anon_mib"] = report["predicted_peak_rss_anon_bytes"] / 2**20
     return result
 
 
@@ -151,7 +151,7 @@ def main() -> None:
     try:
         started = time.perf_counter()
         params, size = build_checkpoints(root, args.scale)
-        print(f"built 3 Llama checkpoints of {params / 1e6:.1f}M parameters ({size / 1e6:.0f} MB each) in "
+        print(f"built 3 Llama checkpoints of {params / 1e6:.1f}M parameters ({size / 2**20:.0f} MiB each) in "
               f"{time.perf_counter() - started:.0f} s under {root}")
         load = [os.getloadavg()[0]]
         runs = []
@@ -173,10 +173,10 @@ def main() -> None:
         for run in runs:
             if reference is not None:
                 run["speedup_vs_mergekit"] = reference["wall_s"] / run["wall_s"]
-                run["memory_vs_mergekit"] = run["peak_rss_anon_mb"] / reference["peak_rss_anon_mb"]
+                run["memory_vs_mergekit"] = run["peak_rss_anon_mib"] / reference["peak_rss_anon_mib"]
         print_table(runs, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
-                           ("hash_s", "of which hash s", ".1f"), ("peak_rss_anon_mb", "peak RssAnon MB", ".0f"),
-                           ("predicted_peak_rss_anon_mb", "predicted MB", ".0f"),
+                           ("hash_s", "of which hash s", ".1f"), ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
+                           ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f"),
                            ("speedup_vs_mergekit", "speed-up", ".1f"), ("memory_vs_mergekit", "memory ratio", ".2f")])
         global_over_tensor = runs[0]["wall_s"] / runs[1]["wall_s"]
         print(f"global / per-tensor time: {global_over_tensor:.2f}; load average {load[0]:.1f} -> {load[1]:.1f} "

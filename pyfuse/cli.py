@@ -198,9 +198,10 @@ def load_merge_config(path: Path) -> dict[str, Any]:
 
 
 def _size(nbytes: int | None) -> str:
+    """Bytes in binary units, the one unit pyfuse prints sizes in (memory is counted in KiB by the kernel)."""
     if nbytes is None:
         return "n/a"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes} B"

@@ -228,10 +228,12 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
             call = _data_merge(method, ctx, stats)
         else:
             result = _adaptive(method, ctx, vectors, tasks, seed, progress, backend)
-            call = _bound(ctx.encoder, result.state_dict)
             curve = {key: result.report[key] for key in ("entropy", "accuracy", "phases", "eval_mask")}
         seconds = time.perf_counter() - clock
-    return evaluate(call, tasks, seed, seconds=seconds, peak=memory.peak, extra=memory.extra, curve=curve)
+    if method in ADAPTIVE_METHODS:  # the run ends by evaluating its merged model on these tasks: not twice
+        return MethodRun(seed, result.report["final_accuracy"], result.report["final_class_share"],
+                         seconds=seconds, peak=memory.peak, extra=memory.extra, curve=curve)
+    return evaluate(call, tasks, seed, seconds=seconds, peak=memory.peak, extra=memory.extra)
 
 
 def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,

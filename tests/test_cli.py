@@ -83,7 +83,7 @@ def test_dry_run_reads_no_tensor_data(llama, tmp_path, capsys, monkeypatch):
     assert main(["merge", str(config), str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "no tensor data was read" in out and "peak memory" in out and "(predicted)" in out
-    assert "output" in out and "kB in 1 shard" in out and "3 over the whole model" in out
+    assert "output" in out and "KiB in 1 shard" in out and "3 over the whole model" in out
     assert not (tmp_path / "out").exists()
 
 

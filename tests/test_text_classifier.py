@@ -71,8 +71,13 @@ def test_task_checks_labels_and_builds_batches(encoder):
     assert [b["input_ids"].shape[0] for b in adaptation.batches] == [4, 2]
     again = task.adaptation_task(encoder, batch_size=4, test_batch_size=5, seed=3)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(adaptation.batches, again.batches))
+    # the labelled test data: every example once, ordered by token count (batches pad to their own texts)
     labels = torch.cat([y for _, y in adaptation.test_data])
-    assert labels.tolist() == LABELS
+    lengths = encoder.token_counts(TEXTS)
+    order = sorted(range(len(TEXTS)), key=lambda i: lengths[i])
+    assert labels.tolist() == [LABELS[i] for i in order]
+    counts = [int(n) for batch, _ in adaptation.test_data for n in batch["attention_mask"].sum(1)]
+    assert counts == sorted(lengths)
     # accuracy by hand from the logits
     with torch.no_grad():
         predicted = class_logits(encoder.module, encoder.tokenize(TEXTS), head).argmax(1)
