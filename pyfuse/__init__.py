@@ -3,7 +3,6 @@
 from . import ops
 from .adaptive import (
     RunOptions,
-    Task,
     adamerging,
     adamerging_pp,
     concrete_adamerging,
@@ -12,6 +11,7 @@ from .adaptive import (
 from .layout import FlatLayout
 from .merge import merge, merge_to_dir
 from .stats import Statistics, collect_statistics
+from .task import Task
 from .taskvectors import TaskVectors
 
 __all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "merge", "merge_to_dir", "ops"]

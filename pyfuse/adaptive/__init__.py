@@ -1,5 +1,6 @@
 """Test-time adaptive merging: AdaMerging, AdaMerging++, Concrete Task Arithmetic and Concrete AdaMerging."""
 
+from ..task import Task, entropy_loss, evaluate_tasks
 from .config import run_from_config
 from .loop import (
     METHODS,
@@ -14,7 +15,6 @@ from .loop import (
 )
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import load_report, plot_report
-from .task import Task, entropy_loss, evaluate_tasks
 from .trim import ties_trim
 
 __all__ = [

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from ..io.atomic import check_output_dir
+from ..task import Task
 from ..taskvectors import TaskVectors
 from .loop import METHODS, MergeResult, RunOptions, Settings, _granularity
-from .task import Task
 
 _VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SECTIONS = {"method", "base", "models", "tasks", "architecture", "vector_dtype", "params", "run"}

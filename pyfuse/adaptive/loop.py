@@ -32,11 +32,11 @@ from ..io.atomic import atomic_dir, atomic_path
 from ..ops import MODES
 from ..ops.backends import resolve
 from ..progress import progress_bar
+from ..task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
 from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
-from .task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
 from .trim import ties_trim
 
 CHECKPOINT_NAME = "checkpoint.pt"

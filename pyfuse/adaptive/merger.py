@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from ..ops import MODES, concrete_merge, sample_concrete_mask
+from ..task import ModelCall, Task
 from ..taskvectors import TaskVectors
-from .task import ModelCall, Task
 
 COEFFICIENTS = ("fixed", "task", "layer")
 # The Philox step counter of the evaluation (and final) mask: no training step reaches it, so the
