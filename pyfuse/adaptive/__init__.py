@@ -15,7 +15,6 @@ from .loop import (
 )
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import load_report, plot_report
-from .trim import ties_trim
 
 __all__ = [
     "EVAL_STEP",
@@ -35,5 +34,4 @@ __all__ = [
     "load_report",
     "plot_report",
     "run_from_config",
-    "ties_trim",
 ]

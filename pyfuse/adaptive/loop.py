@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path
+from ..methods.sparsify import ties_trim
 from ..ops import MODES
 from ..ops.backends import resolve
 from ..progress import progress_bar
@@ -37,7 +38,6 @@ from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
-from .trim import ties_trim
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REPORT_NAME = "report.json"
