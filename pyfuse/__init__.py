@@ -1,15 +1,15 @@
 """pyfuse: merge fine-tuned models into one multi-task model with Concrete subspace learning."""
 
 from . import ops
-from .adaptive import (
+from .layout import FlatLayout
+from .merge import merge, merge_to_dir
+from .methods.adaptive import (
     RunOptions,
     adamerging,
     adamerging_pp,
     concrete_adamerging,
     concrete_task_arithmetic,
 )
-from .layout import FlatLayout
-from .merge import merge, merge_to_dir
 from .stats import Statistics, collect_statistics
 from .task import Task
 from .taskvectors import TaskVectors

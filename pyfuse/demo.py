@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from .adaptive import RunOptions, Task
-from .adaptive import loop as adaptive
 from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
 from .merge import merge, plan_merge
+from .methods import adaptive
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
 from .stats import Statistics, collect_statistics

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..ops import MODES, concrete_merge, sample_concrete_mask
+from ..ops import DEFAULT_TEMPERATURE, MODES, concrete_merge, sample_concrete_mask
 from ..task import ModelCall, Task
 from ..taskvectors import TaskVectors
 
@@ -43,7 +43,7 @@ class ConcreteMerger(torch.nn.Module):
         coefficients: str = "layer",
         init: float = 0.3,
         clamp: bool = False,
-        temperature: float = 0.5,
+        temperature: float = DEFAULT_TEMPERATURE,
         seed: int = 0,
         rescale: bool = True,
         backend: str = "auto",

@@ -18,7 +18,7 @@ import torch
 
 from ..io.sources import TensorSource, open_source
 from ..ops.reference import MODES, concrete_mask
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, choice, integer, number, register
+from . import TEMPERATURE, WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, choice, integer, number, register
 
 FLAT_KEY = "logits"
 _CHUNK = 1 << 20  # elements of logits read at a time when summing a tensor's mask
@@ -41,7 +41,7 @@ class Concrete(StaticMethod):
         "logits": Param(None, _logits_input, "mask logits: a safetensors file, a flat [D] tensor or a dict",
                         path=True),
         "mask": Param("relaxed", choice(*MODES), "relaxed | hard | threshold | none"),
-        "temperature": Param(0.5, number(0, low_open=True), "Concrete temperature T"),
+        "temperature": TEMPERATURE,
         "seed": Param(0, integer(0, 2**64), "Philox key of the mask noise"),
         "step": Param(0, integer(0, 2**32), "Philox step of the mask noise"),
         "rescale": Param(True, boolean, "divide the mask by its mean over each tensor"),

@@ -20,8 +20,10 @@ from .factors import LoraFactors
 from .profiling import nvtx_range
 from .reference import MODES, RELAXED
 
-__all__ = ["concrete_merge", "sample_concrete_mask", "sample_uniform", "MODES"]
+__all__ = ["DEFAULT_TEMPERATURE", "MODES", "concrete_merge", "sample_concrete_mask", "sample_uniform"]
 
+DEFAULT_TEMPERATURE = 0.5
+"""The Concrete temperature T every op and method defaults to (the paper's)."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -278,7 +280,7 @@ def concrete_merge(
     *,
     seed: int,
     step: int = 0,
-    temperature: float = 0.5,
+    temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
     rescale: bool = True,
     backend: str = "auto",
@@ -331,7 +333,7 @@ def sample_concrete_mask(
     *,
     seed: int,
     step: int = 0,
-    temperature: float = 0.5,
+    temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
     backend: str = "auto",
 ) -> torch.Tensor:
