@@ -45,7 +45,7 @@ config (YAML):                  one format for every method
     scaling: 0.3
   dtype: bfloat16               # static/data-aware: optional output dtype (default: the base's)
   shard_size: 5GB               # static/data-aware: optional maximum shard size (default 5GB)
-  tasks: {{math: mypkg.tasks:math}}      # adaptive: per model name, a callable returning a pyfuse.Task
+  tasks: {{math: mypkg.tasks:math}}        # adaptive: per model name, a callable returning a pyfuse.Task
   architecture: mypkg.models:build       # adaptive, optional: called with the base, returns the nn.Module
   vector_dtype: bfloat16                 # adaptive, optional: task-vector storage (default float32)
   run: {{checkpoint_every: 100, eval_every: 100}}   # adaptive, optional: pyfuse.RunOptions
