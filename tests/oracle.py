@@ -25,7 +25,7 @@ def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> t
 
 
 def uniform(seed: int, step: int, j: int) -> float:
-    """u_j as SPEC.md defines it, as a float32 value."""
+    """u_j as docs/concrete-merge.md defines it, as a float32 value."""
     word = philox4x32_10((j & M32, j >> 32, step, 0), (seed & M32, seed >> 32))[0]
     signed = word - 2**32 if word >= 2**31 else word
     signed = ~signed if signed < 0 else signed
@@ -48,7 +48,7 @@ def mask(logits: np.ndarray, seed: int, step: int, temperature: float, mode: str
 
 
 def merge_and_grads(base, tv, logits, weights, offsets, g, *, seed, step, temperature, mode, rescale):
-    """out = b + r * sum_i w tau, and the SPEC's dL/dw and dL/dx for L = sum(g * out)."""
+    """out = b + r * sum_i w tau, and dL/dw and dL/dx for L = sum(g * out) (docs/concrete-merge.md)."""
     tv = np.asarray(tv, dtype=np.float64)
     n, D = tv.shape
     S = len(offsets) - 1

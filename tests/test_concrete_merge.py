@@ -1,4 +1,5 @@
-"""The fused Concrete merge: every backend against the float64 SPEC oracle, against each other, and its gradients."""
+"""The fused Concrete merge: every backend against the float64 oracle (docs/concrete-merge.md), against each
+other, and its gradients."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def test_gradcheck_reference_float64():
 
 
 def autograd_formula(problem, seed, step, temperature):
-    """The SPEC merge written with differentiable torch ops, so autograd derives its gradients."""
+    """The merge of docs/concrete-merge.md written with differentiable torch ops, so autograd derives its gradients."""
     base, tv, logits, weights, offsets = problem
     from pyfuse.ops.philox import concrete_uniform
 
