@@ -30,6 +30,7 @@ from common import write_json  # noqa: E402
 
 from pyfuse.adaptive.loop import AdaptiveLoop, RunOptions, Settings  # noqa: E402
 from pyfuse.demo import DemoSettings, evaluate, prepare_demo  # noqa: E402
+from pyfuse.ops import DEFAULT_TEMPERATURE  # noqa: E402
 from pyfuse.taskvectors import TaskVectors  # noqa: E402
 
 # name: (method, overrides of the demo's Concrete AM settings, evaluation masks)
@@ -93,7 +94,7 @@ def run_variant(ctx, name: str, seed: int, backend: str, eval_masks: set[str] | 
             phase_vectors = _expected_mask_vectors(vectors, meta_result.logits)
             eval_mask = "none"
         settings = Settings(method=method, adapt_steps=steps, eval_mask=eval_mask,
-                            temperature=overrides.get("temperature", 0.5),
+                            temperature=overrides.get("temperature", DEFAULT_TEMPERATURE),
                             **{k: v for k, v in common.items() if k not in ("inner_lr", "inner_optimizer",
                                                                             "temperature")})
         loop = AdaptiveLoop(ctx.encoder.module, phase_vectors, tasks, settings, options)

@@ -499,36 +499,3 @@ def uniform(seed: int, step: int, start: int, count: int, device=None) -> torch.
             out, start, count, seed_lo, seed_hi, step_, BLOCK=block, num_warps=4
         )
     return out
-
-
-_PHASES = ("mask_sums", "merge_apply", "forward", "backward_accumulate", "backward_logits", "backward")
-
-
-def bytes_moved(
-    D: int,
-    n: int,
-    tv_element_size: int,
-    phase: str = "forward",
-    base_element_size: int = 4,
-    logits_element_size: int = 4,
-    grad_element_size: int = 4,
-) -> int:
-    """DRAM bytes a phase reads plus writes for D elements and n task vectors (noisy modes).
-
-    forward = mask_sums (read logits, write m) + merge_apply (read m, base, n task vectors, write the
-    merged fp32 output); backward = backward_accumulate (read grad, task vectors, logits, write g*a)
-    + backward_logits (read and write g*a in place, read logits). fp32 masks and g*a buffers; the
-    per-tile partials and per-segment tables are negligible and left out. The base defaults to fp32.
-    """
-    if phase not in _PHASES:
-        raise ValueError(f"phase must be one of {_PHASES}, got {phase!r}")
-    base = base_element_size
-    per_element = {
-        "mask_sums": logits_element_size + 4,
-        "merge_apply": 4 + base + n * tv_element_size + 4,
-        "backward_accumulate": grad_element_size + n * tv_element_size + logits_element_size + 4,
-        "backward_logits": 4 + logits_element_size + 4,
-    }
-    per_element["forward"] = per_element["mask_sums"] + per_element["merge_apply"]
-    per_element["backward"] = per_element["backward_accumulate"] + per_element["backward_logits"]
-    return D * per_element[phase]

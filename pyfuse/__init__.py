@@ -1,17 +1,17 @@
 """pyfuse: merge fine-tuned models into one multi-task model with Concrete subspace learning."""
 
 from . import ops
-from .adaptive import (
+from .layout import FlatLayout
+from .merge import merge, merge_to_dir
+from .methods.adaptive import (
     RunOptions,
-    Task,
     adamerging,
     adamerging_pp,
     concrete_adamerging,
     concrete_task_arithmetic,
 )
-from .layout import FlatLayout
-from .merge import merge, merge_to_dir
 from .stats import Statistics, collect_statistics
+from .task import Task
 from .taskvectors import TaskVectors
 
 __all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "merge", "merge_to_dir", "ops"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .config import MergeConfig
     from .demo import DemoSettings
 
 _MAIN_EPILOG = """\
@@ -27,27 +28,31 @@ Python: pyfuse.merge("ties", base, [model_a, model_b], density=0.5) returns the 
 """
 
 _MERGE_EPILOG = """\
-config (YAML):
-  method: ties                  # average | task_arithmetic | ties | dare | concrete, or a data-aware
-                                #   fisher | regmean | mats | esm | esm++ (statistics per model, below)
+config (YAML):                  one format for every method
+  method: ties                  # any method listed below
   base: ./llama-base            # the pre-trained model: HF model directory, sharded
                                 #   safetensors directory with its index, or a .safetensors file
   models:                       # the fine-tuned models
     - path: ./llama-math
-      weight: 1.0               # optional per-model weight (default 1)
-    - ./llama-code              # a bare path when no weight is needed
-                                # data-aware methods (fisher, regmean, mats, esm, esm++) also need
-                                #   statistics: ./stats/math.safetensors   per model, saved by
+      weight: 1.0               # optional per-model weight (default 1; static methods)
+      statistics: ./stats/math.safetensors   # data-aware methods: per model, saved by
                                 #   pyfuse.stats.collect_statistics(...).save(path)
+    - ./llama-code              # a bare path when nothing else is needed
+                                # or a mapping of task names to paths: {{math: ./math, code: ./code}}
+                                #   (adaptive methods need the names; so does a list entry's 'name')
   parameters:                   # the method's parameters; anything left out takes its default
     density: 0.5
     scaling: 0.3
-  dtype: bfloat16               # optional output dtype (default: the base's)
-  shard_size: 5GB               # optional maximum shard size (default 5GB)
+  dtype: bfloat16               # static/data-aware: optional output dtype (default: the base's)
+  shard_size: 5GB               # static/data-aware: optional maximum shard size (default 5GB)
+  tasks: {{math: mypkg.tasks:math}}        # adaptive: per model name, a callable returning a pyfuse.Task
+  architecture: mypkg.models:build       # adaptive, optional: called with the base, returns the nn.Module
+  vector_dtype: bfloat16                 # adaptive, optional: task-vector storage (default float32)
+  run: {{checkpoint_every: 100, eval_every: 100}}   # adaptive, optional: pyfuse.RunOptions
 
-Relative paths are resolved from the config file's directory.
+Relative paths are resolved from the config file's directory. Every key is checked before any work.
 
-parameters (default):
+methods: parameters (default)
 {methods}
 examples:
   pyfuse merge ties.yaml ./merged
@@ -60,13 +65,10 @@ sha256 hashes, timings, peak memory). It is written under a temporary name and r
 an existing directory is replaced only with --force, and never when it holds a file the merge reads.
 NaN or inf in an input or the result stops the merge unless --allow-nonfinite.
 
-Adaptive methods (adamerging, adamerging++, concrete_task_arithmetic, concrete_adamerging) import and
-call the module:function entries their config names (see pyfuse/adaptive/config.py): that runs code
-from the config, so they need --trust-code.
+Adaptive methods learn from the unlabeled data of the tasks their config names: they import and call
+those module:function entries, which runs code from the config, so they need --trust-code. Their output
+directory receives checkpoint.pt, report.json, mask.safetensors (Concrete methods) and merged/.
 """
-
-_CONFIG_KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size")
-
 
 @dataclass(frozen=True)
 class Command:
@@ -76,23 +78,19 @@ class Command:
     epilog: str = ""
 
 
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; the message names the file and the entry."""
-
-
 # ---------------------------------------------------------------------------------------------
 # pyfuse merge
 # ---------------------------------------------------------------------------------------------
 def _method_table() -> str:
-    from .methods import StaticMethod, available_methods, get_method
+    from .methods import available_methods, get_method
+    from .methods.adaptive import AdaptiveMethod
     from .methods.data import DataMethod
 
     lines = []
     for name in available_methods():
         cls = get_method(name)
-        if not issubclass(cls, (StaticMethod, DataMethod)):
-            continue
-        needs = f" [statistics: {', '.join(cls.needs)}]" if issubclass(cls, DataMethod) else ""
+        needs = (f" [statistics: {', '.join(cls.needs)}]" if issubclass(cls, DataMethod) else
+                 " [adaptive: tasks, --trust-code]" if issubclass(cls, AdaptiveMethod) else "")
         lines.append(f"  {name}: {cls.summary}{needs}")
         for key, spec in cls.params.items():
             default = "none" if spec.default is None else spec.default
@@ -122,79 +120,6 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="adaptive methods: continue from OUT_DIR/checkpoint.pt to the result an uninterrupted "
                              "run gives")
-
-
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {err.start} cannot be decoded") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-
-
-def load_merge_config(path: Path) -> dict[str, Any]:
-    """The merge a config file describes, as keyword arguments of `plan_merge` (paths resolved)."""
-    from .methods import get_method
-
-    config = _read_yaml(path)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_CONFIG_KEYS)}")
-    unknown = sorted(set(config) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; expected {', '.join(_CONFIG_KEYS)}")
-    for key in ("method", "base", "models"):
-        if key not in config:
-            raise ConfigError(f"{path}: missing {key!r}")
-    if not isinstance(config["method"], str):
-        raise ConfigError(f"{path}: 'method' must be a method name such as ties, got {config['method']!r}")
-    here = path.parent
-
-    def resolve(value: Any, where: str) -> Path:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: {where} must be a path, got {value!r}")
-        return here / Path(value).expanduser()
-
-    models, weights, statistics = [], [], []
-    if not isinstance(config["models"], list) or not config["models"]:
-        raise ConfigError(f"{path}: 'models' must be a non-empty list of fine-tuned models")
-    for i, entry in enumerate(config["models"]):
-        if isinstance(entry, dict):
-            extra = sorted(set(entry) - {"path", "weight", "statistics"})
-            if extra or "path" not in entry:
-                raise ConfigError(f"{path}: models[{i}] needs 'path' and optionally 'weight' and 'statistics', "
-                                  f"got keys {sorted(entry)}")
-            models.append(resolve(entry["path"], f"models[{i}].path"))
-            weights.append(entry.get("weight"))
-            stats = entry.get("statistics")
-            statistics.append(None if stats is None else resolve(stats, f"models[{i}].statistics"))
-        else:
-            models.append(resolve(entry, f"models[{i}]"))
-            weights.append(None)
-            statistics.append(None)
-    if any(st is not None for st in statistics) and None in statistics:
-        raise ConfigError(f"{path}: models[{statistics.index(None)}] has no 'statistics'; a data-aware merge needs "
-                          f"them for every model")
-    params = config.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: 'parameters' must be a mapping of parameter names to values")
-    try:
-        declared = get_method(config["method"]).params
-    except ValueError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    params = {key: (resolve(value, f"parameters.{key}") if key in declared and declared[key].path else value)
-              for key, value in params.items()}
-    if any(w is not None for w in weights):
-        if "weights" in params:
-            raise ConfigError(f"{path}: give weights either per model or in parameters.weights, not both")
-        params["weights"] = [1.0 if w is None else w for w in weights]
-    return {"method": config["method"], "base": resolve(config["base"], "base"), "finetuned": models,
-            "dtype": config.get("dtype"), "shard_size": config.get("shard_size"), "params": params,
-            "statistics": statistics if statistics[0] is not None else None}
 
 
 def _size(nbytes: int | None) -> str:
@@ -239,29 +164,17 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
     return rows
 
 
-def _run_adaptive(args: argparse.Namespace, config: dict[str, Any]) -> int:
-    """Adaptive methods learn from data: `pyfuse.adaptive.run_from_config` runs them (config in its docstring)."""
-    from .adaptive import run_from_config
+def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
+    """Adaptive methods learn from data: `pyfuse.config.run_adaptive` runs them."""
+    from .config import ConfigError, run_adaptive
     from .io.atomic import check_output_dir
 
     if args.dry_run:
-        raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config['method']} needs data")
+        raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config.method.name} needs data")
     check_output_dir(args.out_dir, args.force or args.resume, [args.config])
-    here = args.config.parent
-
-    def resolve(value: Any) -> Any:
-        return str(here / Path(value).expanduser()) if isinstance(value, str) else value
-
-    config = dict(config)
-    config["base"] = resolve(config.get("base"))
-    models = config.get("models")
-    if isinstance(models, dict):
-        config["models"] = {name: resolve(path) for name, path in models.items()}
-    elif isinstance(models, list):
-        config["models"] = [{**m, "path": resolve(m.get("path"))} if isinstance(m, dict) else m for m in models]
-    result = run_from_config(config, args.out_dir, resume=args.resume, force=args.force, trust_code=args.trust_code,
-                             allow_nonfinite=args.allow_nonfinite)
-    print(f"merged with {config['method']} -> {args.out_dir}")
+    result = run_adaptive(config, args.out_dir, resume=args.resume, force=args.force, trust_code=args.trust_code,
+                          allow_nonfinite=args.allow_nonfinite, source=str(args.config))
+    print(f"merged with {config.method.name} -> {args.out_dir}")
     rows = [(f"accuracy {task}", f"{acc:.4f}") for task, acc in result.report["final_accuracy"].items()]
     if result.report["final_average"] is not None:
         rows.append(("average", f"{result.report['final_average']:.4f}"))
@@ -270,21 +183,20 @@ def _run_adaptive(args: argparse.Namespace, config: dict[str, Any]) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .adaptive import METHODS as ADAPTIVE
+    from .config import load_config
     from .io.atomic import check_output_dir
     from .io.writer import ShardedWriter, parse_size
     from .merge import DEFAULT_SHARD_SIZE, plan_merge
 
-    raw = _read_yaml(args.config)
-    if isinstance(raw, dict) and isinstance(raw.get("method"), str) and raw["method"] in ADAPTIVE:
-        return _run_adaptive(args, raw)
-    config = load_merge_config(args.config)
-    plan = plan_merge(config["method"], config["base"], config["finetuned"], dtype=args.dtype or config["dtype"],
-                      device=args.device, threads=args.threads, statistics=config["statistics"],
-                      allow_nonfinite=args.allow_nonfinite, **config["params"])
+    config = load_config(args.config)
+    if config.adaptive:
+        return _run_adaptive(args, config)
+    plan = plan_merge(config.method.name, config.base, config.models, dtype=args.dtype or config.dtype,
+                      device=args.device, threads=args.threads, statistics=config.statistics,
+                      allow_nonfinite=args.allow_nonfinite, **config.parameters)
     # the output location is checked before any tensor data is read, in dry runs too
     target = check_output_dir(args.out_dir, args.force, [args.config, *plan.input_paths()])
-    shard_size = config["shard_size"] or DEFAULT_SHARD_SIZE
+    shard_size = config.shard_size or DEFAULT_SHARD_SIZE
     shards = len(ShardedWriter(target, plan.outputs, parse_size(shard_size)).shard_names)
     summary = plan.summary()
     if args.dry_run:
@@ -476,9 +388,9 @@ COMMANDS: dict[str, Command] = {
                     _add_demo_arguments, _run_demo),
     "finetune": Command("fine-tune the embedded benchmark's task models (full or LoRA), cached by content",
                         _add_finetune_arguments, _run_finetune),
-    "merge": Command("merge fine-tuned models with a static method (average, task_arithmetic, ties, dare, "
-                     "concrete) or an adaptive one (adamerging, adamerging++, concrete_task_arithmetic, "
-                     "concrete_adamerging)", _add_merge_arguments, _run_merge, _MERGE_EPILOG),
+    "merge": Command("merge fine-tuned models with any registered method: static (e.g. ties), data-aware "
+                     "(e.g. regmean) or adaptive (e.g. concrete_adamerging); --help lists them all",
+                     _add_merge_arguments, _run_merge, _MERGE_EPILOG),
     "plot": Command("draw accuracy and entropy versus step from an adaptive merge's report.json into a PNG",
                     _add_plot_arguments, _run_plot),
 }

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from .adaptive import RunOptions, Task
-from .adaptive import loop as adaptive
-from .adaptive.task import evaluate_with_class_shares
 from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
 from .merge import merge, plan_merge
+from .methods import adaptive
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
 from .stats import Statistics, collect_statistics
+from .task import evaluate_with_class_shares
 from .taskvectors import TaskVectors
 
 REPORT_NAME = "report.json"

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from .adaptive.task import ModelCall, Task
 from .io.atomic import atomic_path
 from .io.sources import TensorSource, open_source
 from .progress import progress_bar
+from .task import ModelCall, Task
 
 __all__ = ["KINDS", "Statistics", "collect_statistics", "model_fingerprint"]
 

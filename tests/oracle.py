@@ -1,12 +1,14 @@
-"""Independent float64 re-derivations of SPEC.md, written with Python integers and numpy only.
+"""Independent re-derivations of the math in docs/, written with Python integers, numpy and plain torch ops.
 
 Nothing here imports pyfuse: the Philox stream is a scalar re-implementation and the merge and its
-gradients follow the SPEC formulas term by term, so agreeing with it means agreeing with the SPEC.
+gradients follow the formulas of docs/concrete-merge.md term by term (float64), and the TIES selection
+follows docs/static-methods.md on whole vectors, so agreeing with them means agreeing with the docs.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 M32 = 0xFFFFFFFF
 
@@ -23,7 +25,7 @@ def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> t
 
 
 def uniform(seed: int, step: int, j: int) -> float:
-    """u_j as SPEC.md defines it, as a float32 value."""
+    """u_j as docs/concrete-merge.md defines it, as a float32 value."""
     word = philox4x32_10((j & M32, j >> 32, step, 0), (seed & M32, seed >> 32))[0]
     signed = word - 2**32 if word >= 2**31 else word
     signed = ~signed if signed < 0 else signed
@@ -46,7 +48,7 @@ def mask(logits: np.ndarray, seed: int, step: int, temperature: float, mode: str
 
 
 def merge_and_grads(base, tv, logits, weights, offsets, g, *, seed, step, temperature, mode, rescale):
-    """out = b + r * sum_i w tau, and the SPEC's dL/dw and dL/dx for L = sum(g * out)."""
+    """out = b + r * sum_i w tau, and dL/dw and dL/dx for L = sum(g * out) (docs/concrete-merge.md)."""
     tv = np.asarray(tv, dtype=np.float64)
     n, D = tv.shape
     S = len(offsets) - 1
@@ -73,3 +75,26 @@ def merge_and_grads(base, tv, logits, weights, offsets, g, *, seed, step, temper
         if mode == "relaxed":
             grad_x[lo:hi] = dm * ms * (1 - ms) / temperature
     return out, grad_w, grad_x
+
+
+def ties_select(tau: torch.Tensor, density: float, trim: str = "global", weights: torch.Tensor | None = None,
+                segments: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TIES on task vectors `tau` `[n, D]` (in their dtype): per task, keep |tau| >= the k-th smallest
+    (over the whole vector, or each `segments` span with trim="tensor"), weight, elect
+    `s = sign(sum)` (zeros: the sign of the summed signs, or +1 with trim="tensor"), keep the entries
+    agreeing with s (s = 0 keeps the negative ones). Returns (the kept weighted entries, where kept, s)."""
+    n, numel = tau.shape
+    w = torch.ones(n, dtype=tau.dtype) if weights is None else weights.to(tau.dtype)
+    keep = torch.zeros_like(tau, dtype=torch.bool)
+    for a, z in segments if trim == "tensor" else [(0, numel)]:
+        count = z - a
+        kept = int(count * density)
+        k = count - kept if trim == "global" else count - max(1, kept) + 1
+        for i in range(n):
+            mag = tau[i, a:z].abs()
+            keep[i, a:z] = mag >= (mag.kthvalue(k).values if k > 0 else 0)
+    trimmed = tau * keep * w[:, None]
+    s = torch.sign(trimmed.sum(0))
+    s[s == 0] = torch.sign(s.sum()) if trim == "global" else 1.0
+    agree = torch.where(s > 0, trimmed > 0, trimmed < 0)
+    return trimmed * agree, agree, s

@@ -25,7 +25,7 @@ def _segments(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _mask64(logits: torch.Tensor, step: int, mode: str) -> torch.Tensor:
-    """SPEC's mask in float64 from the shared Philox noise."""
+    """The mask of docs/concrete-merge.md in float64 from the shared Philox noise."""
     if mode == "threshold":
         return (logits > 0).double()
     u = philox.concrete_uniform(SEED, step, 0, logits.numel()).double()

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
-from pyfuse.adaptive import load_report, plot_report, run_from_config
+from pyfuse.adaptive import load_report, plot_report
+from pyfuse.config import run_from_config
 
 from .adaptive_helpers import CLIP_TASKS, DIGIT_TASKS, clip_state_dicts, digits_models, tiny_clip
 
@@ -37,7 +38,7 @@ def _clip_config(root, method, params):
         "tasks": {name: {"factory": "tests.adaptive_helpers:clip_task", "kwargs": {"name": name}}
                   for name in CLIP_TASKS},
         "vector_dtype": "bfloat16",
-        "params": params,
+        "parameters": params,
         "run": RUN,
     }
 
@@ -89,7 +90,7 @@ def test_config_with_an_architecture_callable_saves_plain_safetensors(tmp_path):
         "architecture": "tests.adaptive_helpers:digits_architecture",
         "tasks": {name: {"factory": "tests.adaptive_helpers:digits_task", "kwargs": {"name": name}}
                   for name in DIGIT_TASKS},
-        "params": {"granularity": "task", "steps": 3, "lr": 0.05},
+        "parameters": {"granularity": "task", "steps": 3, "lr": 0.05},
         "run": RUN,
     }
     result = run_from_config(config, tmp_path / "out", trust_code=True)
@@ -105,10 +106,10 @@ def test_config_with_an_architecture_callable_saves_plain_safetensors(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"method": "ties"}, "not adaptive"),
     ({"tasks": {"cars": "tests.adaptive_helpers:clip_task"}}, "tasks must map the model names"),
-    ({"params": {"granularity": "layer", "stepz": 3}}, "stepz"),
+    ({"parameters": {"granularity": "layer", "stepz": 3}}, "stepz"),
     ({"vector_dtype": "int8"}, "vector_dtype"),
     ({"run": {"resume": True}}, "unknown key"),
-    ({"extra": 1}, "unknown section"),
+    ({"extra": 1}, "unknown key 'extra'"),
 ])
 def test_config_errors_name_the_offending_entry(clip_dirs, tmp_path, change, message):
     config = {**_clip_config(clip_dirs, "adamerging", {"steps": 1}), **change}

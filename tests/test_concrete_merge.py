@@ -1,4 +1,5 @@
-"""The fused Concrete merge: every backend against the float64 SPEC oracle, against each other, and its gradients."""
+"""The fused Concrete merge: every backend against the float64 oracle (docs/concrete-merge.md), against each
+other, and its gradients."""
 
 from __future__ import annotations
 
@@ -111,6 +112,22 @@ def test_sample_mask_is_the_mask_the_merge_used(backend, mask):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", MODES)
+def test_sample_mask_of_a_chunk_is_drawn_at_its_global_indices(backend, mask):
+    # the static `concrete` method draws a streamed model's mask chunk by chunk with `start`
+    D = 300
+    logits = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    kw = {"seed": 9, "step": 4, "temperature": 0.7, "mask": mask, "backend": backend}
+    splits = [[D], [1, 99, 200], [37, 263]]
+    pieces = [torch.cat([sample_concrete_mask(chunk, start=int(lo), **kw)
+                         for lo, chunk in zip(np.cumsum([0, *sizes[:-1]]), torch.split(logits, sizes))])
+              for sizes in splits]
+    ref = oracle.mask(logits.double().numpy(), 9, 4, 0.7, mask)
+    for piece in pieces:  # the noise of element j whatever the split: the whole-model mask, to rounding
+        np.testing.assert_allclose(piece.double().numpy(), ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_same_seed_same_result_and_step_changes_it(backend):
     problem = make_problem()
     a = run_op(problem, backend, seed=1, step=0)[0]
@@ -132,7 +149,7 @@ def test_gradcheck_reference_float64():
 
 
 def autograd_formula(problem, seed, step, temperature):
-    """The SPEC merge written with differentiable torch ops, so autograd derives its gradients."""
+    """The merge of docs/concrete-merge.md written with differentiable torch ops, so autograd derives its gradients."""
     base, tv, logits, weights, offsets = problem
     from pyfuse.ops.philox import concrete_uniform
 

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import pyfuse
 import pyfuse.io.writer as writer_module
-from pyfuse.adaptive import run_from_config
 from pyfuse.cli import main
+from pyfuse.config import run_from_config
 from pyfuse.finite import NonFiniteError
 from pyfuse.io.sources import open_source
 from pyfuse.merge import merge_to_dir, plan_merge
@@ -69,7 +69,7 @@ def _digits_config(root, method="adamerging", params=None, tasks_module="tests.a
         "models": {name: str(root / f"{name}.safetensors") for name in DIGIT_TASKS},
         "architecture": f"{tasks_module}:digits_architecture",
         "tasks": {name: {"factory": f"{tasks_module}:digits_task", "kwargs": {"name": name}} for name in DIGIT_TASKS},
-        "params": params if params is not None else {"granularity": "task", "steps": 1},
+        "parameters": params if params is not None else {"granularity": "task", "steps": 1},
         "run": RUN,
     }
 
@@ -94,12 +94,12 @@ def test_1_adaptive_merges_follow_the_output_rules(tmp_path):
     checkpoint = (run / "checkpoint.pt").read_bytes()
     # a rerun without --resume would overwrite the previous run's checkpoint: refused without --force
     with pytest.raises(FileExistsError, match="already exists"):
-        run_from_config({**config, "params": {"granularity": "task", "steps": 2}}, run,
+        run_from_config({**config, "parameters": {"granularity": "task", "steps": 2}}, run,
                                         trust_code=True)
     assert (run / "checkpoint.pt").read_bytes() == checkpoint
     resumed = run_from_config(config, run, trust_code=True, resume=True)
     assert resumed.report["resumed_from"] == 1
-    forced = run_from_config({**config, "params": {"granularity": "task", "steps": 2}}, run,
+    forced = run_from_config({**config, "parameters": {"granularity": "task", "steps": 2}}, run,
                                              trust_code=True, force=True)
     assert forced.report["steps"] == 2
 
@@ -399,11 +399,11 @@ def test_adaptive_settings_are_checked_before_any_model_loads(tmp_path, monkeypa
     def loading(*args, **kwargs):
         raise AssertionError("the models were loaded before the settings were checked")
 
-    monkeypatch.setattr("pyfuse.adaptive.config.TaskVectors.from_models", loading)
+    monkeypatch.setattr("pyfuse.taskvectors.TaskVectors.from_models", loading)
     monkeypatch.setattr("tests.adaptive_helpers.digits_architecture", loading)
     for method, params, message in [
         ("concrete_adamerging", {"temperature": 0}, "temperature must be > 0"),
-        ("adamerging", {"stepz": 3}, "unexpected keyword argument 'stepz'"),
+        ("adamerging", {"stepz": 3}, "unknown parameter 'stepz'"),
         ("adamerging", {"granularity": "tensor"}, "granularity must be 'task'"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -1,4 +1,4 @@
-"""The factored merge `lora_concrete_merge`: against the float64 SPEC oracle on the densified task vectors, against
+"""The factored merge `lora_concrete_merge`: against the float64 oracle on the densified task vectors, against
 the dense op on every backend (forward, both gradients, every mask mode), gradcheck, and the noise contract."""
 
 from __future__ import annotations

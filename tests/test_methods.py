@@ -11,6 +11,8 @@ from pyfuse.ops.philox import concrete_uniform
 from pyfuse.ops.reference import MODES, concrete_mask
 from pyfuse.taskvectors import TaskVectors
 
+from .oracle import ties_select
+
 SHAPES = {"b1": (11,), "emb": (13, 7), "norm": (5,), "w1": (7, 11)}  # sorted: the engine's flat order
 
 
@@ -46,30 +48,15 @@ def _close(merged, expected, **tol):
 
 
 # ---------------------------------------------------------------------------------------------
-# TIES, re-derived from SPEC.md on the flattened model
+# TIES, re-derived on the flattened model (the selection: tests/oracle.py, shared with AdaMerging++)
 # ---------------------------------------------------------------------------------------------
 def ref_ties(base, fts, density=0.2, scaling=0.3, merge_func="sum", trim="global", weights=None):
     shapes = {k: v.shape for k, v in base.items() if v.is_floating_point()}
     b = _flat(base, shapes)
     tau = torch.stack([_flat(ft, shapes) - b for ft in fts])
-    n, D = tau.shape
-    w = torch.ones(n) if weights is None else torch.tensor(weights)
-    keep = torch.zeros_like(tau, dtype=torch.bool)
-    sizes = [s.numel() for s in shapes.values()]
-    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    segments = [(0, D)] if trim == "global" else list(zip(bounds[:-1], bounds[1:]))
-    for a, z in segments:
-        count = z - a
-        kept = int(count * density)
-        k = count - kept if trim == "global" else count - max(1, kept) + 1
-        for i in range(n):
-            mag = tau[i, a:z].abs()
-            keep[i, a:z] = mag >= (mag.kthvalue(k).values if k > 0 else 0)
-    trimmed = tau * keep * w[:, None]
-    s = torch.sign(trimmed.sum(0))
-    s[s == 0] = torch.sign(s.sum()) if trim == "global" else 1.0
-    agree = torch.where(s > 0, trimmed > 0, trimmed < 0)
-    selected = trimmed * agree
+    w = torch.ones(len(fts)) if weights is None else torch.tensor(weights)
+    bounds = torch.tensor([0, *[s.numel() for s in shapes.values()]]).cumsum(0).tolist()
+    selected, agree, s = ties_select(tau, density, trim, w, list(zip(bounds[:-1], bounds[1:])))
     if merge_func == "sum":
         merged = selected.sum(0)
     elif merge_func == "mean":

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyfuse.io.select import kth_smallest_magnitude, kth_smallest_magnitude_bits, magnitude_bits
+from pyfuse.methods.select import kth_smallest_magnitude, kth_smallest_magnitude_bits, magnitude_bits
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ from scipy.stats import spearmanr  # noqa: E402
 
 import pyfuse  # noqa: E402
 from pyfuse.adaptive import ConcreteMerger  # noqa: E402
-from pyfuse.adaptive.task import evaluate_tasks  # noqa: E402
 from pyfuse.data.glue import GLUE_TASKS, glue_batches  # noqa: E402
 from pyfuse.models.hub import ModelNotFoundError  # noqa: E402
 from pyfuse.models.lora import lora_task_vectors  # noqa: E402
@@ -28,6 +27,7 @@ from pyfuse.models.t5 import (  # noqa: E402
     load_flan_t5,
     paper_adapter_id,
 )
+from pyfuse.task import evaluate_tasks  # noqa: E402
 
 from .test_glue_data import glue_rows, tiny_tokenizer  # noqa: E402
 from .test_lora import make_adapter, tiny_t5  # noqa: E402

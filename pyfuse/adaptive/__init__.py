@@ -1,39 +1,24 @@
-"""Test-time adaptive merging: AdaMerging, AdaMerging++, Concrete Task Arithmetic and Concrete AdaMerging."""
+"""The engine of test-time adaptive merging: the bi-level loop, the Concrete merger, checkpoints and reports.
 
-from .config import run_from_config
-from .loop import (
-    METHODS,
-    AdaptiveLoop,
-    MergeResult,
-    RunOptions,
-    Settings,
-    adamerging,
-    adamerging_pp,
-    concrete_adamerging,
-    concrete_task_arithmetic,
-)
+The methods that run it (adamerging, adamerging++, concrete_task_arithmetic, concrete_adamerging) are
+registered in `pyfuse.methods.adaptive`; `pyfuse.config` runs them from a config file.
+"""
+
+from ..task import Task, entropy_loss, evaluate_tasks
+from .loop import AdaptiveLoop, MergeResult, RunOptions, Settings
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import load_report, plot_report
-from .task import Task, entropy_loss, evaluate_tasks
-from .trim import ties_trim
 
 __all__ = [
     "EVAL_STEP",
-    "METHODS",
     "AdaptiveLoop",
     "ConcreteMerger",
     "MergeResult",
     "RunOptions",
     "Settings",
     "Task",
-    "adamerging",
-    "adamerging_pp",
-    "concrete_adamerging",
-    "concrete_task_arithmetic",
     "entropy_loss",
     "evaluate_tasks",
     "load_report",
     "plot_report",
-    "run_from_config",
-    "ties_trim",
 ]

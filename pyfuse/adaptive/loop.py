@@ -1,4 +1,5 @@
-"""Test-time adaptive merging: AdaMerging, AdaMerging++, Concrete Task Arithmetic, Concrete AdaMerging.
+"""The engine of test-time adaptive merging; the methods that run it (AdaMerging, AdaMerging++, Concrete Task
+Arithmetic, Concrete AdaMerging) are registered in `pyfuse.methods.adaptive` (docs/adaptive-methods.md).
 
 A run has up to two phases over one global step count:
 - "meta" (Algorithm 1): per outer step t, the relaxed mask is sampled with t as the Philox counter; if the
@@ -29,15 +30,14 @@ from safetensors.torch import save_file
 
 from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path
-from ..ops import MODES
+from ..ops import DEFAULT_TEMPERATURE, MODES
 from ..ops.backends import resolve
 from ..progress import progress_bar
+from ..task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
 from ..taskvectors import TaskVectors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .merger import EVAL_STEP, ConcreteMerger
 from .report import write_report
-from .task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
-from .trim import ties_trim
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REPORT_NAME = "report.json"
@@ -62,7 +62,7 @@ class Settings:
     inner_optimizer: str = "adam"
     mask_lr: float = 1e-3
     lr: float = 1e-3
-    temperature: float = 0.5
+    temperature: float = DEFAULT_TEMPERATURE
     seed: int = 0
     eval_mask: str = "none"
     rescale: bool = True
@@ -396,81 +396,3 @@ def _differences(expected: dict[str, Any], found: dict[str, Any], prefix: str = 
         elif a != b:
             out.append(f"{prefix}{key} (this run {a!r}, checkpoint {b!r})")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The four methods
-# ----------------------------------------------------------------------------------------------
-def adamerging(
-    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-    granularity: str = "layer", steps: int = 1000, lr: float = 1e-3, init: float = 0.3, clamp: bool = False,
-    options: RunOptions | None = None,
-) -> MergeResult:
-    """AdaMerging: task-wise (`granularity="task"`, `[n]`) or layer-wise (`"layer"`, `[n, S]`) coefficients
-    learned by entropy minimisation on the tasks' unlabeled batches (Adam)."""
-    settings = Settings(method="adamerging", coefficients=_granularity(granularity), adapt_steps=steps, lr=lr,
-                        init=init, clamp=clamp)
-    return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
-
-
-def adamerging_pp(
-    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-    density: float = 0.2, granularity: str = "layer", steps: int = 1000, lr: float = 1e-3, init: float = 0.3,
-    clamp: bool = False, options: RunOptions | None = None,
-) -> MergeResult:
-    """AdaMerging++: AdaMerging over the TIES-trimmed, sign-agreeing task vectors (`ties_trim`)."""
-    trimmed = dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, density))
-    settings = Settings(method="adamerging++", coefficients=_granularity(granularity), adapt_steps=steps, lr=lr,
-                        init=init, clamp=clamp, density=density)
-    return AdaptiveLoop(model, trimmed, tasks, settings, options).run()
-
-
-def concrete_task_arithmetic(
-    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-    scale: float = 0.3, steps: int = 2000, mask_lr: float = 1e-3, temperature: float = 0.5,
-    eval_mask: str = "relaxed", rescale: bool = True, seed: int = 0, options: RunOptions | None = None,
-) -> MergeResult:
-    """Concrete Task Arithmetic (Algorithms 1 and 2): task arithmetic with `scale` fixed; only the mask logits
-    are learned. The merged model uses the `eval_mask` sample ("relaxed", "hard" or "threshold")."""
-    settings = Settings(method="concrete_task_arithmetic", coefficients="fixed", meta_steps=steps, init=scale,
-                        mask_lr=mask_lr, temperature=temperature, seed=seed, eval_mask=_eval_mask(eval_mask),
-                        rescale=rescale)
-    return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
-
-
-def concrete_adamerging(
-    model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-    granularity: str = "layer", meta_steps: int = 2000, adamerging_steps: int = 1000, inner_steps: int = 1,
-    inner_lr: float = 1.0, inner_optimizer: str = "adam", mask_lr: float = 1e-3, lr: float = 1e-3, init: float = 0.3,
-    clamp: bool = False, temperature: float = 0.5, eval_mask: str = "relaxed", rescale: bool = True, seed: int = 0,
-    options: RunOptions | None = None,
-) -> MergeResult:
-    """Concrete AdaMerging (Algorithms 1 and 3): learn the shared mask with the bi-level loop (inner steps on
-    the coefficients, Adam `inner_lr`; outer steps on the logits, Adam `mask_lr`), then fix the `eval_mask`
-    sample and run plain AdaMerging (Adam `lr`) for `adamerging_steps`. The defaults are the CLIP ones;
-    the authors use `inner_lr=0.1, mask_lr=1e-4` for Flan-T5."""
-    settings = Settings(method="concrete_adamerging", coefficients=_granularity(granularity), meta_steps=meta_steps,
-                        inner_steps=inner_steps, adapt_steps=adamerging_steps, init=init, clamp=clamp,
-                        inner_lr=inner_lr, inner_optimizer=inner_optimizer, mask_lr=mask_lr, lr=lr,
-                        temperature=temperature, seed=seed, eval_mask=_eval_mask(eval_mask), rescale=rescale)
-    return AdaptiveLoop(model, task_vectors, tasks, settings, options).run()
-
-
-def _granularity(value: str) -> str:
-    if value not in ("task", "layer"):
-        raise ValueError(f"granularity must be 'task' (one coefficient per task) or 'layer', got {value!r}")
-    return value
-
-
-def _eval_mask(value: str) -> str:
-    if value not in EVAL_MASKS:
-        raise ValueError(f"eval_mask must be one of {EVAL_MASKS}, got {value!r}")
-    return value
-
-
-METHODS = {
-    "adamerging": adamerging,
-    "adamerging++": adamerging_pp,
-    "concrete_task_arithmetic": concrete_task_arithmetic,
-    "concrete_adamerging": concrete_adamerging,
-}

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..ops import MODES, concrete_merge, sample_concrete_mask
+from ..ops import DEFAULT_TEMPERATURE, MODES, concrete_merge, sample_concrete_mask
+from ..task import ModelCall, Task
 from ..taskvectors import TaskVectors
-from .task import ModelCall, Task
 
 COEFFICIENTS = ("fixed", "task", "layer")
 # The Philox step counter of the evaluation (and final) mask: no training step reaches it, so the
@@ -43,7 +43,7 @@ class ConcreteMerger(torch.nn.Module):
         coefficients: str = "layer",
         init: float = 0.3,
         clamp: bool = False,
-        temperature: float = 0.5,
+        temperature: float = DEFAULT_TEMPERATURE,
         seed: int = 0,
         rescale: bool = True,
         backend: str = "auto",

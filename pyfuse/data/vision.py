@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adaptive.task import Task
+from ..task import Task
 
 if TYPE_CHECKING:
     from ..models.clip import ClipClassifier

@@ -2,7 +2,13 @@
 
 Any method is a `Method` subclass with a `name` and a `params` table (`Param`: default, check, help),
 registered with `@register`; `create_method(name, **params)` validates the parameters with errors that
-name the method and the parameter. Adaptive methods (which need data) register the same way.
+name the method and the parameter. Where a new method goes (docs/README.md, "Adding a method"):
+
+- static (data-free): a `StaticMethod` (below) in its own module here, e.g. `ties.py`; sparsifying methods
+  build on the shared core `sparsify.py`;
+- data-aware (per-model statistics): a `data.DataMethod`, e.g. `fisher.py`;
+- adaptive (learned at test time on unlabeled batches): an `adaptive.AdaptiveMethod` in `adaptive.py`,
+  which hands its settings to the engine in `pyfuse.adaptive`.
 
 Static (data-free) methods subclass `StaticMethod` and merge chunk by chunk, so one piece of code serves
 a state dict in memory and a checkpoint streamed from disk alike:
@@ -27,6 +33,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..layout import FlatLayout
+from ..ops import DEFAULT_TEMPERATURE
 
 __all__ = [
     "Chunk", "MergeContext", "Method", "Param", "REQUIRED", "StaticMethod",
@@ -63,6 +70,8 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
+    #: learned at test time from the tasks' unlabeled data (`adaptive.AdaptiveMethod`)
+    learns: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.config = resolve_params(self.name, self.params, params)
@@ -153,7 +162,16 @@ def numbers(value: Any) -> tuple[float, ...]:
     return tuple(number()(v) for v in value)
 
 
+def positive(value: Any) -> float:
+    """A finite number > 0."""
+    value = number()(value)
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return value
+
+
 WEIGHTS = Param(None, numbers, "per-model weights, one per fine-tuned model (default: all 1)")
+TEMPERATURE = Param(DEFAULT_TEMPERATURE, positive, "Concrete temperature T, > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +204,10 @@ def get_method(name: str) -> type[Method]:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(available_methods())}") from None
+        adaptive = [m for m in available_methods() if _METHODS[m].learns]
+        merges = [m for m in available_methods() if not _METHODS[m].learns]
+        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(merges)}; adaptive (learned on "
+                         f"unlabeled task data): {', '.join(adaptive)}") from None
 
 
 def create_method(name: str, **params: Any) -> Method:
@@ -266,4 +287,4 @@ class StaticMethod(Method):
 
 
 # the built-in methods register themselves on import
-from . import concrete, dare, esm, fisher, linear, mats, regmean, ties  # noqa: E402,F401
+from . import adaptive, concrete, dare, esm, fisher, linear, mats, regmean, ties  # noqa: E402,F401

@@ -1,9 +1,10 @@
-"""Concrete merging with a given mask: `out_j = b_j + r_j * scaling * sum_i w_i tau_ij`, as in SPEC.md.
+"""Concrete merging with a given mask: `out_j = b_j + r_j * scaling * sum_i w_i tau_ij` (docs/concrete-merge.md).
 
 The mask logits come from a file or tensors: one tensor per parameter, named and shaped like it, or one
 flat tensor named "logits" of length D, in the engine's layout order (the base's floating tensors sorted
-by name). The mask `m` is drawn exactly as `pyfuse.ops.concrete_merge` draws it for that flat model: the
-noise is indexed by the global flat position, so a model merged tensor by tensor (or streamed chunk by
+by name). The mask `m` is drawn by the op (`pyfuse.ops.sample_concrete_mask`, on the fastest backend) as
+`pyfuse.ops.concrete_merge` draws it for that flat model (up to rounding): the noise is indexed by the
+global flat position, so a model merged tensor by tensor (or streamed chunk by
 chunk) gets the same mask as one merged in one flat buffer. `r = m / mean(m over the tensor)` with `rescale`;
 a tensor whose mask is all zero stays at the base.
 """
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 
 from ..io.sources import TensorSource, open_source
-from ..ops.reference import MODES, concrete_mask
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, choice, integer, number, register
+from ..ops import MODES, sample_concrete_mask
+from . import TEMPERATURE, WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, choice, integer, number, register
 
 FLAT_KEY = "logits"
 _CHUNK = 1 << 20  # elements of logits read at a time when summing a tensor's mask
@@ -41,7 +42,7 @@ class Concrete(StaticMethod):
         "logits": Param(None, _logits_input, "mask logits: a safetensors file, a flat [D] tensor or a dict",
                         path=True),
         "mask": Param("relaxed", choice(*MODES), "relaxed | hard | threshold | none"),
-        "temperature": Param(0.5, number(0, low_open=True), "Concrete temperature T"),
+        "temperature": TEMPERATURE,
         "seed": Param(0, integer(0, 2**64), "Philox key of the mask noise"),
         "step": Param(0, integer(0, 2**32), "Philox step of the mask noise"),
         "rescale": Param(True, boolean, "divide the mask by its mean over each tensor"),
@@ -96,8 +97,8 @@ class Concrete(StaticMethod):
     def _mask(self, index: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
         p = self.config
         start = int(self._layout.offsets[index]) + lo
-        return concrete_mask(self._logits(index, lo, hi, device), p["seed"], p["step"], p["temperature"],
-                             MODES.index(p["mask"]), start)
+        return sample_concrete_mask(self._logits(index, lo, hi, device), seed=p["seed"], step=p["step"],
+                                    temperature=p["temperature"], mask=p["mask"], start=start)
 
     def plan(self, ctx: MergeContext, index: int) -> float:
         """1 / mean of the tensor's mask (1 without rescaling, 0 for an all-zero mask)."""

@@ -1,6 +1,7 @@
 """DARE: drop each task-vector entry with probability p, rescale the survivors by 1/(1-p), then merge them.
 
-The drop is drawn from the project's counter-based Philox stream (`pyfuse.ops.philox`): entry j of task i
+The drop (`pyfuse.methods.sparsify.drop_rescale`, the shared core) is drawn from the project's
+counter-based Philox stream (`pyfuse.ops.philox`): entry j of task i
 is kept when `u >= p`, with `u` the uniform for key `seed`, counter `(j, step=i)`. Being a function of the
 global flat index, the same entries are dropped whatever the chunking, in memory or streamed, and the
 pre-passes of the method that follows (TIES' thresholds) see exactly the vectors it then merges.
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..ops import sample_uniform
 from . import Chunk, MergeContext, Param, StaticMethod, choice, create_method, integer, number, register
+from .sparsify import drop_rescale
 
 _THEN = ("task_arithmetic", "ties")
 
@@ -58,11 +59,7 @@ class Dare(StaticMethod):
         p = self.config["p"]
         if p == 0:
             return chunk
-        deltas = chunk.deltas / (1 - p)
-        for task, row in enumerate(deltas):
-            u = sample_uniform(len(chunk), seed=self.config["seed"], step=task, start=chunk.start, device=row.device)
-            row.masked_fill_(u < p, 0.0)
-        return dataclasses.replace(chunk, deltas=deltas)
+        return dataclasses.replace(chunk, deltas=drop_rescale(chunk.deltas, p, self.config["seed"], chunk.start))
 
     def bind(self, layout, n) -> None:
         self.inner.bind(layout, n)

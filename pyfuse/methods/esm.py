@@ -1,4 +1,4 @@
-"""ESM and ESM++: Essential Subspace Merging, static and routed (SPEC.md, ESM / ESM++).
+"""ESM and ESM++: Essential Subspace Merging, static and routed (docs/data-aware-methods.md).
 
 Essential Subspace Decomposition (ESD) of a Linear layer's update `dW_t` (`[out, in]`) for task t: the
 activation shift `dO_t = X_t dW_t^T` on sampled layer inputs `X_t` (`[m, in]`); its uncentered PCA by SVD,

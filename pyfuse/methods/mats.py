@@ -1,6 +1,7 @@
 """MaTS: merging by matching models in their task subspaces, solved per tensor by conjugate gradient.
 
-For each parameter tensor the merge solves `(sum_i C_i) theta = sum_i C_i theta_i` (SPEC.md, MaTS), with
+For each parameter tensor the merge solves `(sum_i C_i) theta = sum_i C_i theta_i`
+(docs/data-aware-methods.md, MaTS), with
 `C_i` one of
 - `diagonal_fisher`: `diag(F_i)`, the diagonal Fisher of the parameter;
 - `regmean`: `I kron G_i`, `G_i` the input Gram of a Linear layer (closed form `W^T = (sum G_i)^-1 sum G_i W_i^T`);

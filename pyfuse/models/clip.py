@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..adaptive.task import ModelCall, Task
 from ..io.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorSource, open_source
 from ..progress import progress_bar
+from ..task import ModelCall, Task
 from .hub import WEIGHT_FILES, ModelNotFoundError, resolve_model_dir
 
 DEFAULT_HF_MODEL = "openai/clip-vit-base-patch32"

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..adaptive.task import ModelCall, Task, evaluate_tasks
 from ..data.glue import GlueSpec, glue_batches, glue_spec, glue_test_data
+from ..task import ModelCall, Task, evaluate_tasks
 from ..taskvectors import TaskVectors
 from .hub import resolve_model_dir
 from .lora import lora_task_vectors

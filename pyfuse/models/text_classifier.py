@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..adaptive.task import ModelCall, Task
+from ..task import ModelCall, Task
 from .hub import ModelNotFoundError, resolve_model_dir
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"

@@ -18,10 +18,12 @@ from ..finite import check_finite
 from . import backends
 from .factors import LoraFactors
 from .profiling import nvtx_range
-from .reference import MODES, RELAXED
+from .reference import HARD, MODES, RELAXED, mask_from_noise
 
-__all__ = ["concrete_merge", "sample_concrete_mask", "sample_uniform", "MODES"]
+__all__ = ["DEFAULT_TEMPERATURE", "MODES", "concrete_merge", "sample_concrete_mask", "sample_uniform"]
 
+DEFAULT_TEMPERATURE = 0.5
+"""The Concrete temperature T every op and method defaults to (the paper's)."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -278,7 +280,7 @@ def concrete_merge(
     *,
     seed: int,
     step: int = 0,
-    temperature: float = 0.5,
+    temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
     rescale: bool = True,
     backend: str = "auto",
@@ -331,16 +333,26 @@ def sample_concrete_mask(
     *,
     seed: int,
     step: int = 0,
-    temperature: float = 0.5,
+    temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
+    start: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exactly the mask `m` (before rescaling) that `concrete_merge` applies for the same arguments."""
+    """Exactly the mask `m` (before rescaling) that `concrete_merge` applies for the same arguments.
+
+    With `start`, `logits` are the elements [start, start + D) of a longer flat model (a chunk of a model
+    merged piece by piece): their uniforms come from the backend's Philox stream at those indices and
+    the mask follows from them as in `reference.mask_from_noise`: the whole-model mask, up to rounding.
+    """
     _check_scalars(seed, step, temperature, mask)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     name = backends.resolve(backend, logits.device)
     _check_logits(logits, backends.BACKENDS[name].compute_dtypes)
+    if start is not None:
+        mode = MODES.index(mask)
+        u = sample_uniform(logits.numel(), seed=seed, step=step, start=start, device=logits.device, backend=name)
+        return mask_from_noise(logits, u if mode in (RELAXED, HARD) else None, float(temperature), mode)
     whole = torch.tensor([0, logits.numel()], dtype=torch.int64, device=logits.device)
     m = torch.empty_like(logits)
     with nvtx_range("concrete_merge.sample_mask"):

@@ -38,12 +38,19 @@ def concrete_mask(
     logits: torch.Tensor, seed: int, step: int, temperature: float, mode: int, start: int = 0
 ) -> torch.Tensor:
     """The mask m for elements [start, start + len(logits)) of the global index space."""
-    x = logits
+    if mode in (NONE, THRESHOLD):
+        return mask_from_noise(logits, None, temperature, mode)
+    u = concrete_uniform(seed, step, start, logits.numel(), device=logits.device)
+    return mask_from_noise(logits, u, temperature, mode)
+
+
+def mask_from_noise(x: torch.Tensor, u: torch.Tensor | None, temperature: float, mode: int) -> torch.Tensor:
+    """The mask m from the logits and their uniforms u (unused by the "none" and "threshold" modes)."""
     if mode == NONE:
         return torch.ones_like(x)
     if mode == THRESHOLD:
         return (x > 0).to(x.dtype)
-    u = concrete_uniform(seed, step, start, x.numel(), device=x.device).to(x.dtype)
+    u = u.to(x.dtype)
     noisy = torch.log(u) - torch.log1p(-u) + x
     if mode == HARD:
         return (noisy > 0).to(x.dtype)

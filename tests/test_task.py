@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from pyfuse.adaptive import Task, entropy_loss
-from pyfuse.adaptive.task import BatchStream
+from pyfuse.task import BatchStream, Task, entropy_loss
 
 
 def test_entropy_loss_closed_forms():

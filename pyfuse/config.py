@@ -1,0 +1,288 @@
+"""One merge config for every method, static, data-aware or adaptive, checked as a whole before any work.
+
+A config is a mapping (a parsed YAML file, or a dict in Python)::
+
+    method: ties                     # any registered method (`pyfuse merge --help` lists them)
+    base: ./base                     # the pre-trained model: HF directory, sharded safetensors, or a file
+    models:                          # the fine-tuned models: a list of paths or entries ...
+      - ./math
+      - {path: ./code, weight: 2.0, statistics: ./stats/code.safetensors, name: code}
+                                     # ... or a mapping of names to paths: {math: ./math, code: ./code}
+    parameters: {density: 0.5}       # the method's parameters (its Param table); the rest take defaults
+    # static and data-aware methods only
+    dtype: bfloat16                  # output dtype (default: the base's)
+    shard_size: 5GB                  # maximum shard size
+    # adaptive methods only
+    tasks: {math: mypkg.tasks:math}  # per model name, a callable returning a pyfuse.Task (or {factory, kwargs})
+    architecture: mypkg.models:build # optional: called with the base, returns the nn.Module
+    vector_dtype: bfloat16           # optional task-vector storage: float32 (default), bfloat16, float16
+    run: {checkpoint_every: 100}     # pyfuse.RunOptions
+
+`check_config` validates every key (sections, method, models, the method's parameters, the adaptive
+sections) and resolves relative paths against the config file's directory; errors name the file (or
+"config") and the key. An adaptive config names Python callables, which run only with `trust_code`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import Method, available_methods, get_method
+from .methods.adaptive import AdaptiveMethod, MergeResult, RunOptions
+from .task import Task
+
+COMMON_KEYS = ("method", "base", "models", "parameters")
+STATIC_KEYS = ("dtype", "shard_size")
+ADAPTIVE_KEYS = ("tasks", "architecture", "vector_dtype", "run")
+VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODEL_KEYS = ("path", "name", "weight", "statistics")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file (or "config") and the entry."""
+
+
+@dataclass
+class MergeConfig:
+    """A checked config: the method instance (validated parameters) and its inputs, paths resolved."""
+
+    method: Method
+    base: Any
+    models: list[Any]
+    names: list[str | None]
+    parameters: dict[str, Any]
+    statistics: list[Any] | None = None
+    dtype: str | None = None
+    shard_size: str | int | None = None
+    tasks: dict[str, Any] = field(default_factory=dict)
+    architecture: str | None = None
+    vector_dtype: str = "float32"
+    run: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.method, AdaptiveMethod)
+
+
+def read_yaml(path: Path) -> Any:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {err.start} cannot be decoded") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def load_config(path: Path) -> MergeConfig:
+    """The checked config of a YAML file, relative paths resolved from its directory."""
+    return check_config(read_yaml(path), str(path), path.parent)
+
+
+def check_config(config: Any, source: str = "config", here: Path | None = None) -> MergeConfig:
+    """Every key of `config` checked (errors start with `source`); paths joined to `here` when given."""
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{source}: {message}")
+
+    if not isinstance(config, Mapping):
+        raise fail(f"expected a mapping with keys {', '.join(COMMON_KEYS)}, ...")
+    if "params" in config:
+        raise fail("'params' is now 'parameters' (the same key for every method); rename it")
+    known = COMMON_KEYS + STATIC_KEYS + ADAPTIVE_KEYS
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r}; expected {', '.join(known)}")
+    for key in ("method", "base", "models"):
+        if key not in config:
+            raise fail(f"missing {key!r}")
+    if not isinstance(config["method"], str):
+        raise fail(f"'method' must be a method name such as ties, got {config['method']!r}")
+    try:
+        cls = get_method(config["method"])
+    except ValueError as err:
+        raise fail(str(err)) from None
+    adaptive = issubclass(cls, AdaptiveMethod)
+    wrong = sorted(set(config) & set(STATIC_KEYS if adaptive else ADAPTIVE_KEYS))
+    if wrong:
+        raise fail(f"{wrong[0]!r} is for {'static' if adaptive else 'adaptive'} methods, not {config['method']}")
+
+    def resolve(value: Any, where: str) -> Any:
+        if isinstance(value, os.PathLike) or (isinstance(value, str) and value):
+            return value if here is None else here / Path(value).expanduser()
+        raise fail(f"{where} must be a path, got {value!r}")
+
+    models, names, weights, statistics = _models(config["models"], resolve, fail)
+    params = config.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise fail("'parameters' must be a mapping of parameter names to values")
+    params = {key: (resolve(value, f"parameters.{key}") if key in cls.params and cls.params[key].path else value)
+              for key, value in params.items()}
+    if any(w is not None for w in weights):
+        if adaptive:
+            raise fail(f"models: {config['method']} learns its coefficients; give no 'weight'")
+        if "weights" in params:
+            raise fail("give weights either per model or in parameters.weights, not both")
+        params["weights"] = [1.0 if w is None else w for w in weights]
+    if any(st is not None for st in statistics):
+        if None in statistics:
+            raise fail(f"models[{statistics.index(None)}] has no 'statistics'; a data-aware merge needs them for "
+                       "every model")
+    try:
+        method = cls(**params)
+    except (TypeError, ValueError) as err:
+        raise fail(str(err)) from None
+    checked = MergeConfig(method=method, base=resolve(config["base"], "base"), models=models, names=names,
+                          parameters=params, statistics=statistics if statistics[0] is not None else None)
+    if not adaptive:
+        checked.dtype, checked.shard_size = config.get("dtype"), config.get("shard_size")
+        return checked
+
+    if None in names or len(set(names)) != len(names):
+        raise fail("models of an adaptive method need distinct task names: map names to paths, or give each "
+                   "entry a 'name'")
+    tasks = config.get("tasks")
+    if not isinstance(tasks, Mapping) or sorted(tasks) != sorted(names):
+        raise fail(f"tasks must map the model names {sorted(names)} to task factories, got "
+                   f"{sorted(tasks) if isinstance(tasks, Mapping) else tasks!r}")
+    dtype_name = config.get("vector_dtype", "float32")
+    if dtype_name not in VECTOR_DTYPES:
+        raise fail(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}, got {dtype_name!r}")
+    run = dict(config.get("run") or {})
+    allowed = set(RunOptions.__dataclass_fields__) - {"out_dir", "resume", "allow_nonfinite"}  # given as arguments
+    unknown = sorted(set(run) - allowed)
+    if unknown:
+        raise fail(f"run has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    checked.tasks, checked.architecture = dict(tasks), config.get("architecture")
+    checked.vector_dtype, checked.run = dtype_name, run
+    return checked
+
+
+def _models(entries: Any, resolve, fail) -> tuple[list, list, list, list]:
+    """Paths, names, weights and statistics of the `models` section (a list of entries, or names to paths)."""
+    if isinstance(entries, Mapping):
+        entries = [{"name": name, "path": path} for name, path in entries.items()]
+    if not isinstance(entries, list) or not entries:
+        raise fail("'models' must be a non-empty list of fine-tuned models (or a mapping of names to paths)")
+    models, names, weights, statistics = [], [], [], []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, Mapping):
+            extra = sorted(set(entry) - set(_MODEL_KEYS))
+            if extra or "path" not in entry:
+                raise fail(f"models[{i}] needs 'path' and optionally 'name', 'weight' and 'statistics', got keys "
+                           f"{sorted(entry)}")
+            stats = entry.get("statistics")
+            models.append(resolve(entry["path"], f"models[{i}].path"))
+            names.append(entry.get("name"))
+            weights.append(entry.get("weight"))
+            statistics.append(None if stats is None else resolve(stats, f"models[{i}].statistics"))
+        else:
+            models.append(resolve(entry, f"models[{i}]"))
+            names.append(None)
+            weights.append(None)
+            statistics.append(None)
+    return models, names, weights, statistics
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an adaptive config
+# ---------------------------------------------------------------------------------------------
+def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: bool = False, force: bool = False,
+                 trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config") -> MergeResult:
+    """Run a checked adaptive config; outputs go to `out_dir` (see `run_from_config`)."""
+    from .io.atomic import check_output_dir
+    from .taskvectors import TaskVectors
+
+    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **config.run)
+    code = [f"tasks.{name}" for name in config.tasks] + (["architecture"] if config.architecture else [])
+    if not trust_code:
+        raise PermissionError(f"{source}: {', '.join(code)} name Python callables that would be imported and run; "
+                              "pass --trust-code (trust_code=True) only for a config whose code you trust")
+    inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
+    check_output_dir(out_dir, force or resume, inputs)
+
+    base, architecture = config.base, config.architecture
+    model = _load_callable(architecture, "architecture", source)(base) if architecture else _auto_model(base, source)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{source}: architecture {architecture!r} returned a {type(model).__name__}, not an "
+                        "nn.Module")
+    task_vectors = TaskVectors.from_models(base, config.models, names=config.names,
+                                           dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
+                                           allow_nonfinite=allow_nonfinite)
+    tasks = [_make_task(name, config.tasks[name], source) for name in config.names]
+    return config.method.run(model, task_vectors, tasks, options)
+
+
+def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False,
+                    force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False) -> MergeResult:
+    """Run the adaptive method a config mapping names (paths as given); outputs go to `out_dir`.
+
+    A config names Python callables (`tasks`, `architecture`) that are imported and called: that runs
+    code, so it is refused unless `trust_code=True` (`--trust-code`). Everything else is checked before
+    any model is loaded. `out_dir` must not exist unless `force` or `resume`, and may never hold an input
+    model. NaN or inf in the inputs or the merged model raise unless `allow_nonfinite`.
+
+    `out_dir` receives checkpoint.pt, report.json, mask.safetensors (Concrete methods) and merged/
+    (a `from_pretrained`-loadable directory for Hugging Face models, else merged/model.safetensors).
+    `resume=True` continues from out_dir/checkpoint.pt (written by an earlier run of the same config).
+    """
+    name = config.get("method") if isinstance(config, Mapping) else None
+    if isinstance(name, str) and name in available_methods() and not issubclass(get_method(name), AdaptiveMethod):
+        raise ConfigError(f"config: method {name!r} is not adaptive; run it with pyfuse.merge or `pyfuse merge`")
+    checked = check_config(config)
+    return run_adaptive(checked, out_dir, resume=resume, force=force, trust_code=trust_code,
+                        allow_nonfinite=allow_nonfinite)
+
+
+def _make_task(name: str, spec: Any, source: str) -> Task:
+    if isinstance(spec, Mapping):
+        if set(spec) - {"factory", "kwargs"} or "factory" not in spec:
+            raise ValueError(f"{source}: task {name!r} must be 'module:function' or "
+                             "{factory: ..., kwargs: {...}}")
+        factory, kwargs = spec["factory"], dict(spec.get("kwargs") or {})
+    else:
+        factory, kwargs = spec, {}
+    task = _load_callable(factory, f"task {name!r}", source)(**kwargs)
+    if not isinstance(task, Task):
+        raise TypeError(f"{source}: task {name!r}: {factory} returned a {type(task).__name__}, not a pyfuse.Task")
+    if task.name != name:
+        raise ValueError(f"{source}: task {name!r}: {factory} returned a task named {task.name!r}")
+    return task
+
+
+def _load_callable(spec: Any, what: str, source: str):
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{source}: {what} must be a 'module:function' string, got {spec!r}")
+    module_name, attribute = spec.split(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{source}: {what}: cannot import {module_name!r} ({err})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{source}: {what}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{source}: {what}: {spec!r} is not callable")
+    return target
+
+
+def _auto_model(base: Any, source: str) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{source}: cannot build the model from base {base!r} with transformers.AutoModel ({err}); "
+            "name an 'architecture' callable"
+        ) from None
