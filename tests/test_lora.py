@@ -119,11 +119,12 @@ def test_task_vectors_reproduce_the_peft_models(tmp_path):
     attention_mask = (input_ids != 0).long()
     attention_mask[0, -1] = 1
     decoder_input_ids = torch.tensor([[0, 3, 4], [0, 12, 13]])
+    # both forwards in float64, so what is compared is the densified weights, not float32 reassociation
     for index, peft_model in enumerate((peft_a, peft_b)):
         with torch.no_grad():
-            expected = peft_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  decoder_input_ids=decoder_input_ids).logits
-            model = tiny_t5(seed=5)
+            expected = peft_model.double()(input_ids=input_ids, attention_mask=attention_mask,
+                                           decoder_input_ids=decoder_input_ids).logits
+            model = tiny_t5(seed=5).double()
             model.load_state_dict(tv.task_state_dict(index))
             got = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
