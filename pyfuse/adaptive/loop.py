@@ -419,6 +419,8 @@ def adamerging_pp(
     clamp: bool = False, options: RunOptions | None = None,
 ) -> MergeResult:
     """AdaMerging++: AdaMerging over the TIES-trimmed, sign-agreeing task vectors (`ties_trim`)."""
+    task_vectors.require_dense("adamerging_pp", "trims the task vectors TIES-style (a top-k of every entry's "
+                               "magnitude over the whole model) and trains over the trimmed [n, D] buffer")
     trimmed = dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, density))
     settings = Settings(method="adamerging++", coefficients=_granularity(granularity), adapt_steps=steps, lr=lr,
                         init=init, clamp=clamp, density=density)
