@@ -14,7 +14,8 @@ are the last position's first 10 vocabulary logits. The step: one inner pass on 
 
 Each form runs in a fresh subprocess, one after the other. The child measures its peak RssAnon
 (`pyfuse.memory.PeakRssAnon`) from before the model is built to the end of the first outer step, so the model,
-the task vectors and every buffer of the step count. Step time is wall-clock (CPU time beside it), the median
+the task vectors and every buffer of the step count (glibc's mmap threshold fixed, so freed blocks leave at once).
+Step time is wall-clock (CPU time beside it), the median
 over `--steps` outer steps, without the one-off loading of the op's backend (done before, on a tiny input). In
 both runs the model's own q, k, v, o weights are made views of the base buffer, since the merged values replace
 them in every call (a copy of D floats neither run needs). The child saves the merged parameters after the
@@ -145,7 +146,10 @@ def _measure(kind: str, args, out: str) -> dict:
     command = [sys.executable, __file__, "--child", kind, "--out", out]
     for key in ("tasks", "rank", "hidden", "mlp", "layers", "heads", "vocab", "batch", "seq", "steps", "backend"):
         command += [f"--{key}", str(getattr(args, key))]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors (as in
+    # bench_concrete_merge.py), not what the allocator kept from the model's initialisation
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
