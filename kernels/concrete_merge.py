@@ -309,23 +309,28 @@ class TileTable:
             self.align //= 2
 
 
-_TABLES: dict[tuple, tuple[weakref.ref, TileTable]] = {}
+_TABLES: dict[tuple, tuple[tuple[weakref.ref, ...], object]] = {}
 _MAX_TABLES = 16
+
+
+def cached_table(sources: tuple[torch.Tensor, ...], params: tuple, build):
+    """`build()`, cached per (source tensor objects and versions, params): the tables the kernels index by."""
+    key = (*((t.data_ptr(), t._version, t.numel()) for t in sources), *params)
+    hit = _TABLES.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], sources)):
+        return hit[1]
+    table = build()
+    if len(_TABLES) >= _MAX_TABLES:
+        for stale in [k for k, (refs, _) in _TABLES.items() if any(r() is None for r in refs)] or list(_TABLES)[:1]:
+            del _TABLES[stale]
+    _TABLES[key] = (tuple(weakref.ref(t) for t in sources), table)
+    return table
 
 
 def tile_table(offsets: torch.Tensor, device: torch.device, tile: int | None = None) -> TileTable:
     """The tile table of `offsets` on `device`, cached per (offsets object, version, tile, device)."""
     tile = TILE if tile is None else tile
-    key = (offsets.data_ptr(), offsets._version, offsets.numel(), str(device), tile)
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0]() is offsets:
-        return hit[1]
-    table = TileTable(offsets.to(device), tile)
-    if len(_TABLES) >= _MAX_TABLES:
-        for stale in [k for k, (ref, _) in _TABLES.items() if ref() is None] or list(_TABLES)[:1]:
-            del _TABLES[stale]
-    _TABLES[key] = (weakref.ref(offsets), table)
-    return table
+    return cached_table((offsets,), ("flat", str(device), tile), lambda: TileTable(offsets.to(device), tile))
 
 
 def _segment_reduce(partial: torch.Tensor, table: TileTable, scale: torch.Tensor | None, scaled_rows: int):

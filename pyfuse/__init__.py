@@ -12,8 +12,10 @@ from .methods.adaptive import (
 )
 from .stats import Statistics, collect_statistics
 from .task import Task
+from .taskvector_merge import merge_task_vectors
 from .taskvectors import TaskVectors
 
-__all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "merge", "merge_to_dir", "ops"]
+__all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "merge", "merge_task_vectors",
+           "merge_to_dir", "ops"]
 __all__ += ["RunOptions", "Task", "adamerging", "adamerging_pp", "concrete_adamerging", "concrete_task_arithmetic"]
 __version__ = "0.1.0"

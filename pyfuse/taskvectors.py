@@ -1,4 +1,10 @@
-"""`TaskVectors`: a base model and n task vectors (fine-tuned minus base) over one `FlatLayout`."""
+"""`TaskVectors`: a base model and n task vectors (fine-tuned minus base) over one `FlatLayout`.
+
+The task vectors are either dense (`[n, D]`) or, built from LoRA adapters by `from_lora`, kept as their low-rank
+factors (`pyfuse.ops.LoraFactors`): the fused op merges those without ever forming a dense task vector, so
+every method that merges through it (AdaMerging, Concrete TA / AdaMerging, task arithmetic, concrete) takes
+either form. Methods that need every entry's magnitude at once refuse factored ones (`require_dense`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 from .finite import check_finite
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
+from .ops.factors import LoraFactors
 from .progress import progress_bar
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -17,7 +24,7 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class TaskVectors:
-    """`base` `[D]` (fp32) and `vectors` `[n, D]` (fp32, bf16 or fp16), with their task names.
+    """`base` `[D]` (fp32) and `vectors` `[n, D]` (fp32, bf16 or fp16, or `LoraFactors`), with their task names.
 
     Tensors the base holds but that are not merged (integer buffers such as position ids) are kept
     in `carried` and come back unchanged in `state_dict`.
@@ -25,7 +32,7 @@ class TaskVectors:
 
     layout: FlatLayout
     base: torch.Tensor
-    vectors: torch.Tensor
+    vectors: torch.Tensor | LoraFactors
     names: list[str]
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -39,6 +46,61 @@ class TaskVectors:
     @property
     def n(self) -> int:
         return len(self.names)
+
+    @property
+    def factored(self) -> bool:
+        """True when the task vectors are kept as LoRA factors (`from_lora`)."""
+        return isinstance(self.vectors, LoraFactors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the task vectors occupy (the factors and their tables when factored)."""
+        v = self.vectors
+        return v.nbytes if isinstance(v, LoraFactors) else v.numel() * v.element_size()
+
+    def require_dense(self, method: str, why: str) -> None:
+        """Raise, naming `method` and `why`, if the task vectors are factored."""
+        if self.factored:
+            raise ValueError(
+                f"{method} cannot take factored LoRA task vectors: it {why}, and they hold no dense entries. "
+                f"Use TaskVectors.densified() (n x D x 4 bytes = {self.n * self.layout.numel * 4:,}), or a method "
+                f"that merges them factored (task_arithmetic, concrete, adamerging, concrete_task_arithmetic, "
+                f"concrete_adamerging)"
+            )
+
+    def densified(self, dtype: torch.dtype = torch.float32) -> TaskVectors:
+        """The same task vectors in dense form `[n, D]` (themselves when already dense)."""
+        if not self.factored:
+            return self
+        return TaskVectors(self.layout, self.base, self.vectors.densify(dtype), list(self.names), dict(self.carried))
+
+    def segment_deltas(self, index: int) -> torch.Tensor:
+        """The n task vectors of tensor `index`, fp32 `[n, len]` (formed from the factors when factored)."""
+        if self.factored:
+            return self.vectors.segment(index)
+        start, end = self.layout.span(index)
+        return self.vectors[:, start:end].float()
+
+    @classmethod
+    def from_lora(
+        cls,
+        base,
+        adapters: Sequence,
+        names: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> TaskVectors:
+        """Task vectors of LoRA adapters over the tensors they target, kept as their factors.
+
+        `base`: state dict, module or safetensors path; `adapters`: adapter directories (peft's
+        `adapter_config.json` + `adapter_model.safetensors`), hub ids, `peft.PeftModel`s or `LoraAdapter`s, each
+        with its own rank, targets and scaling (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA). The
+        layout is the union of the targeted tensors; every other base tensor rides along in `carried`. The
+        factors are stored in `dtype` (their scale stays fp32). `pyfuse.models.lora_task_vectors` builds the
+        same task vectors dense.
+        """
+        from .models.lora import lora_factored_task_vectors  # models build on this module
+
+        return lora_factored_task_vectors(base, adapters, names=names, dtype=dtype)
 
     @classmethod
     def from_models(
@@ -88,7 +150,13 @@ class TaskVectors:
 
     def task_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """The fine-tuned model `index` reconstructed (base + its task vector), in fp32."""
-        return self.state_dict(self.base + self.vectors[index].float())
+        if not self.factored:
+            return self.state_dict(self.base + self.vectors[index].float())
+        flat = self.base.clone()
+        for s in range(len(self.layout)):
+            start, end = self.layout.span(s)
+            flat[start:end] += self.vectors.segment(s)[index]
+        return self.state_dict(flat)
 
 
 def _label(model, default: str) -> str:

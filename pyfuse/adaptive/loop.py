@@ -150,7 +150,8 @@ class AdaptiveLoop:
         m = self.merger
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         if settings.meta_steps:
-            self.optimizers["mask"] = torch.optim.Adam([m.logits], lr=settings.mask_lr)
+            # fused: one pass over the [D] logits and states; the default update allocates two [D] temporaries
+            self.optimizers["mask"] = torch.optim.Adam([m.logits], lr=settings.mask_lr, fused=True)
             if learns_coefficients:
                 # Persists across outer steps (only the coefficients are reset), as the authors' code does.
                 self.optimizers["inner"] = INNER_OPTIMIZERS[settings.inner_optimizer]([m.coefficients],

@@ -101,6 +101,8 @@ class AdaMergingPlusPlus(AdaMerging):
     }
 
     def vectors(self, task_vectors: TaskVectors) -> TaskVectors:
+        task_vectors.require_dense("adamerging_pp", "trims the task vectors TIES-style (a top-k of every entry's "
+                                   "magnitude over the whole model) and trains over the trimmed [n, D] buffer")
         return dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, self.config["density"]))
 
 

@@ -80,6 +80,14 @@ class Concrete(StaticMethod):
             layout.check(source)
         self._source = source
 
+    def coefficients(self) -> torch.Tensor:
+        """`scaling * weights`, the coefficient of each task vector."""
+        return self._coefficients
+
+    def flat_logits(self, device: torch.device) -> torch.Tensor:
+        """The logits of the whole layout, fp32 `[D]` (ones without logits: mask "none" ignores them)."""
+        return torch.cat([self._logits(s, 0, shape.numel(), device) for s, shape in enumerate(self._layout.shapes)])
+
     def _logits(self, index: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
         """Logits of elements [lo, hi) of tensor `index`, fp32 on `device`; ones where there are none."""
         if self._source is None:

@@ -7,6 +7,7 @@ from .lora import (
     LoraAdapterError,
     load_lora_adapter,
     lora_deltas,
+    lora_factored_task_vectors,
     lora_task_models,
     lora_task_vectors,
 )
@@ -16,6 +17,7 @@ from .text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder, c
 __all__ = [
     "DEFAULT_ENCODER", "ClipClassifier", "HFClip", "LabelWordScorer", "LoraAdapter", "LoraAdapterError",
     "ModelNotFoundError", "OpenClip", "TextClassifierTask", "TextEncoder", "class_logits", "evaluate_glue",
-    "glue_task", "glue_task_vectors", "load_flan_t5", "load_lora_adapter", "lora_deltas", "lora_task_models",
-    "lora_task_vectors", "map_checkpoint_keys", "paper_adapter_id", "resolve_model_dir",
+    "glue_task", "glue_task_vectors", "load_flan_t5", "load_lora_adapter", "lora_deltas",
+    "lora_factored_task_vectors", "lora_task_models", "lora_task_vectors", "map_checkpoint_keys", "paper_adapter_id",
+    "resolve_model_dir",
 ]

@@ -23,6 +23,7 @@ import torch
 
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
+from ..ops.factors import LoraFactors
 from ..progress import progress_bar
 from ..taskvectors import TaskVectors
 from .hub import resolve_model_dir
@@ -169,19 +170,49 @@ def lora_task_vectors(base, adapters: Sequence, names: Sequence[str] | None = No
 
     Every other tensor of the base rides along in `carried`, so `state_dict(flat)` is the whole model. Deltas are
     computed one tensor at a time into the final buffer, so no dense copy of an adapter is ever held in full.
+    `lora_factored_task_vectors` (`TaskVectors.from_lora`) keeps them as factors instead.
     """
-    source, loaded, targeted = _prepare(base, adapters)
-    names = list(names) if names is not None else [f"task{i}" for i in range(len(loaded))]
-    if len(names) != len(loaded) or len(set(names)) != len(names):
-        raise ValueError(f"need {len(loaded)} distinct task names, got {names}")
-    restricted = {name: source.get(name) for name in targeted}
-    layout = FlatLayout.from_state_dict(restricted)
+    loaded, names, layout, base_flat, carried = _targeted(base, adapters, names)
     vectors = torch.zeros(len(loaded), layout.numel, dtype=dtype)
     for index, name in enumerate(progress_bar(layout.names, desc="LoRA task vectors", disable=not progress)):
         start, end = layout.span(index)
         for row, adapter in enumerate(loaded):
             if name in adapter.factors:
                 vectors[row, start:end].copy_(adapter.delta(name).reshape(-1))
+    return TaskVectors(layout, base_flat, vectors, names, carried)
+
+
+def lora_factored_task_vectors(base, adapters: Sequence, names: Sequence[str] | None = None,
+                               dtype: torch.dtype = torch.float32) -> TaskVectors:
+    """`lora_task_vectors` with the task vectors kept as the adapters' factors (`pyfuse.ops.LoraFactors`).
+
+    Tensor `W` [out, in] gets from each adapter targeting it the term `scale * B @ A` (`A^T`, `B^T` swapped in
+    for weights stored transposed, `fan_in_fan_out`); ranks and scales may differ between adapters.
+    """
+    loaded, names, layout, base_flat, carried = _targeted(base, adapters, names)
+    rows, terms = [], []
+    for name, shape in zip(layout.names, layout.shapes):
+        rows.append(shape[0])
+        seg = []
+        for task, adapter in enumerate(loaded):
+            if name in adapter.factors:
+                lora_a, lora_b = adapter.factors[name]
+                left, right = (lora_a.T, lora_b.T) if adapter.fan_in_fan_out else (lora_b, lora_a)
+                seg.append((task, left, right, adapter.scale))
+        terms.append(seg)
+    factors = LoraFactors.from_segments(layout.offsets, rows, terms, len(loaded), dtype)
+    return TaskVectors(layout, base_flat, factors, names, carried)
+
+
+def _targeted(base, adapters: Sequence, names: Sequence[str] | None):
+    """The checked adapters, task names, the layout of the targeted tensors, the base over it (fp32 [D]) and
+    every other base tensor (carried)."""
+    source, loaded, targeted = _prepare(base, adapters)
+    names = list(names) if names is not None else [f"task{i}" for i in range(len(loaded))]
+    if len(names) != len(loaded) or len(set(names)) != len(names):
+        raise ValueError(f"need {len(loaded)} distinct task names, got {names}")
+    restricted = {name: source.get(name) for name in targeted}
+    layout = FlatLayout.from_state_dict(restricted)
     carried, tied = {}, {}
     for key in source.keys():
         if key not in restricted:
@@ -189,7 +220,7 @@ def lora_task_vectors(base, adapters: Sequence, names: Sequence[str] | None = No
             # Tied weights (T5's shared embeddings) stay one tensor object: functional_call refuses distinct
             # values for names the module ties, even when they are equal views.
             carried[key] = tied.setdefault((tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype), tensor)
-    return TaskVectors(layout, layout.flatten(restricted), vectors, names, carried)
+    return loaded, names, layout, layout.flatten(restricted), carried
 
 
 def _prepare(base, adapters: Sequence) -> tuple[TensorSource, list[LoraAdapter], list[str]]:

@@ -18,7 +18,7 @@ from ..data.glue import GlueSpec, glue_batches, glue_spec, glue_test_data
 from ..task import ModelCall, Task, evaluate_tasks
 from ..taskvectors import TaskVectors
 from .hub import resolve_model_dir
-from .lora import lora_task_vectors
+from .lora import lora_factored_task_vectors, lora_task_vectors
 
 DEFAULT_BASE = "google/flan-t5-base"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
@@ -44,10 +44,13 @@ def load_flan_t5(name_or_path: str | os.PathLike = DEFAULT_BASE, *, dtype: torch
 
 
 def glue_task_vectors(model, adapters: Mapping[str, object], *, dtype: torch.dtype = torch.float32,
-                      progress: bool = False) -> TaskVectors:
+                      progress: bool = False, factored: bool = False) -> TaskVectors:
     """Task vectors of LoRA adapters (paths, hub ids or `peft` models), named by GLUE task (`{"cola": ...}`),
-    over the tensors they target in `model` (a module, state dict or safetensors path of the base)."""
+    over the tensors they target in `model` (a module, state dict or safetensors path of the base); with
+    `factored`, kept as the adapters' factors (`TaskVectors.from_lora`)."""
     names = [glue_spec(name).name for name in adapters]
+    if factored:
+        return lora_factored_task_vectors(model, list(adapters.values()), names=names, dtype=dtype)
     return lora_task_vectors(model, list(adapters.values()), names=names, dtype=dtype, progress=progress)
 
 

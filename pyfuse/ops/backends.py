@@ -46,7 +46,7 @@ def _load_cpp() -> ModuleType:
 def _load_triton() -> ModuleType:
     if importlib.util.find_spec("triton") is None:
         raise BackendUnavailable("the Triton backend needs the `triton` package (pip install triton)")
-    return importlib.import_module("pyfuse.kernels.concrete_merge")
+    return importlib.import_module("pyfuse.kernels.phases")
 
 
 class BackendUnavailable(RuntimeError):
