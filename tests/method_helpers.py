@@ -10,10 +10,13 @@ SHAPES = {"attn.weight": (6, 9), "attn.bias": (6,), "emb.weight": (10, 4), "norm
           "conv.weight": (3, 2, 2, 2), "scale": ()}
 
 
-def random_models(n: int, seed: int = 0, scale: float = 0.1, shapes: dict = SHAPES):
-    """A base and n fine-tuned state dicts (base + scale * noise), float32, plus an integer buffer."""
+def random_models(n: int, seed: int = 0, scale: float = 0.1, shapes: dict = SHAPES, base_scale: float = 1.0):
+    """A base and n fine-tuned state dicts (base + scale * noise), float32, plus an integer buffer.
+
+    With `base_scale=0` the base is zero and a merge's output is its merged task vector, which a comparison
+    then checks to full relative precision (a base much larger than the task vectors would round them away)."""
     g = torch.Generator().manual_seed(seed)
-    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    base = {k: base_scale * torch.randn(s, generator=g) for k, s in shapes.items()}
     base["ids"] = torch.arange(4)
     fts = []
     for _ in range(n):

@@ -266,4 +266,4 @@ class StaticMethod(Method):
 
 
 # the built-in methods register themselves on import
-from . import concrete, dare, esm, fisher, linear, mats, model_stock, regmean, slerp, subspace, ties  # noqa: E402,F401
+from . import concrete, dare, esm, fisher, linear, mats, model_stock, regmean, slerp, subspace, ties, wudi  # noqa: E402,F401
