@@ -200,6 +200,7 @@ class MergePlan:
             "chunk_elements": self.chunk_elements,
             "threads": self.workers,
             "global_passes": self.method.global_passes(),
+            "tensor_passes": getattr(self.method, "tensor_passes", lambda: 0)(),
             "predicted_peak_rss_anon_bytes": self.predicted_peak_bytes(),
             "dtype_upcasts": self.dtype_upcasts(),
             **statistics,

@@ -264,6 +264,10 @@ class StaticMethod(Method):
         """How many passes over the whole model `prepare` takes; for predictions and reports."""
         return 0
 
+    def tensor_passes(self) -> int:
+        """At most how many passes over a tensor `plan` takes before it is merged; for reports."""
+        return 0
+
 
 # the built-in methods register themselves on import
 from . import concrete, dare, esm, fisher, linear, mats, model_stock, regmean, slerp, subspace, ties, wudi  # noqa: E402,F401

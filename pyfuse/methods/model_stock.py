@@ -76,6 +76,9 @@ class ModelStock(StaticMethod):
             raise ValueError(f"{self.name}: needs at least two fine-tuned models, got {n}")
         check_names(self.name, "ignore_keys", self.config["ignore_keys"], layout)
 
+    def tensor_passes(self) -> int:
+        return 1
+
     def plan(self, ctx: MergeContext, index: int) -> CoefficientPlan | None:
         if ctx.layout.names[index] in self.config["ignore_keys"]:
             return None

@@ -42,6 +42,9 @@ class _Interpolation(StaticMethod):
         if n != 2:
             raise ValueError(f"{self.name}: interpolates exactly two fine-tuned models, got {n}")
 
+    def tensor_passes(self) -> int:
+        return 1
+
     def _along(self, shape: torch.Size) -> str:
         return "all"
 

@@ -57,6 +57,9 @@ class PerMatrix(StaticMethod):
         self._scaling = self.config.get("scaling", 1.0)
         self._mean = self._scaling * self.weights / n
 
+    def tensor_passes(self) -> int:
+        return 1
+
     def is_matrix(self, layout, index: int) -> bool:
         return len(layout.shapes[index]) == 2 and layout.names[index] not in self.config["exclude_keys"]
 
