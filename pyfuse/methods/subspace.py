@@ -48,7 +48,8 @@ def orthonormal_factor(a: torch.Tensor) -> torch.Tensor:
 class PerMatrix(StaticMethod):
     """A merge computed matrix by matrix in float64; other tensors take the mean task vector (module docstring)."""
 
-    #: float64 copies of one matrix `merge_matrix` holds besides the task vectors; for predictions
+    #: float64 copies of one matrix `merge_matrix` holds at once, per task and in all; for predictions
+    per_task_copies: ClassVar[int] = 1
     matrix_copies: ClassVar[int] = 6
 
     def bind(self, layout, n) -> None:
@@ -71,10 +72,12 @@ class PerMatrix(StaticMethod):
         if not self.is_matrix(ctx.layout, index):
             return None
         shape = ctx.layout.shapes[index]
-        parts = list(ctx.map(lambda chunk: chunk.deltas.to(torch.float64, copy=True).cpu(), index))
-        tau = torch.cat(parts, dim=1).view(ctx.n, *shape)
-        del parts
-        tau.mul_(self.weights.double()[:, None, None])
+        tau = torch.empty(ctx.n, shape.numel(), dtype=torch.float64)
+        lo = 0
+        for part in ctx.map(lambda chunk: chunk.deltas.to("cpu", copy=True), index):
+            tau[:, lo: lo + part.shape[1]] = part
+            lo += part.shape[1]
+        tau = tau.view(ctx.n, *shape).mul_(self.weights.double()[:, None, None])
         merged = self.merge_matrix(tau).mul_(self._scaling)
         return int(ctx.layout.offsets[index]), merged.reshape(-1).float()
 
@@ -88,7 +91,7 @@ class PerMatrix(StaticMethod):
     def state_bytes(self, layout, n, in_flight) -> int:
         largest = max((shape.numel() for index, shape in enumerate(layout.shapes) if self.is_matrix(layout, index)),
                       default=0)
-        return largest * (12 * n + 8 * self.matrix_copies + 4)
+        return largest * (8 * n * self.per_task_copies + 8 * self.matrix_copies + 4)
 
 
 def stacked_merge(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
@@ -108,6 +111,7 @@ class TaskSingularVectors(PerMatrix):
                                               "(fusion_bench's list `alpha`); default all 1"),
         "exclude_keys": EXCLUDE_KEYS,
     }
+    per_task_copies = 2  # the task vectors and their singular vectors
 
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
         tasks, m, p = tau.shape
@@ -159,6 +163,7 @@ class IsoCTS(PerMatrix):
         "common_space_fraction": Param(0.8, number(0, 1), "share of the directions given to the common subspace"),
         "exclude_keys": EXCLUDE_KEYS,
     }
+    per_task_copies = 3  # the task vectors, their task-specific parts and those parts' singular vectors
     matrix_copies = 8
 
     def bind(self, layout, n) -> None:
