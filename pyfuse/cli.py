@@ -380,7 +380,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
                         help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
-                             "data-aware fisher..esm++, which gather statistics first)")
+                             "data-aware fisher..esm++, which gather statistics first, and wudi, minutes on a CPU)")
     parser.add_argument("--seeds", type=_seeds,
                         help="comma-separated seeds; every stochastic method (adaptive, data-aware) runs once per seed "
                              "and the table shows mean and standard deviation (default "
