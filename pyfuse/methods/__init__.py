@@ -270,4 +270,18 @@ class StaticMethod(Method):
 
 
 # the built-in methods register themselves on import
-from . import concrete, dare, esm, fisher, linear, mats, model_stock, regmean, slerp, subspace, ties, wudi  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    concrete,
+    dare,
+    esm,
+    fisher,
+    linear,
+    mats,
+    model_stock,
+    regmean,
+    regmean_plusplus,
+    slerp,
+    subspace,
+    ties,
+    wudi,
+)
