@@ -79,6 +79,7 @@ class _Reader:
 
     def __init__(self, plan: MergePlan, progress: bool, pool: ThreadPoolExecutor | None):
         self.layout, self.n, self.device = plan.layout, len(plan.models), plan.device
+        self.threads = plan.workers
         self._plan, self._progress, self._pool = plan, progress, pool
         self._depth = 2 * plan.workers
 

@@ -29,33 +29,38 @@ def ref_wudi(task_vectors, iter_num, exclude_keys=()):
     return new_vector
 
 
+# a wide matrix (p > 2 T m): its gradient is summed over the tasks instead of going through A = [p, p]
+WUDI_SHAPES = {**SHAPES, "wide.weight": (2, 15)}
+
+
 def _expected(base, fts, iter_num, exclude_keys=()):
-    tvs = [dict(zip(SHAPES, vs)) for vs in zip(*(task_vectors(base, fts, k) for k in SHAPES))]
+    tvs = [dict(zip(WUDI_SHAPES, vs)) for vs in zip(*(task_vectors(base, fts, k) for k in WUDI_SHAPES))]
     return {k: base[k].double() + v for k, v in ref_wudi(tvs, iter_num, exclude_keys).items()}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_wudi_matches_fusion_bench(n):
     # task vectors of size ~1e-3 as fine-tuning gives: Adam's 1e-5 steps then move the merge visibly
-    base, fts = random_models(n, scale=1e-3, base_scale=0)
+    base, fts = random_models(n, scale=1e-3, shapes=WUDI_SHAPES, base_scale=0)
     merged = pyfuse.merge("wudi", base, fts, iter_num=150, dtype="float32")
     expected = _expected(base, fts, 150)
     assert_relative(merged, expected)
-    start = _expected(base, fts, 0)["attn.weight"]
-    moved = float((expected["attn.weight"] - start).norm() / start.norm())
-    assert moved > 0.05 if n > 1 else moved == 0  # one task is its own optimum
+    for key in ("attn.weight", "wide.weight"):
+        start = _expected(base, fts, 0)[key]
+        moved = float((expected[key] - start).norm() / start.norm())
+        assert moved > 0.05 if n > 1 else moved == 0  # one task is its own optimum
     excluded = pyfuse.merge("wudi", base, fts, iter_num=20, exclude_keys=["emb.weight"], dtype="float32")
     assert_relative(excluded, _expected(base, fts, 20, ("emb.weight",)))
     # with a base: its addition (in float32) is the only difference
-    shifted, _ = random_models(0)
-    moved_fts = [{k: ft[k] + shifted[k] for k in SHAPES} for ft in fts]
+    shifted, _ = random_models(0, shapes=WUDI_SHAPES)
+    moved_fts = [{k: ft[k] + shifted[k] for k in WUDI_SHAPES} for ft in fts]
     merged = pyfuse.merge("wudi", shifted, moved_fts, iter_num=20, dtype="float32")
     expected = {k: shifted[k].double() + v for k, v in _expected(base, fts, 20).items()}
     assert_relative(merged, expected, inputs=[shifted])
 
 
 def test_wudi_defaults_and_zero_task_vectors():
-    base, fts = random_models(2, scale=1e-3, base_scale=0)
+    base, fts = random_models(2, scale=1e-3, shapes=WUDI_SHAPES, base_scale=0)
     merged = pyfuse.merge("wudi", base, fts, dtype="float32")  # the reference's 400 steps
     assert_relative(merged, _expected(base, fts, 400))
     # a zero task vector: the reference divides by its zero norm (NaN); here its term is left out, which is the

@@ -153,6 +153,21 @@ def numbers(value: Any) -> tuple[float, ...]:
     return tuple(number()(v) for v in value)
 
 
+def tensor_names(value: Any) -> tuple[str, ...]:
+    """A list of tensor names (possibly empty); `check_names` checks them against the model in `bind`."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, str) for v in value):
+        raise TypeError(f"must be a list of tensor names, got {value!r}")
+    return tuple(value)
+
+
+def check_names(method: str, key: str, names: Sequence[str], layout: FlatLayout) -> None:
+    """Raise unless every name in parameter `key` is a merged tensor of the layout."""
+    unknown = [name for name in names if name not in set(layout.names)]
+    if unknown:
+        raise ValueError(f"{method}: {key} names {unknown[0]!r}, which is not a floating tensor of the base model")
+
+
 WEIGHTS = Param(None, numbers, "per-model weights, one per fine-tuned model (default: all 1)")
 
 
@@ -220,6 +235,7 @@ class MergeContext(Protocol):
     layout: FlatLayout
     n: int
     device: torch.device
+    threads: int  # torch threads a `plan` may use between its passes (the engine's workers are idle then)
 
     def map(self, fn: Callable[[Chunk], Any], index: int | None = None, desc: str | None = None) -> Iterator[Any]:
         """`fn(chunk)` for every chunk of tensor `index` (or of all tensors, in layout order), in order.

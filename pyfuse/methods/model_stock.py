@@ -19,26 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, StaticMethod, boolean, choice, register
+from . import Chunk, MergeContext, Param, StaticMethod, boolean, check_names, choice, register, tensor_names
 from .geometry import CoefficientPlan, segment_grams
 
 _FUSION_BENCH_EPS = 1e-8
 _MERGEKIT_NORM_FLOOR = 1e-6
-
-
-def tensor_names(value: object) -> tuple[str, ...]:
-    """A list of tensor names (possibly empty)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, str) for v in value):
-        raise TypeError(f"must be a list of tensor names, got {value!r}")
-    return tuple(value)
-
-
-def check_names(method: str, key: str, names: tuple[str, ...], layout) -> None:
-    """Raise unless every name is a merged tensor of the layout."""
-    unknown = [name for name in names if name not in set(layout.names)]
-    if unknown:
-        raise ValueError(f"{method}: {key} names {unknown[0]!r}, which is not a floating tensor of the base model")
 
 
 def model_stock_ratio(gram: torch.Tensor, variant: str) -> torch.Tensor:

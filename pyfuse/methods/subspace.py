@@ -32,9 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, number, register
-from .linear import weighted_sum
-from .model_stock import check_names, tensor_names
+from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, check_names, number, register, tensor_names
 
 EXCLUDE_KEYS = Param((), tensor_names, "matrices merged by the mean task vector instead")
 
@@ -78,12 +76,17 @@ class PerMatrix(StaticMethod):
             tau[:, lo: lo + part.shape[1]] = part
             lo += part.shape[1]
         tau = tau.view(ctx.n, *shape).mul_(self.weights.double()[:, None, None])
-        merged = self.merge_matrix(tau).mul_(self._scaling)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(ctx.threads)
+        try:
+            merged = self.merge_matrix(tau).mul_(self._scaling)
+        finally:
+            torch.set_num_threads(threads)
         return int(ctx.layout.offsets[index]), merged.reshape(-1).float()
 
     def merge_chunk(self, chunk: Chunk, plan: tuple[int, torch.Tensor] | None) -> torch.Tensor:
         if plan is None:
-            return weighted_sum(chunk.base, chunk.deltas, self._mean)
+            return torch.addmv(chunk.base, chunk.deltas.T, self._mean.to(chunk.base.device))
         offset, merged = plan
         lo = chunk.start - offset
         return chunk.base + merged[lo: lo + len(chunk)].to(chunk.base.device)

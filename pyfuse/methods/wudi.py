@@ -14,6 +14,8 @@ term is left out (it constrains nothing), so a matrix no model changed stays the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import Param, integer, register
@@ -37,23 +39,13 @@ class Wudi(PerMatrix):
     matrix_copies = 7
 
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
-        p = tau.shape[2]
-        gram = torch.zeros(p, p, dtype=tau.dtype)  # A
-        target = torch.zeros_like(tau[0])  # B
-        for task in tau:
-            norm = float(task.square().sum())
-            if norm > 0:
-                own = (task.T @ task).div_(norm)
-                gram.add_(own)
-                # as `tau_i @ A_i`, the product the step computes: with one task the gradient at `tau = tau_1` is
-                # then exactly 0, as the reference's, instead of rounding noise that Adam would amplify
-                target.add_(task @ own)
         merged = tau.sum(0)
+        gradient = _gradient(tau)
         first = torch.zeros_like(merged)
         second = torch.zeros_like(merged)
         beta1, beta2 = BETAS
         for step in range(1, self.config["iter_num"] + 1):
-            grad = (merged @ gram).sub_(target).mul_(2)
+            grad = gradient(merged)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             correction1 = 1 - beta1**step
@@ -61,3 +53,36 @@ class Wudi(PerMatrix):
             denominator = (second.sqrt() / correction2**0.5).add_(ADAM_EPS)
             merged.addcdiv_(first, denominator, value=-LEARNING_RATE / correction1)
         return merged
+
+    def state_bytes(self, layout, n, in_flight) -> int:
+        # `A` is `[p, p]` unless the per-task form is cheaper (see `_gradient`)
+        side = max((min(shape[1], 2 * n * shape[0]) for index, shape in enumerate(layout.shapes)
+                    if self.is_matrix(layout, index)), default=0)
+        return super().state_bytes(layout, n, in_flight) + 8 * side * side
+
+
+def _gradient(tau: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss's gradient at `tau` (a new tensor), for task vectors `tau` `[T, m, p]`.
+
+    `2 (tau A - B)` costs `m p^2` per step after `T m p^2` once; summing `2 (tau - tau_i) tau_i^T tau_i /
+    |tau_i|^2` over the tasks costs `2 T m^2 p` per step and no `[p, p]` matrix: used when `p > 2 T m`.
+    """
+    tasks = [(task, float(task.square().sum())) for task in tau]
+    tasks = [(task, norm) for task, norm in tasks if norm > 0]
+    m, p = tau.shape[1:]
+    if p > 2 * len(tasks) * m:
+        def per_task(merged: torch.Tensor) -> torch.Tensor:
+            grad = torch.zeros_like(merged)
+            for task, norm in tasks:
+                grad.add_(((merged - task) @ task.T) @ task, alpha=2 / norm)
+            return grad
+        return per_task
+    gram = torch.zeros(p, p, dtype=tau.dtype)  # A
+    target = torch.zeros(m, p, dtype=tau.dtype)  # B
+    for task, norm in tasks:
+        own = (task.T @ task).div_(norm)
+        gram.add_(own)
+        # as `tau_i @ A_i`, the product the step computes: with one task the gradient at `tau = tau_1` is then
+        # exactly 0, as the reference's, instead of rounding noise that Adam would amplify
+        target.add_(task @ own)
+    return lambda merged: (merged @ gram).sub_(target).mul_(2)
