@@ -15,6 +15,9 @@ process, polled every 20 ms; memory-mapped weights are file-backed and not count
 
     python benchmarks/bench_static_merge.py --json bench_static_merge.json
     python benchmarks/bench_static_merge.py --scale 0.25          # a quick run on ~15M-parameter models
+
+Then every other static method (`--methods`) is timed the same way with its defaults on the same two
+fine-tuned models (WUDI with `--wudi-iters` Adam steps per matrix instead of its 400).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from common import print_table, rss_anon_bytes, write_json  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DENSITY = 0.5
 PYFUSE_CLI = "import sys; from pyfuse.cli import main; sys.exit(main(sys.argv[1:]))"
+# timed after TIES, with their defaults (TSV, Iso and WUDI work on the matrices, the rest per tensor)
+OTHER_METHODS = ("slerp", "nuslerp", "model_stock", "tsv", "iso_c", "iso_cts", "wudi")
 
 
 def llama_config(scale: float):
@@ -77,7 +82,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
     peak = 0
     while process.poll() is None:
         try:
-            peak = max(peak, rss_anon_bytes(process.pid))
+            peak = max(peak, rss_anon_bytes(process.pid) or 0)  # None while the process starts or exits
         except (OSError, RuntimeError):  # the process is exiting
             pass
         time.sleep(0.02)
@@ -89,11 +94,17 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
 
 
 def pyfuse_run(root: Path, trim: str, env: dict[str, str], hash_inputs: bool) -> dict:
-    config = {"method": "ties", "base": str(root / "base"), "models": [str(root / "ft0"), str(root / "ft1")],
-              "parameters": {"density": DENSITY, "scaling": 1.0, "merge_func": "mean", "trim": trim}}
-    path = root / f"pyfuse-{trim}.yaml"
+    params = {"density": DENSITY, "scaling": 1.0, "merge_func": "mean", "trim": trim}
+    return method_run(root, "ties", params, trim, env, hash_inputs)
+
+
+def method_run(root: Path, method: str, params: dict, tag: str, env: dict[str, str], hash_inputs: bool) -> dict:
+    """`pyfuse merge` of the two fine-tuned models with `method`, into root/out-pyfuse-<tag>, measured."""
+    config = {"method": method, "base": str(root / "base"), "models": [str(root / "ft0"), str(root / "ft1")],
+              "parameters": params}
+    path = root / f"pyfuse-{tag}.yaml"
     path.write_text(yaml.safe_dump(config))
-    out = root / f"out-pyfuse-{trim}"
+    out = root / f"out-pyfuse-{tag}"
     command = [sys.executable, "-c", PYFUSE_CLI, "merge", str(path), str(out), "--no-progress", "--force"]
     result = run_measured(command + ([] if hash_inputs else ["--no-hash"]), env)
     report = json.loads((out / "merge_report.json").read_text())
@@ -143,7 +154,16 @@ def main() -> None:
     parser.add_argument("--no-hash", action="store_true", help="run pyfuse without hashing its inputs")
     parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit even if installed")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--methods", default=",".join(OTHER_METHODS),
+                        help=f"other methods to time with their defaults, comma-separated ('' for none; default "
+                             f"{','.join(OTHER_METHODS)})")
+    parser.add_argument("--wudi-iters", type=int, default=5,
+                        help="WUDI's Adam steps per matrix here (its default, 400, takes hours on a CPU)")
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(OTHER_METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown[0]!r}; choose among {', '.join(OTHER_METHODS)}")
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pyfuse-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -178,12 +198,23 @@ def main() -> None:
                            ("hash_s", "of which hash s", ".1f"), ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
                            ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f"),
                            ("speedup_vs_mergekit", "speed-up", ".1f"), ("memory_vs_mergekit", "memory ratio", ".2f")])
+        others = []
+        for method in methods:
+            params = {"iter_num": args.wudi_iters} if method == "wudi" else {}
+            label = f"pyfuse {method}" + (f" iter_num={args.wudi_iters}" if method == "wudi" else "")
+            others.append({"run": label, **method_run(root, method, params, method, env, not args.no_hash)})
+            shutil.rmtree(root / f"out-pyfuse-{method}", ignore_errors=True)
+        if others:
+            print("other methods (defaults), two fine-tuned models, each a `pyfuse merge` process:")
+            print_table(others, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
+                                 ("peak_rss_anon_mb", "peak RssAnon MB", ".0f"),
+                                 ("predicted_peak_rss_anon_mb", "predicted MB", ".0f")])
         global_over_tensor = runs[0]["wall_s"] / runs[1]["wall_s"]
         print(f"global / per-tensor time: {global_over_tensor:.2f}; load average {load[0]:.1f} -> {load[1]:.1f} "
               f"on {os.cpu_count()} cores")
         write_json(args.json, {
             "models": {"parameters": params, "bytes_each": size, "scale": args.scale, "density": DENSITY},
-            "runs": runs, "global_over_tensor_time": global_over_tensor,
+            "runs": runs, "other_methods": others, "global_over_tensor_time": global_over_tensor,
             "pyfuse_tensor_vs_mergekit": {"max_abs_diff": difference, "entries_differing": differing},
             "load_average": load,
             "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -157,6 +157,9 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
     rows += [("upcast", note) for note in summary["dtype_upcasts"]]
     if summary["global_passes"]:
         rows.append(("passes", f"{summary['global_passes']} over the whole model before merging, then one to merge"))
+    if summary.get("tensor_passes"):
+        rows.append(("passes", f"{summary['tensor_passes']} over each tensor before merging it (the whole tensor "
+                               f"is needed first), then one to merge"))
     rows.append(("output", f"{out_dir}  ({summary['output_dtype']}, {_size(summary['output_bytes'])} "
                            f"in {shards} shard{'s' if shards > 1 else ''})"))
     rows.append(("device", f"{summary['device']}, {summary['threads']} thread(s), chunks of "
@@ -290,7 +293,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
                         help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
-                             "data-aware fisher..esm++, which gather statistics first)")
+                             "data-aware fisher..esm++, which gather statistics first, and wudi, minutes on a CPU)")
     parser.add_argument("--seeds", type=_seeds,
                         help="comma-separated seeds; every stochastic method (adaptive, data-aware) runs once per seed "
                              "and the table shows mean and standard deviation (default "

@@ -46,7 +46,13 @@ STATIC_METHODS = {
     "weight_averaging": ("average", {}),
     "task_arithmetic": ("task_arithmetic", {"scaling": 0.3}),
     "ties": ("ties", {"density": 0.2, "scaling": 0.3}),
+    "model_stock": ("model_stock", {}),
+    "tsv": ("tsv", {}),
+    "iso_c": ("iso_c", {}),
+    "iso_cts": ("iso_cts", {}),
+    "wudi": ("wudi", {}),
 }
+SLOW_STATIC_METHODS = ("wudi",)  # opt-in (`--methods`): 400 Adam steps per matrix take minutes on a CPU
 ADAPTIVE_METHODS = ("adamerging", "concrete_task_arithmetic", "concrete_adamerging")
 DATA_METHODS = {  # demo name: (registered method, parameters, statistics it needs)
     "fisher": ("fisher", {}, ("fisher",)),
@@ -56,17 +62,18 @@ DATA_METHODS = {  # demo name: (registered method, parameters, statistics it nee
     "esm": ("esm", {}, ("acts",)),
     "esm++": ("esm++", {}, ("acts",)),
 }
-METHODS = (*STATIC_METHODS, *ADAPTIVE_METHODS)
+METHODS = (*(m for m in STATIC_METHODS if m not in SLOW_STATIC_METHODS), *ADAPTIVE_METHODS)
 STOCHASTIC = (*ADAPTIVE_METHODS, *DATA_METHODS)
 """Methods whose result depends on the seed (mask noise, batch order, sampled statistics): run once per seed."""
-"""The demo's default rows; `DATA_METHODS` are opt-in (`--methods`), as they need statistics."""
-ALL_METHODS = (*METHODS, *DATA_METHODS)
+"""The demo's default rows; `DATA_METHODS` (they need statistics) and `SLOW_STATIC_METHODS` are opt-in (`--methods`)."""
+ALL_METHODS = (*METHODS, *DATA_METHODS, *SLOW_STATIC_METHODS)
 LABELS = {
     "individual": "Individual", "pretrained": "Pre-trained", "weight_averaging": "Weight Averaging",
     "task_arithmetic": "Task Arithmetic", "ties": "Ties-Merging", "adamerging": "AdaMerging (layer-wise)",
     "concrete_task_arithmetic": "Concrete TA", "concrete_adamerging": "Concrete AM (layer-wise)",
     "fisher": "Fisher", "regmean": "RegMean", "mats_regmean": "MaTS-RegMean", "mats_kfac": "MaTS-KFAC",
-    "esm": "ESM", "esm++": "ESM++",
+    "esm": "ESM", "esm++": "ESM++", "model_stock": "Model Stock", "tsv": "TSV-M", "iso_c": "Iso-C",
+    "iso_cts": "Iso-CTS", "wudi": "WUDI",
 }
 
 

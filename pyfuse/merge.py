@@ -79,6 +79,7 @@ class _Reader:
 
     def __init__(self, plan: MergePlan, progress: bool, pool: ThreadPoolExecutor | None):
         self.layout, self.n, self.device = plan.layout, len(plan.models), plan.device
+        self.threads = plan.workers
         self._plan, self._progress, self._pool = plan, progress, pool
         self._depth = 2 * plan.workers
 
@@ -200,6 +201,7 @@ class MergePlan:
             "chunk_elements": self.chunk_elements,
             "threads": self.workers,
             "global_passes": self.method.global_passes(),
+            "tensor_passes": getattr(self.method, "tensor_passes", lambda: 0)(),
             "predicted_peak_rss_anon_bytes": self.predicted_peak_bytes(),
             "dtype_upcasts": self.dtype_upcasts(),
             **statistics,

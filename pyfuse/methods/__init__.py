@@ -170,6 +170,21 @@ def positive(value: Any) -> float:
     return value
 
 
+def tensor_names(value: Any) -> tuple[str, ...]:
+    """A list of tensor names (possibly empty); `check_names` checks them against the model in `bind`."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, str) for v in value):
+        raise TypeError(f"must be a list of tensor names, got {value!r}")
+    return tuple(value)
+
+
+def check_names(method: str, key: str, names: Sequence[str], layout: FlatLayout) -> None:
+    """Raise unless every name in parameter `key` is a merged tensor of the layout."""
+    unknown = [name for name in names if name not in set(layout.names)]
+    if unknown:
+        raise ValueError(f"{method}: {key} names {unknown[0]!r}, which is not a floating tensor of the base model")
+
+
 WEIGHTS = Param(None, numbers, "per-model weights, one per fine-tuned model (default: all 1)")
 TEMPERATURE = Param(DEFAULT_TEMPERATURE, positive, "Concrete temperature T, > 0")
 
@@ -241,6 +256,7 @@ class MergeContext(Protocol):
     layout: FlatLayout
     n: int
     device: torch.device
+    threads: int  # torch threads a `plan` may use between its passes (the engine's workers are idle then)
 
     def map(self, fn: Callable[[Chunk], Any], index: int | None = None, desc: str | None = None) -> Iterator[Any]:
         """`fn(chunk)` for every chunk of tensor `index` (or of all tensors, in layout order), in order.
@@ -285,6 +301,25 @@ class StaticMethod(Method):
         """How many passes over the whole model `prepare` takes; for predictions and reports."""
         return 0
 
+    def tensor_passes(self) -> int:
+        """At most how many passes over a tensor `plan` takes before it is merged; for reports."""
+        return 0
+
 
 # the built-in methods register themselves on import
-from . import adaptive, concrete, dare, esm, fisher, linear, mats, regmean, ties  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    adaptive,
+    concrete,
+    dare,
+    esm,
+    fisher,
+    linear,
+    mats,
+    model_stock,
+    regmean,
+    regmean_plusplus,
+    slerp,
+    subspace,
+    ties,
+    wudi,
+)

@@ -15,7 +15,7 @@ already. Biases, embeddings, norms and every weight without a Gram are averaged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -30,6 +30,33 @@ FLOAT64_MAX_FEATURES = 8192  # [in, in] float64 systems up to 512 MiB each
 def regularize_gram(gram: torch.Tensor, strength: float) -> torch.Tensor:
     """`l*G + (1-l)*diag(G)`: off-diagonal entries shrunk by `l` (1 keeps G, 0 keeps only its diagonal)."""
     return strength * gram + (1.0 - strength) * torch.diag_embed(torch.diagonal(gram))
+
+
+def regression_mean(weights_of_models: Sequence[torch.Tensor], grams: Iterable[torch.Tensor],
+                    coefficients: Sequence[float], alpha: float, transposed: bool = False) -> torch.Tensor:
+    """RegMean's merge of one Linear weight (see the module docstring), shaped like the inputs.
+
+    `weights_of_models`: each model's weight, `[out, in]` (`[in, out]` if `transposed`); `grams`: each model's
+    input Gram `[in, in]`, read one at a time; `coefficients`: the models' weights, summing to 1.
+    """
+    first = weights_of_models[0]
+    in_features = first.shape[0] if transposed else first.shape[1]
+    dtype = torch.float64 if in_features <= FLOAT64_MAX_FEATURES else torch.float32
+    targets = [(theta if transposed else theta.T).to(dtype) for theta in weights_of_models]  # W_i^T, [in, out]
+    average = sum(w * t for w, t in zip(coefficients, targets))
+    lhs = torch.zeros(in_features, in_features, dtype=dtype)
+    rhs = torch.zeros_like(average)
+    for w, t, gram in zip(coefficients, targets, grams):
+        gram = regularize_gram(gram.to(dtype), alpha)
+        lhs += w * gram
+        rhs += w * (gram @ (t - average))
+    factor, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        deviation = torch.cholesky_solve(rhs, factor)
+    else:
+        deviation = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+    merged = average + deviation
+    return merged if transposed else merged.T
 
 
 @register
@@ -49,26 +76,9 @@ class RegMean(DataMethod):
         if stats[0].shape("gram_in", name) is None:
             return None
         transposed = name in stats[0].transposed
-        in_features = base.shape[0] if transposed else base.shape[1]
-        dtype = torch.float64 if in_features <= FLOAT64_MAX_FEATURES else torch.float32
-        alpha = self.config["alpha"]
-        weights = (self.weights / self.weights.sum()).tolist()
-        targets = [(theta if transposed else theta.T).to(dtype) for theta in finetuned]  # W_i^T, [in, out]
-        average = sum(w * t for w, t in zip(weights, targets))
-        lhs = torch.zeros(in_features, in_features, dtype=dtype)
-        rhs = torch.zeros_like(average)
-        for w, t, st in zip(weights, targets, stats):
-            gram = st.get("gram_in", name).to(dtype)
-            gram = regularize_gram(gram, alpha)
-            lhs += w * gram
-            rhs += w * (gram @ (t - average))
-        factor, info = torch.linalg.cholesky_ex(lhs)
-        if int(info) == 0:
-            deviation = torch.cholesky_solve(rhs, factor)
-        else:
-            deviation = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
-        merged = average + deviation
-        return merged if transposed else merged.T
+        grams = (st.get("gram_in", name) for st in stats)
+        return regression_mean(finetuned, grams, (self.weights / self.weights.sum()).tolist(), self.config["alpha"],
+                               transposed)
 
     def working_bytes(self, layout: FlatLayout, n: int) -> int:
         features = max((max(shape) for shape in layout.shapes if len(shape) == 2), default=0)
