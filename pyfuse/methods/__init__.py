@@ -285,6 +285,12 @@ class StaticMethod(Method):
         """How many passes over the whole model `prepare` takes; for predictions and reports."""
         return 0
 
+    def chunk_unit(self, shape: torch.Size) -> int:
+        """Chunks of a tensor of this shape hold a whole multiple of this many elements (at least one such
+        block, even above the engine's chunk size): 1 by default; DELLA ranks within rows, so it asks for
+        whole rows."""
+        return 1
+
 
 # the built-in methods register themselves on import
-from . import adaptive, concrete, dare, esm, fisher, linear, mats, regmean, ties  # noqa: E402,F401
+from . import adaptive, breadcrumbs, concrete, dare, della, esm, fisher, linear, magmax, mats, regmean, ties  # noqa: E402,F401
