@@ -46,6 +46,11 @@ STATIC_METHODS = {
     "weight_averaging": ("average", {}),
     "task_arithmetic": ("task_arithmetic", {"scaling": 0.3}),
     "ties": ("ties", {"density": 0.2, "scaling": 0.3}),
+    # mergekit's methods at a density that sparsifies (their default, 1, keeps everything): breadcrumbs sums,
+    # so lambda is task arithmetic's scaling; DELLA averages the agreeing entries, so lambda stays 1
+    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01, "lambda": 0.3}),
+    "della": ("della", {"density": 0.5, "epsilon": 0.1}),
+    "magmax": ("magmax", {}),
 }
 ADAPTIVE_METHODS = ("adamerging", "concrete_task_arithmetic", "concrete_adamerging")
 DATA_METHODS = {  # demo name: (registered method, parameters, statistics it needs)
@@ -57,8 +62,8 @@ DATA_METHODS = {  # demo name: (registered method, parameters, statistics it nee
     "esm++": ("esm++", {}, ("acts",)),
 }
 METHODS = (*STATIC_METHODS, *ADAPTIVE_METHODS)
-STOCHASTIC = (*ADAPTIVE_METHODS, *DATA_METHODS)
-"""Methods whose result depends on the seed (mask noise, batch order, sampled statistics): run once per seed."""
+STOCHASTIC = ("della", *ADAPTIVE_METHODS, *DATA_METHODS)
+"""Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per seed."""
 """The demo's default rows; `DATA_METHODS` are opt-in (`--methods`), as they need statistics."""
 ALL_METHODS = (*METHODS, *DATA_METHODS)
 LABELS = {
@@ -66,7 +71,7 @@ LABELS = {
     "task_arithmetic": "Task Arithmetic", "ties": "Ties-Merging", "adamerging": "AdaMerging (layer-wise)",
     "concrete_task_arithmetic": "Concrete TA", "concrete_adamerging": "Concrete AM (layer-wise)",
     "fisher": "Fisher", "regmean": "RegMean", "mats_regmean": "MaTS-RegMean", "mats_kfac": "MaTS-KFAC",
-    "esm": "ESM", "esm++": "ESM++",
+    "esm": "ESM", "esm++": "ESM++", "breadcrumbs": "Breadcrumbs", "della": "DELLA", "magmax": "MagMax",
 }
 
 
@@ -86,7 +91,7 @@ class DemoSettings:
     and `mask_lr` default to `0.1 / steps` and `0.2 / steps`; the inner step is Adam 0.1 and the
     coefficients are clamped to [0, 1], as in their code. Their CLIP setting is `inner_lr=1, lr=1/steps,
     mask_lr=2/steps`; the README's ablation table shows why it is not the default here.
-    Every stochastic method (the adaptive and data-aware ones) runs once per seed in `seeds`; the seed
+    Every stochastic method (DELLA, the adaptive and data-aware ones) runs once per seed in `seeds`; the seed
     keys the mask noise, the order of the unlabeled batches and the statistics' samples. `test_limit`
     keeps the first examples of each test split (None: all); adaptation uses the same examples, unlabeled.
     """
@@ -223,6 +228,8 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
         clock = time.perf_counter()
         if method in STATIC_METHODS:
             name, params = STATIC_METHODS[method]
+            if method in STOCHASTIC:
+                params = {**params, "seed": seed}
             call = _bound(ctx.encoder, merge(name, ctx.base, list(ctx.models.values()), **params))
         elif method in DATA_METHODS:
             call = _data_merge(method, ctx, stats)
