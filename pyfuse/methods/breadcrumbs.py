@@ -21,6 +21,7 @@ import torch
 
 from . import Chunk, MergeContext, Param, boolean, number, register
 from .gta import LAMBDA, MERGEKIT_WEIGHTS, GeneralizedTaskArithmetic
+from .select import histogram_bytes
 from .sparsify import keep_band, magnitude_band
 
 
@@ -51,6 +52,9 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
         "rescale": Param(False, boolean, "give each sparsified task vector its L1 norm back, per tensor"),
         "weights": MERGEKIT_WEIGHTS,
     }
+
+    def state_bytes(self, layout, n, in_flight) -> int:
+        return histogram_bytes(2 * n, in_flight)  # the select's tables, for both ends of the band at once
 
     def sparse_plan(self, ctx: MergeContext, index: int) -> tuple[list[float], list[float]] | None:
         if self.config["density"] >= 1:

@@ -33,7 +33,9 @@ def keep_probabilities(magnitudes: torch.Tensor, length: int, density: float, ep
     """MAGPRUNE's keep probabilities for `magnitudes` `[..., L, R]` (rows along dimension -2)."""
     if length == 1:
         return torch.full_like(magnitudes, density)
-    ranks = magnitudes.argsort(dim=-2, stable=True).argsort(dim=-2).to(torch.float32)
+    order = magnitudes.argsort(dim=-2, stable=True)
+    positions = torch.arange(length, dtype=torch.float32, device=magnitudes.device).view(length, 1)
+    ranks = torch.empty_like(magnitudes).scatter_(-2, order, positions.expand(magnitudes.shape))  # order's inverse
     rank_norm = (ranks / (length - 1)).clamp_(0, 1)
     return (density - epsilon) + rank_norm * 2 * epsilon
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, number
-from .linear import weighted_sum
+from .linear import load_op, weighted_sum
 from .sparsify import consensus_merge, norm_ratio
 
 LAMBDA = Param(1.0, number(), "the factor on the combined task vectors (mergekit's `lambda`)")
@@ -38,6 +38,8 @@ class GeneralizedTaskArithmetic(StaticMethod):
         self._unit_weights = bool((self.weights == 1).all())
         total = float(self.weights.sum())
         self._linear_divisor = total if self.config["normalize"] and abs(total) >= 1e-8 else 1.0
+        if not self.config["consensus"]:
+            load_op()
 
     def sparsify(self, chunk: Chunk, plan: Any) -> torch.Tensor:
         """The chunk's sparsified task vectors `[n, c]`, before any rescale."""
