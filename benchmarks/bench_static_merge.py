@@ -9,7 +9,9 @@ TIES at density 0.5 three ways, each as a command-line subprocess so all are mea
 - `mergekit-yaml` with the equivalent `ties` config, when mergekit is installed.
 
 All use lambda 1 and the normalised (mean) merge, which is what mergekit's `ties` computes; pyfuse's
-per-tensor output is checked against mergekit's. Reported per run: wall time (process start to exit,
+per-tensor output is checked against mergekit's. Then pyfuse's sparsify-and-consensus methods on the same
+checkpoints (`SPARSE_METHODS`: breadcrumbs and DELLA at density 0.5, both variants, and MagMax), timed the
+same way (`--skip-sparse` leaves them out). Reported per run: wall time (process start to exit,
 imports included), pyfuse's own merge time from its report, and peak anonymous memory (RssAnon of the
 process, polled every 20 ms; memory-mapped weights are file-backed and not counted).
 
@@ -41,6 +43,13 @@ from common import print_table, rss_anon_bytes, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DENSITY = 0.5
+SPARSE_METHODS = {  # run label: (method, parameters); mergekit's default density, 1, would keep everything
+    "breadcrumbs": ("breadcrumbs", {"density": DENSITY, "gamma": 0.01}),
+    "breadcrumbs_ties": ("breadcrumbs", {"density": DENSITY, "gamma": 0.01, "consensus": True}),
+    "della": ("della", {"density": DENSITY, "epsilon": 0.1}),
+    "della_linear": ("della", {"density": DENSITY, "epsilon": 0.1, "consensus": False}),
+    "magmax": ("magmax", {}),
+}
 PYFUSE_CLI = "import sys; from pyfuse.cli import main; sys.exit(main(sys.argv[1:]))"
 # timed after TIES, with their defaults (TSV, Iso and WUDI work on the matrices, the rest per tensor)
 OTHER_METHODS = ("slerp", "nuslerp", "model_stock", "tsv", "iso_c", "iso_cts", "wudi")
@@ -93,15 +102,9 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
     return {"wall_s": wall, "peak_rss_anon_mib": peak / 2**20}
 
 
-def pyfuse_run(root: Path, trim: str, env: dict[str, str], hash_inputs: bool) -> dict:
-    params = {"density": DENSITY, "scaling": 1.0, "merge_func": "mean", "trim": trim}
-    return method_run(root, "ties", params, trim, env, hash_inputs)
-
-
-def method_run(root: Path, method: str, params: dict, tag: str, env: dict[str, str], hash_inputs: bool) -> dict:
-    """`pyfuse merge` of the two fine-tuned models with `method`, into root/out-pyfuse-<tag>, measured."""
+def pyfuse_run(root: Path, tag: str, method: str, parameters: dict, env: dict[str, str], hash_inputs: bool) -> dict:
     config = {"method": method, "base": str(root / "base"), "models": [str(root / "ft0"), str(root / "ft1")],
-              "parameters": params}
+              "parameters": parameters}
     path = root / f"pyfuse-{tag}.yaml"
     path.write_text(yaml.safe_dump(config))
     out = root / f"out-pyfuse-{tag}"
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a new temp dir, removed)")
     parser.add_argument("--no-hash", action="store_true", help="run pyfuse without hashing its inputs")
     parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit even if installed")
+    parser.add_argument("--skip-sparse", action="store_true", help="do not time breadcrumbs, DELLA and MagMax")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--methods", default=",".join(OTHER_METHODS),
                         help=f"other methods to time with their defaults, comma-separated ('' for none; default "
@@ -176,7 +180,9 @@ def main() -> None:
         load = [os.getloadavg()[0]]
         runs = []
         for trim in ("global", "tensor"):
-            runs.append({"run": f"pyfuse ties trim={trim}", **pyfuse_run(root, trim, env, not args.no_hash)})
+            parameters = {"density": DENSITY, "scaling": 1.0, "merge_func": "mean", "trim": trim}
+            runs.append({"run": f"pyfuse ties trim={trim}",
+                         **pyfuse_run(root, trim, "ties", parameters, env, not args.no_hash)})
         has_mergekit = importlib.util.find_spec("mergekit") is not None
         if has_mergekit and not args.skip_mergekit:
             runs.append({"run": "mergekit ties", **mergekit_run(root, env)})
@@ -190,6 +196,10 @@ def main() -> None:
                   + ")")
         load.append(os.getloadavg()[0])
         reference = runs[-1] if runs[-1]["run"].startswith("mergekit") else None
+        sparse = [] if args.skip_sparse else [
+            {"run": f"pyfuse {tag}", **pyfuse_run(root, tag, method, parameters, env, not args.no_hash)}
+            for tag, (method, parameters) in SPARSE_METHODS.items()]
+        load.append(os.getloadavg()[0])
         for run in runs:
             if reference is not None:
                 run["speedup_vs_mergekit"] = reference["wall_s"] / run["wall_s"]
@@ -198,23 +208,29 @@ def main() -> None:
                            ("hash_s", "of which hash s", ".1f"), ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
                            ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f"),
                            ("speedup_vs_mergekit", "speed-up", ".1f"), ("memory_vs_mergekit", "memory ratio", ".2f")])
+        if sparse:
+            print(f"sparsify-and-consensus methods, density {DENSITY} (MagMax: none), the same checkpoints:")
+            print_table(sparse, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
+                                 ("hash_s", "of which hash s", ".1f"),
+                                 ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
+                                 ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f")])
         others = []
         for method in methods:
             params = {"iter_num": args.wudi_iters} if method == "wudi" else {}
             label = f"pyfuse {method}" + (f" iter_num={args.wudi_iters}" if method == "wudi" else "")
-            others.append({"run": label, **method_run(root, method, params, method, env, not args.no_hash)})
+            others.append({"run": label, **pyfuse_run(root, method, method, params, env, not args.no_hash)})
             shutil.rmtree(root / f"out-pyfuse-{method}", ignore_errors=True)
         if others:
             print("other methods (defaults), two fine-tuned models, each a `pyfuse merge` process:")
             print_table(others, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
-                                 ("peak_rss_anon_mb", "peak RssAnon MB", ".0f"),
-                                 ("predicted_peak_rss_anon_mb", "predicted MB", ".0f")])
+                                 ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
+                                 ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f")])
         global_over_tensor = runs[0]["wall_s"] / runs[1]["wall_s"]
-        print(f"global / per-tensor time: {global_over_tensor:.2f}; load average {load[0]:.1f} -> {load[1]:.1f} "
-              f"on {os.cpu_count()} cores")
+        print(f"global / per-tensor time: {global_over_tensor:.2f}; load average "
+              f"{' -> '.join(f'{value:.1f}' for value in load)} on {os.cpu_count()} cores")
         write_json(args.json, {
             "models": {"parameters": params, "bytes_each": size, "scale": args.scale, "density": DENSITY},
-            "runs": runs, "other_methods": others, "global_over_tensor_time": global_over_tensor,
+            "runs": runs, "other_methods": others, "sparse_runs": sparse, "global_over_tensor_time": global_over_tensor,
             "pyfuse_tensor_vs_mergekit": {"max_abs_diff": difference, "entries_differing": differing},
             "load_average": load,
             "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -51,6 +51,11 @@ STATIC_METHODS = {
     "iso_c": ("iso_c", {}),
     "iso_cts": ("iso_cts", {}),
     "wudi": ("wudi", {}),
+    # mergekit's methods at a density that sparsifies (their default, 1, keeps everything): breadcrumbs sums,
+    # so lambda is task arithmetic's scaling; DELLA averages the agreeing entries, so lambda stays 1
+    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01, "lambda": 0.3}),
+    "della": ("della", {"density": 0.5, "epsilon": 0.1}),
+    "magmax": ("magmax", {}),
 }
 SLOW_STATIC_METHODS = ("wudi",)  # opt-in (`--methods`): 400 Adam steps per matrix take minutes on a CPU
 ADAPTIVE_METHODS = ("adamerging", "concrete_task_arithmetic", "concrete_adamerging")
@@ -63,8 +68,8 @@ DATA_METHODS = {  # demo name: (registered method, parameters, statistics it nee
     "esm++": ("esm++", {}, ("acts",)),
 }
 METHODS = (*(m for m in STATIC_METHODS if m not in SLOW_STATIC_METHODS), *ADAPTIVE_METHODS)
-STOCHASTIC = (*ADAPTIVE_METHODS, *DATA_METHODS)
-"""Methods whose result depends on the seed (mask noise, batch order, sampled statistics): run once per seed."""
+STOCHASTIC = ("della", *ADAPTIVE_METHODS, *DATA_METHODS)
+"""Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per seed."""
 """The demo's default rows; `DATA_METHODS` (they need statistics) and `SLOW_STATIC_METHODS` are opt-in (`--methods`)."""
 ALL_METHODS = (*METHODS, *DATA_METHODS, *SLOW_STATIC_METHODS)
 LABELS = {
@@ -73,7 +78,7 @@ LABELS = {
     "concrete_task_arithmetic": "Concrete TA", "concrete_adamerging": "Concrete AM (layer-wise)",
     "fisher": "Fisher", "regmean": "RegMean", "mats_regmean": "MaTS-RegMean", "mats_kfac": "MaTS-KFAC",
     "esm": "ESM", "esm++": "ESM++", "model_stock": "Model Stock", "tsv": "TSV-M", "iso_c": "Iso-C",
-    "iso_cts": "Iso-CTS", "wudi": "WUDI",
+    "iso_cts": "Iso-CTS", "wudi": "WUDI", "breadcrumbs": "Breadcrumbs", "della": "DELLA", "magmax": "MagMax",
 }
 
 
@@ -93,7 +98,7 @@ class DemoSettings:
     and `mask_lr` default to `0.1 / steps` and `0.2 / steps`; the inner step is Adam 0.1 and the
     coefficients are clamped to [0, 1], as in their code. Their CLIP setting is `inner_lr=1, lr=1/steps,
     mask_lr=2/steps`; the README's ablation table shows why it is not the default here.
-    Every stochastic method (the adaptive and data-aware ones) runs once per seed in `seeds`; the seed
+    Every stochastic method (DELLA, the adaptive and data-aware ones) runs once per seed in `seeds`; the seed
     keys the mask noise, the order of the unlabeled batches and the statistics' samples. `test_limit`
     keeps the first examples of each test split (None: all); adaptation uses the same examples, unlabeled.
     """
@@ -230,6 +235,8 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
         clock = time.perf_counter()
         if method in STATIC_METHODS:
             name, params = STATIC_METHODS[method]
+            if method in STOCHASTIC:
+                params = {**params, "seed": seed}
             call = _bound(ctx.encoder, merge(name, ctx.base, list(ctx.models.values()), **params))
         elif method in DATA_METHODS:
             call = _data_merge(method, ctx, stats)

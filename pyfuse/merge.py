@@ -93,8 +93,10 @@ class _Reader:
             # flattened once per tensor: free for files and contiguous tensors, a copy only for strided ones
             flats = [source.get(name).reshape(-1) for source in (self._plan.base, *self._plan.models)]
             numel = self.layout.shapes[s].numel()
-            for lo in range(0, numel, size):
-                yield s, lo, min(lo + size, numel), flats
+            unit = self._plan.method.chunk_unit(self.layout.shapes[s])
+            step = max(unit, size // unit * unit)
+            for lo in range(0, numel, step):
+                yield s, lo, min(lo + step, numel), flats
 
     def _load(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
         if not self._plan.allow_nonfinite:

@@ -256,7 +256,7 @@ def test_density_outside_the_unit_interval(density):
 
 
 def test_registry():
-    with pytest.raises(ValueError, match="unknown merge method 'tie'; available: average, concrete, dare"):
+    with pytest.raises(ValueError, match="unknown merge method 'tie'; available: average, breadcrumbs, concrete, dare"):
         get_method("tie")
     with pytest.raises(ValueError, match="ties: unknown parameter 'densty'; accepted: density, scaling"):
         create_method("ties", densty=0.5)

@@ -305,15 +305,24 @@ class StaticMethod(Method):
         """At most how many passes over a tensor `plan` takes before it is merged; for reports."""
         return 0
 
+    def chunk_unit(self, shape: torch.Size) -> int:
+        """Chunks of a tensor of this shape hold a whole multiple of this many elements (at least one such
+        block, even above the engine's chunk size): 1 by default; DELLA ranks within rows, so it asks for
+        whole rows."""
+        return 1
+
 
 # the built-in methods register themselves on import
 from . import (  # noqa: E402,F401
     adaptive,
+    breadcrumbs,
     concrete,
     dare,
+    della,
     esm,
     fisher,
     linear,
+    magmax,
     mats,
     model_stock,
     regmean,

@@ -1,4 +1,5 @@
-"""The sparsification and sign-consensus core that TIES, DARE and AdaMerging++ share (docs/static-methods.md).
+"""The sparsification and sign-consensus core that TIES, DARE, AdaMerging++, breadcrumbs, DELLA and MagMax share
+(docs/static-methods.md).
 
 Every piece works on fp32 rows `[n, c]`, one row per task vector, in any split of the flat model, so the
 same code serves the streaming engine (a chunk at a time, `Chunk.deltas`) and a buffer held in memory
@@ -6,13 +7,16 @@ same code serves the streaming engine (a chunk at a time, `Chunk.deltas`) and a 
 
 1. magnitude select: `threshold_rank` (which smallest |tau| is the cut, for a density) and
    `magnitude_cuts` (the exact cut per row over the whole model or one tensor: `pyfuse.methods.select`);
-   an entry is kept where `|x| > cut`, i.e. `|x| >= t`, ties at the threshold included;
-2. random drop and rescale: `drop_rescale` (DARE), from the global flat index, so any chunking drops the
-   same entries;
+   an entry is kept where `|x| > cut`, i.e. `|x| >= t`, ties at the threshold included; `magnitude_band`
+   cuts both ends (breadcrumbs); `norm_ratio` restores a row's L1 norm after a cut (mergekit's `rescale`);
+2. random drop and rescale: `task_uniforms` (the Philox draws of each row, from the global flat index, so
+   any chunking draws the same), `drop_rescale` (DARE) and DELLA's rank-dependent drop use them;
 3. sign election: `signed_sides` accumulates, per entry, the kept positive and negative weighted
    entries separately; `elect` picks one side per entry (`zero_sign` settles entries whose sum is 0);
    `sign_balance` is the per-chunk sum of elected signs from which TIES' whole-model `zero_sign` comes;
-4. disjoint merge: `disjoint_merge` combines the picked side (sum, mean over its weights, or max).
+4. disjoint merge: `disjoint_merge` combines the picked side (sum, mean over its weights, or max);
+   `consensus_merge` is mergekit's election and merge in one step; `max_magnitude` (MagMax) picks, per
+   entry, the task vector of largest magnitude instead of electing a sign.
 
 A new method that sparsifies differently (another cut, a random drop with other probabilities) replaces
 step 1 or 2 and reuses 3 and 4.
@@ -20,6 +24,7 @@ step 1 or 2 and reuses 3 and 4.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,6 +34,8 @@ from ..ops import sample_uniform
 from .select import kth_smallest_magnitude_bits
 
 _NEG_TINY = -2147483647  # int32 bits of the negative float closest to zero: the cut below a threshold of 0
+KEEP_ALL: float = torch.tensor(_NEG_TINY, dtype=torch.int32).view(torch.float32).item()
+"""The cut that keeps every entry: `|x| > KEEP_ALL` always."""
 _TRIM_CHUNK = 1 << 20  # columns of an in-memory buffer handled at a time by `ties_trim`
 
 MapRows = Callable[[Callable[[torch.Tensor], Any]], Iterable[Any]]
@@ -58,21 +65,58 @@ def magnitude_cuts(map_rows: MapRows, n: int, rank: int, count: int) -> list[flo
         bits = torch.zeros(n, dtype=torch.int32)
     else:
         bits = kth_smallest_magnitude_bits(map_rows, [rank] * n, count).cpu()
-    below = torch.where(bits > 0, bits - 1, torch.full_like(bits, _NEG_TINY))
-    return below.view(torch.float32).tolist()
+    return _below(bits).view(torch.float32).tolist()
+
+
+def _below(bits: torch.Tensor) -> torch.Tensor:
+    """The bits of the largest float below each magnitude (the negative tiny float below 0)."""
+    return torch.where(bits > 0, bits - 1, torch.full_like(bits, _NEG_TINY))
+
+
+def magnitude_band(map_rows: MapRows, n: int, low_rank: int, high_rank: int,
+                   count: int) -> tuple[list[float], list[float]]:
+    """Per row, cuts `(low, high)` with `low < |x| <= high` exactly when |x| lies between its low_rank-th and
+    high_rank-th smallest |x| (1-based, both included, with every entry tied at either end). An empty band
+    (`high_rank < low_rank`) keeps nothing; two passes for both ends at once."""
+    if high_rank < max(low_rank, 1):
+        return [math.inf] * n, [math.inf] * n
+    low_rank = max(low_rank, 1)
+
+    def both(fn: Callable[[torch.Tensor], Any]) -> Iterable[Any]:
+        return map_rows(lambda rows: fn(torch.cat([rows, rows])))
+
+    bits = kth_smallest_magnitude_bits(both, [low_rank] * n + [high_rank] * n, count).cpu()
+    return _below(bits[:n]).view(torch.float32).tolist(), bits[n:].view(torch.float32).tolist()
+
+
+def keep_band(rows: torch.Tensor, lows: Sequence[float], highs: Sequence[float]) -> torch.Tensor:
+    """`rows` with the entries outside each row's band `low < |x| <= high` zeroed (a new tensor)."""
+    magnitude = rows.abs()
+    low = torch.tensor(lows, device=rows.device).unsqueeze(1)
+    high = torch.tensor(highs, device=rows.device).unsqueeze(1)
+    return rows.masked_fill((magnitude <= low) | (magnitude > high), 0.0)
+
+
+def norm_ratio(before: float, after: float, eps: float = 1e-7) -> float:
+    """The factor that gives a cut row its L1 norm back (`before / after`); 1 where either norm is below
+    `eps` (mergekit's `rescale`: a row cut to nothing, or nothing to restore, is left as it is)."""
+    return 1.0 if before < eps or after < eps else before / after
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. random drop and rescale
 # ---------------------------------------------------------------------------------------------
+def task_uniforms(rows: torch.Tensor, seed: int, start: int) -> torch.Tensor:
+    """The draws `[n, c]` for entry j of row i (global flat index `start + j`): the Philox uniform for key
+    `seed`, counter `(start + j, step=i)`, the same whatever the chunking."""
+    return torch.stack([sample_uniform(rows.shape[1], seed=seed, step=task, start=start, device=rows.device)
+                        for task in range(rows.shape[0])])
+
+
 def drop_rescale(rows: torch.Tensor, p: float, seed: int, start: int) -> torch.Tensor:
-    """DARE: entry j of row i (global flat index `start + j`) dropped when the Philox uniform for key `seed`,
-    counter `(start + j, step=i)` is below `p`; the survivors divided by `1 - p`. A new tensor."""
-    out = rows / (1 - p)
-    for task, row in enumerate(out):
-        u = sample_uniform(row.numel(), seed=seed, step=task, start=start, device=row.device)
-        row.masked_fill_(u < p, 0.0)
-    return out
+    """DARE: an entry dropped where its draw (`task_uniforms`) is below `p`; the survivors divided by
+    `1 - p`. A new tensor."""
+    return (rows / (1 - p)).masked_fill_(task_uniforms(rows, seed, start) < p, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +194,26 @@ def disjoint_merge(pos: torch.Tensor, neg: torch.Tensor, pick: torch.Tensor, *, 
             divisor.add_(divisor == 0)
         merged.div_(divisor)
     return merged
+
+
+def consensus_merge(rows: torch.Tensor, weights: Sequence[float], *, normalize: bool,
+                    unit_weights: bool) -> torch.Tensor:
+    """mergekit's sign consensus over already sparsified rows: the elected sign of each entry is that of the
+    weighted sum (0 counts as positive), the agreeing weighted entries are summed and, with `normalize`,
+    divided by their summed weights (1 where none agree)."""
+    pos, neg, pos_w, neg_w = signed_sides(rows, [KEEP_ALL] * rows.shape[0], weights, counts=normalize)
+    pick = elect(pos - neg, 1.0)
+    return disjoint_merge(pos, neg, pick, divisor_sides=(pos_w, neg_w) if normalize else None,
+                          unit_weights=unit_weights)
+
+
+def max_magnitude(rows: torch.Tensor) -> torch.Tensor:
+    """MagMax's selection: per entry, the value of the row of largest magnitude, a later row winning a tie
+    (so of `+a` and `-a`, the later one). A new tensor."""
+    best = rows[0].clone()
+    for row in rows[1:]:
+        torch.where(row.abs() >= best.abs(), row, best, out=best)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
