@@ -6,6 +6,7 @@ Only this module prints: the library returns values and reports, and the command
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -209,6 +210,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         return 0
     report = plan.write(args.out_dir, force=args.force, shard_size=shard_size, hash_inputs=not args.no_hash,
                         progress=not args.no_progress, other_inputs=[args.config])
+    if int(os.environ.get("RANK", "0")):  # under torchrun every rank returns the report; rank 0 prints it
+        return 0
     for path in report["removed_stale_partials"]:
         print(f"removed {path}, left by an earlier run of this merge that did not finish")
     timings = report["timings"]
