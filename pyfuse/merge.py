@@ -86,7 +86,7 @@ class _Reader:
         self._depth = 2 * plan.workers
         # distributed (`share`: the group and this process's tensors): a method that splits its whole-model
         # passes passes over its own tensors and sums over the ranks; any other passes over the whole model
-        split = share is not None and plan.method.split_global_passes
+        split = share is not None and isinstance(plan.method, StaticMethod) and plan.method.split_global_passes
         self._ranks = share[0] if split else None
         self._whole = share[1] if split else range(len(self.layout))
 
