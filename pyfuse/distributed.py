@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailed", "Ranks", "group", "split_by_bytes"]
+__all__ = ["RankFailed", "Ranks", "current", "group", "split_by_bytes"]
 
 # a rank waits this long at a sync for the slowest one (whose share of a large merge may take long)
 TIMEOUT = datetime.timedelta(hours=6)
@@ -80,12 +80,19 @@ class Ranks:
             raise
 
 
+def current() -> Ranks | None:
+    """The initialised process group (of more than one process), or None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Ranks(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+    return None
+
+
 @contextlib.contextmanager
 def group(device: torch.device | str = "cpu") -> Iterator[Ranks | None]:
     """The process group of this run: joined from torchrun's environment (and left after), or the one the
     caller initialised, or None for a single process (no WORLD_SIZE, or WORLD_SIZE=1)."""
     if dist.is_available() and dist.is_initialized():
-        yield Ranks(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+        yield current()
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield None

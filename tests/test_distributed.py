@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import pyfuse
 from pyfuse.merge import plan_merge
 
-from .dist_helpers import run_ranks
+from .dist_helpers import merge_jobs, run_ranks
 from .merge_helpers import load_dir, save_family, tiny_llama
 from .stats_helpers import TokenMLP, mlp_batches, mlp_logits, perturbed
 
@@ -67,7 +67,8 @@ def setup(tmp_path_factory):
                                                                               str(tmp / "poisoned.safetensors")]),
     }
     jobs = [(name, {**kwargs, "out_dir": str(tmp / name)}) for name, kwargs in cases.items()]
-    return tmp, cases, run_ranks(tmp, jobs), poisoned_name
+    ranks = run_ranks(tmp, merge_jobs, jobs)
+    return tmp, cases, {name: [outcome[name] for outcome in ranks] for name in cases}, poisoned_name
 
 
 def _one_process(kwargs: dict) -> dict[str, torch.Tensor]:
