@@ -383,6 +383,7 @@ class MergePlan:
                 report["output"] = {"dir": str(Path(out_dir).resolve()), "shards": writer.shard_names,
                                     "tensor_bytes": writer.total_bytes}
                 report["timings"] = timings
+                report["bytes_read"] = sum(entry["bytes_read"] for entry, _, _ in everyone)  # model tensors
                 report["peak_rss_anon_bytes"] = max((entry["peak_rss_anon_bytes"] or 0 for entry, _, _ in everyone),
                                                     default=None) if ranks is not None else memory.peak
                 writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
