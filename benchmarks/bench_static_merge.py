@@ -77,7 +77,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
     peak = 0
     while process.poll() is None:
         try:
-            peak = max(peak, rss_anon_bytes(process.pid))
+            peak = max(peak, rss_anon_bytes(process.pid) or 0)  # None once the process has exited
         except (OSError, RuntimeError):  # the process is exiting
             pass
         time.sleep(0.02)

@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
         save_file(tuned, str(tmp / f"mlp{i}.safetensors"))
         model_i = TokenMLP()
         model_i.load_state_dict(tuned)
-        pyfuse.collect_statistics(model_i, mlp_batches(seed=i), mlp_logits, kinds=("gram_in", "fisher"),
+        pyfuse.collect_statistics(model_i, mlp_batches(seed=i), mlp_logits, kinds=("gram_in", "fisher", "acts"),
                                   progress=False).save(tmp / f"stats{i}.safetensors")
         models.append(str(tmp / f"mlp{i}.safetensors"))
         stats.append(str(tmp / f"stats{i}.safetensors"))
@@ -63,6 +63,8 @@ def setup(tmp_path_factory):
         "dare": dict(method="dare", **llama, p=0.4, seed=7, then="ties", density=0.5),
         "regmean": dict(method="regmean", **data, alpha=0.8),
         "fisher": dict(method="fisher", **data, normalize="l2"),
+        "mats": dict(method="mats", **data, objective="diagonal_fisher", iterations=5),
+        "esm": dict(method="esm", **data),
         "nan": dict(method="task_arithmetic", base=llama["base"], finetuned=[llama["finetuned"][0],
                                                                               str(tmp / "poisoned.safetensors")]),
     }
@@ -85,7 +87,7 @@ def _check_identical(tmp: Path, name: str, expected: dict[str, torch.Tensor]) ->
     return json.loads((tmp / name / "merge_report.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["ties", "dare", "regmean", "fisher"])
+@pytest.mark.parametrize("name", ["ties", "dare", "regmean", "fisher", "mats"])
 def test_two_ranks_match_one_process_bit_for_bit(setup, name):
     tmp, cases, outcomes, _ = setup
     assert all("report" in outcome for outcome in outcomes[name]), outcomes[name]
@@ -97,6 +99,24 @@ def test_two_ranks_match_one_process_bit_for_bit(setup, name):
     assert all(entry["tensors"] > 0 for entry in info["ranks"])
     assert sum(entry["tensors"] for entry in info["ranks"]) == report["merged_tensors"] + report["carried_tensors"]
     assert all(len(file["sha256"]) == 64 for entry in report["inputs"] for file in entry["files"])
+
+
+def test_method_results_cover_every_rank(setup):
+    """MaTS' per-tensor CG table in the report holds every solved tensor, whichever rank solved it."""
+    tmp, cases, outcomes, _ = setup
+    report = outcomes["mats"][0]["report"]
+    kwargs = {k: v for k, v in cases["mats"].items() if k != "shard_size"}
+    plan = plan_merge(kwargs.pop("method"), kwargs.pop("base"), kwargs.pop("finetuned"), **kwargs)
+    plan.state_dict()
+    assert report["method_result"]["solved"].keys() == plan.method.result["solved"].keys()
+    assert len(report["method_result"]["solved"]) >= 2
+
+
+def test_a_whole_model_data_method_runs_on_rank_0(setup):
+    """ESM merges the whole model at once (its own `merge_model`): rank 0 merges and writes it all."""
+    tmp, cases, outcomes, _ = setup
+    report = _check_identical(tmp, "esm", _one_process(cases["esm"]))
+    assert [entry["tensors"] for entry in report["distributed"]["ranks"]] == [4, 0]
 
 
 def test_ties_ranks_read_only_their_share(setup):
