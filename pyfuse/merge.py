@@ -253,7 +253,7 @@ class MergePlan:
             yield from self._data_tensors(progress, entries)
             return
         self.method.prepare(reader)
-        index = {name: s for s, name in enumerate(self.layout.names)}
+        index = self._layout_index
         for name, shape, dtype in progress_bar(entries, desc=f"{self.method.name}: merging", unit="tensor",
                                                disable=not progress):
             if name in index:
@@ -394,6 +394,7 @@ class MergePlan:
 
     @property
     def _layout_index(self) -> dict[str, int]:
+        """Each merged tensor's position in the layout, by name."""
         return {name: s for s, name in enumerate(self.layout.names)}
 
     def _rank_starts(self, world: int) -> list[int]:
