@@ -154,3 +154,40 @@ def test_torchrun_cli_merge(setup, tmp_path):
     assert run.stdout.count("merged 21 tensors") == 1  # rank 0 prints the summary
     report = _check_identical(tmp_path, "out", _one_process(ties))
     assert report["distributed"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("sizes, parts", [([1] * 10, 3), ([100, 1, 1, 1], 2), ([5, 5], 4), ([3, 9, 2, 7, 7, 1], 3)])
+def test_split_by_bytes_is_contiguous_and_within_one_item_of_each_share(sizes, parts):
+    from pyfuse.distributed import split_by_bytes
+
+    starts = split_by_bytes(sizes, parts)
+    assert len(starts) == parts + 1 and starts[0] == 0 and starts[-1] == len(sizes)
+    assert starts == sorted(starts)
+    share = sum(sizes) / parts
+    for lo, hi in zip(starts, starts[1:]):
+        assert abs(sum(sizes[lo:hi]) - share) <= max(sizes)
+
+
+def test_writer_parts_keep_shards_within_a_part_and_names_global(tmp_path):
+    from pyfuse.io.atomic import check_output_dir
+    from pyfuse.io.writer import ShardedWriter
+
+    entries = [(f"t{i}", torch.Size([25]), torch.float32) for i in range(5)]  # 100 bytes each
+    target = check_output_dir(tmp_path / "out")
+    writers = [ShardedWriter(target, entries, 250, [0, 2, 5], part) for part in (0, 1)]
+    # part 0: t0 t1 in one shard; part 1: t2 t3 | t4 (250 bytes a shard)
+    assert writers[0].shard_names == writers[1].shard_names == [f"model-0000{k}-of-00003.safetensors"
+                                                                for k in (1, 2, 3)]
+    with writers[0] as first, writers[1] as second:
+        second.join(first.path)
+        with pytest.raises(RuntimeError, match="planned order"):
+            second.write_tensor("t0", [torch.zeros(25)])
+        for i in (2, 3, 4):
+            second.write_tensor(f"t{i}", [torch.full((25,), float(i))])
+        with pytest.raises(RuntimeError, match="only part 0"):
+            second.commit()
+        for i in (0, 1):
+            first.write_tensor(f"t{i}", [torch.full((25,), float(i))])
+        first.commit()
+    merged = load_dir(tmp_path / "out")
+    assert {k: float(v[0]) for k, v in merged.items()} == {f"t{i}": float(i) for i in range(5)}
