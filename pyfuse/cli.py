@@ -6,6 +6,7 @@ Only this module prints: the library returns values and reports, and the command
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,14 +170,19 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
 
 def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
     """Adaptive methods learn from data: `pyfuse.config.run_adaptive` runs them."""
+    from . import distributed
     from .config import ConfigError, run_adaptive
     from .io.atomic import check_output_dir
 
     if args.dry_run:
         raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config.method.name} needs data")
     check_output_dir(args.out_dir, args.force or args.resume, [args.config])
-    result = run_adaptive(config, args.out_dir, resume=args.resume, force=args.force, trust_code=args.trust_code,
-                          allow_nonfinite=args.allow_nonfinite, source=str(args.config))
+    with distributed.group() as ranks:  # under torchrun the ranks split the tasks (pyfuse.adaptive.loop)
+        result = run_adaptive(config, args.out_dir, resume=args.resume, force=args.force,
+                              trust_code=args.trust_code, allow_nonfinite=args.allow_nonfinite,
+                              source=str(args.config))
+    if ranks is not None and ranks.rank:  # rank 0 prints the summary
+        return 0
     print(f"merged with {config.method.name} -> {args.out_dir}")
     rows = [(f"accuracy {task}", f"{acc:.4f}") for task, acc in result.report["final_accuracy"].items()]
     if result.report["final_average"] is not None:
@@ -212,6 +218,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         return 0
     report = plan.write(args.out_dir, force=args.force, shard_size=shard_size, hash_inputs=not args.no_hash,
                         progress=not args.no_progress, other_inputs=[args.config])
+    if "distributed" in report and int(os.environ.get("RANK", "0")):  # every rank returns it; rank 0 prints it
+        return 0
     for path in report["removed_stale_partials"]:
         print(f"removed {path}, left by an earlier run of this merge that did not finish")
     timings = report["timings"]

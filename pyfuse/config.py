@@ -25,6 +25,7 @@ sections) and resolves relative paths against the config file's directory; error
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .methods import Method, available_methods, get_method
 from .methods.adaptive import AdaptiveMethod, MergeResult, RunOptions
 from .task import Task
@@ -208,7 +210,11 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
         raise PermissionError(f"{source}: {', '.join(code)} name Python callables that would be imported and run; "
                               "pass --trust-code (trust_code=True) only for a config whose code you trust")
     inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
-    check_output_dir(out_dir, force or resume, inputs)
+    ranks = distributed.current()
+    with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
+        check_output_dir(out_dir, force or resume, inputs)
+    if ranks is not None:  # every rank checked before rank 0 writes into out_dir
+        ranks.sync()
 
     base, architecture = config.base, config.architecture
     model = _load_callable(architecture, "architecture", source)(base) if architecture else _auto_model(base, source)

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from . import distributed
+from .distributed import Ranks
 from .finite import NonFiniteError, check_finite, finite_chunks
 from .io.atomic import check_output_dir, remove_stale_partials
 from .io.hashing import sha256_file
@@ -77,15 +79,24 @@ class _Reader:
     than many small ops split across threads (no per-op barriers, which stall when a core is busy).
     """
 
-    def __init__(self, plan: MergePlan, progress: bool, pool: ThreadPoolExecutor | None):
+    def __init__(self, plan: MergePlan, progress: bool, pool: ThreadPoolExecutor | None,
+                 share: tuple[Ranks, Sequence[int]] | None = None):
         self.layout, self.n, self.device = plan.layout, len(plan.models), plan.device
         self.threads = plan.workers
         self._plan, self._progress, self._pool = plan, progress, pool
         self._depth = 2 * plan.workers
+        # distributed (`share`: the group and this process's tensors): a method that splits its whole-model
+        # passes passes over its own tensors and sums over the ranks; any other passes over the whole model
+        split = share is not None and isinstance(plan.method, StaticMethod) and plan.method.split_global_passes
+        self._ranks = share[0] if split else None
+        self._whole = share[1] if split else range(len(self.layout))
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self._ranks is None else self._ranks.sum(value)
 
     def _spans(self, index: int | None, desc: str | None) -> Iterator[tuple[int, int, int, list[torch.Tensor]]]:
         """(tensor index, start, end, flat base and fine-tuned tensors) of every chunk to read."""
-        indices = range(len(self.layout)) if index is None else (index,)
+        indices = self._whole if index is None else (index,)
         show = self._progress and index is None and desc is not None
         size = self._plan.chunk_elements
         for s in progress_bar(indices, desc=desc, unit="tensor", leave=False, disable=not show):
@@ -233,18 +244,21 @@ class MergePlan:
                   if key in declared and declared[key].path and isinstance(value, (str, os.PathLike))]
         return [Path(p) for p in paths]
 
-    def _tensors(self, reader: _Reader, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
-        """Each output tensor, in order, as an iterator over its flat chunks (merged, or carried from the base).
+    def _tensors(self, reader: _Reader, progress: bool,
+                 outputs: Sequence[int] | None = None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+        """Each output tensor (or those at `outputs`), in order, as an iterator over its flat chunks (merged, or
+        carried from the base).
 
         The method's global passes run when the first tensor is requested; a data method merges the whole
-        model then.
+        model (or the tensors at `outputs`) then.
         """
+        entries = self.outputs if outputs is None else [self.outputs[i] for i in outputs]
         if isinstance(self.method, DataMethod):
-            yield from self._data_tensors(progress)
+            yield from self._data_tensors(progress, entries)
             return
         self.method.prepare(reader)
-        index = {name: s for s, name in enumerate(self.layout.names)}
-        for name, shape, dtype in progress_bar(self.outputs, desc=f"{self.method.name}: merging", unit="tensor",
+        index = self._layout_index
+        for name, shape, dtype in progress_bar(entries, desc=f"{self.method.name}: merging", unit="tensor",
                                                disable=not progress):
             if name in index:
                 plan = self.method.plan(reader, index[name])
@@ -260,19 +274,25 @@ class MergePlan:
         (NaN/inf inputs or statistics, or overflow in the merge or the cast to the output dtype)."""
         return finite_chunks(chunks, f"{self.method.name}: merged tensor {name!r}", self.allow_nonfinite)
 
-    def _data_tensors(self, progress: bool) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
-        """A data method's merge, in memory on `workers` torch threads (the engine's pool serves chunks only)."""
+    def _data_tensors(self, progress: bool, entries: Sequence[tuple[str, torch.Size, torch.dtype]]
+                      ) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+        """A data method's merge of `entries`, in memory on `workers` torch threads (the engine's pool serves
+        chunks only)."""
+        if not entries:
+            return
         models = [SourceTensors(m) for m in self.models]
         for st, model, source in zip(self.statistics, models, self.models):
             st.check_model(model, source.label)
+        keys = None if len(entries) == len(self.outputs) else [name for name, _, _ in entries]
         threads = torch.get_num_threads()
         torch.set_num_threads(self.workers)
         try:
-            merged = self.method.merge_model(SourceTensors(self.base), models, self.statistics, progress=progress)
+            merged = self.method.merge_model(SourceTensors(self.base, keys), models, self.statistics,
+                                             progress=progress)
         finally:
             torch.set_num_threads(threads)
         floating = set(self.layout.names)
-        for name, _, dtype in self.outputs:
+        for name, _, dtype in entries:
             flat = merged.pop(name).reshape(-1).to(dtype)
             chunks = (flat[lo: lo + self.chunk_elements] for lo in range(0, flat.numel(), self.chunk_elements))
             yield name, self._checked(name, chunks) if name in floating else chunks
@@ -301,45 +321,114 @@ class MergePlan:
         and may never hold an input (nor `other_inputs`, e.g. the config file). Temporary directories of
         `out_dir` left by killed runs are removed (the report lists them). Returns the report also written
         to `out_dir/merge_report.json`.
+
+        Under torchrun (or in an initialised `torch.distributed` group), the processes split the output
+        tensors, contiguous runs balanced by bytes: each reads, merges and writes its own shards of one
+        temporary directory, and rank 0 writes the index and report and commits once every rank is done
+        (`pyfuse.distributed`). The tensors are bit-identical to one process's; an error on any rank is
+        raised on every rank and nothing is committed. Every rank returns the report.
         """
+        with distributed.group(self.device) as ranks:
+            if ranks is None:
+                return self._write(out_dir, force, shard_size, hash_inputs, progress, other_inputs, None)
+            with ranks.failing_together():
+                return self._write(out_dir, force, shard_size, hash_inputs, progress and ranks.rank == 0,
+                                   other_inputs, ranks)
+
+    def _write(self, out_dir: str | os.PathLike, force: bool, shard_size: int | str, hash_inputs: bool,
+               progress: bool, other_inputs: Sequence[str | os.PathLike], ranks: Ranks | None) -> dict[str, Any]:
         from . import __version__  # here: the package defines it after importing this module
 
         started = time.perf_counter()
         target = check_output_dir(out_dir, force, [*self.input_paths(), *other_inputs])
         max_shard_bytes = parse_size(shard_size)
+        rank, world = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
+        starts = self._rank_starts(world)
+        own = range(starts[rank], starts[rank + 1])
         report = {"pyfuse_version": __version__, "torch_version": torch.__version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.summary(),
-                  "removed_stale_partials": [str(p) for p in remove_stale_partials(target)]}
+                  "removed_stale_partials": [str(p) for p in remove_stale_partials(target)] if rank == 0 else []}
         timings = {}
+        sources = [self.base, *self.models]
+        read_before = sum(source.bytes_read for source in sources)
         with PeakRssAnon() as memory, _workers(self.workers) as pool, \
-                ShardedWriter(target, self.outputs, max_shard_bytes) as writer:
+                ShardedWriter(target, self.outputs, max_shard_bytes, starts, rank) as writer, \
+                (ranks.failing_together() if ranks is not None else contextlib.nullcontext()):
+            if ranks is not None:  # rank 0's writer made the temporary directory every rank writes into
+                shared = ranks.sync(writer.path if rank == 0 else None)[0]
+                if rank:
+                    writer.join(shared)
+            digests = {}
             if hash_inputs:
                 tick = time.perf_counter()
-                files = [(file, path) for entry, raw in zip(report["inputs"], self.inputs)
-                         for file, path in zip(entry["files"], checkpoint_files(raw))]
-                for (file, _), digest in zip(files, (pool.map if pool else map)(sha256_file, [p for _, p in files])):
-                    file["sha256"] = digest
+                files = [path for raw in self.inputs for path in checkpoint_files(raw)][rank::world]
+                digests = dict(zip(map(str, files), (pool.map if pool else map)(sha256_file, files)))
                 timings["hash_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            tensors = self._tensors(_Reader(self, progress, pool), progress)
-            name, chunks = next(tensors)  # runs the method's global passes, if any
+            share = (ranks, [self._layout_index[self.outputs[i][0]] for i in own
+                             if self.outputs[i][0] in self._layout_index]) if ranks is not None else None
+            tensors = self._tensors(_Reader(self, progress, pool, share), progress, own)
+            first = next(tensors, None)  # runs the method's global passes, if any
             timings["prepare_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            writer.write_tensor(name, chunks)
+            if first is not None:  # a rank may hold no tensors (more ranks than tensors)
+                writer.write_tensor(*first)
             for name, chunks in tensors:
                 writer.write_tensor(name, chunks)
             timings["merge_s"] = time.perf_counter() - tick
-            self._copy_small_files(writer)
-            timings["total_s"] = time.perf_counter() - started
-            report["output"] = {"dir": str(Path(out_dir).resolve()), "shards": writer.shard_names,
-                                "tensor_bytes": writer.total_bytes}
-            report["timings"] = timings
-            report["peak_rss_anon_bytes"] = memory.peak
-            if getattr(self.method, "result", None):  # what a data method found: CG residuals, ESM's alpha
-                report["method_result"] = _jsonable(self.method.result)
-            writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
-            writer.commit()
+            result = getattr(self.method, "result", None)  # what a data method found: CG residuals, ESM's alpha
+            mine = {"rank": rank, "tensors": len(own), "bytes_read": sum(s.bytes_read for s in sources) - read_before,
+                    "seconds": time.perf_counter() - started, "peak_rss_anon_bytes": memory.peak}
+            everyone = ranks.sync((mine, digests, result)) if ranks is not None else [(mine, digests, result)]
+            if rank == 0:
+                self._finish_report(report, everyone, ranks)
+                self._copy_small_files(writer)
+                timings["total_s"] = time.perf_counter() - started
+                report["output"] = {"dir": str(Path(out_dir).resolve()), "shards": writer.shard_names,
+                                    "tensor_bytes": writer.total_bytes}
+                report["timings"] = timings
+                report["bytes_read"] = sum(entry["bytes_read"] for entry, _, _ in everyone)  # model tensors
+                report["peak_rss_anon_bytes"] = max((entry["peak_rss_anon_bytes"] or 0 for entry, _, _ in everyone),
+                                                    default=None) if ranks is not None else memory.peak
+                writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+                writer.commit()
+            if ranks is not None:  # the others return rank 0's report once it has committed
+                report = ranks.sync(report if rank == 0 else None)[0]
         return report
+
+    @property
+    def _layout_index(self) -> dict[str, int]:
+        """Each merged tensor's position in the layout, by name."""
+        return {name: s for s, name in enumerate(self.layout.names)}
+
+    def _rank_starts(self, world: int) -> list[int]:
+        """Where each rank's run of output tensors starts (and the end): balanced by bytes, or all on rank 0
+        for a data method that merges the whole model at once (one that overrides `merge_model`)."""
+        if isinstance(self.method, DataMethod) and type(self.method).merge_model is not DataMethod.merge_model:
+            return [0] + [len(self.outputs)] * world
+        sizes = [shape.numel() * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in self.outputs]
+        return distributed.split_by_bytes(sizes, world)
+
+    def _finish_report(self, report: dict[str, Any], everyone: list[tuple[dict, dict, Any]],
+                       ranks: Ranks | None) -> None:
+        """The inputs' digests and the method's result (merged over the ranks) into `report`, and with ranks its
+        "distributed" entry."""
+        digests = {path: digest for _, found, _ in everyone for path, digest in found.items()}
+        for entry, raw in zip(report["inputs"], self.inputs):
+            for file, path in zip(entry["files"], checkpoint_files(raw)):
+                if str(path) in digests:
+                    file["sha256"] = digests[str(path)]
+        results = [result for _, _, result in everyone if result]
+        if results:
+            merged = dict(results[0])
+            for result in results[1:]:  # per-tensor tables (MaTS' "solved") hold each rank's own tensors
+                for key, value in result.items():
+                    if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                        merged[key] = {**merged[key], **value}
+            report["method_result"] = _jsonable(merged)
+        if ranks is not None:
+            report["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
+                                     "ranks": [entry for entry, _, _ in everyone]}
 
     def _copy_small_files(self, writer: ShardedWriter) -> None:
         """The base's config, tokenizer and other small files, config.json updated to the output dtype."""

@@ -13,6 +13,14 @@ Memory: each pass merges once through the fused op; the merged parameters, detac
 forward and backward one after the other (so their activations never coexist), which accumulate
 dL/d(merged) into one `[D]` buffer; then the fused backward runs once. Only the op's backward reads the
 task vectors.
+
+Under torch.distributed (torchrun, or a group the caller initialised; `pyfuse.distributed`), the tasks are
+split across the ranks (rank r runs tasks r, r + N, ...): each pass, every rank accumulates its tasks'
+gradients into its `[D]` buffer, one all-reduce sums the buffers (and the entropies, in one more entry),
+and every rank then runs the same fused backward and optimizer step, so the learned state stays the same
+on every rank. The sum of the tasks' gradients is added in another order than in one process (float32
+reassociation). Rank 0 alone writes checkpoints and outputs; evaluation runs every task on every rank.
+Every rank holds the whole task vectors (they are not sharded).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .. import distributed
 from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path
 from ..ops import DEFAULT_TEMPERATURE, MODES
@@ -138,7 +147,9 @@ class AdaptiveLoop:
         )
         self.merger.check_tasks(tasks)
         self.tasks = list(tasks)
-        self.streams = [BatchStream(task) for task in self.tasks]
+        self.ranks = distributed.current()
+        rank, world = (self.ranks.rank, self.ranks.world_size) if self.ranks is not None else (0, 1)
+        self.streams = [BatchStream(task) for task in self.tasks[rank::world]]  # this rank's tasks
         self.backend = resolve(self.options.backend, task_vectors.base.device)
         self.phases = [(name, steps) for name, steps in (("meta", settings.meta_steps),
                                                          ("adapt", settings.adapt_steps)) if steps]
@@ -183,7 +194,9 @@ class AdaptiveLoop:
         returns the summed entropy."""
         merged = self.merger.merged_flat(step=step, mask=mask, train_logits=train_logits,
                                    train_coefficients=train_coefficients)
-        grad = torch.zeros_like(merged)
+        # with ranks, one entry more carries the entropy through the same all-reduce
+        buffer = merged.new_zeros(merged.numel() + (self.ranks is not None))
+        grad = buffer[:merged.numel()]
         call = self.merger.bind(merged.detach(), grad)
         total = 0.0
         for stream in self.streams:
@@ -192,6 +205,10 @@ class AdaptiveLoop:
                 raise RuntimeError(f"task {stream.task.name!r}: its logits do not depend on the merged parameters")
             loss.backward()  # this task's graph (and activations) are freed here, before the next task runs
             total += loss.item()
+        if self.ranks is not None:
+            buffer[-1] = total
+            torch.distributed.all_reduce(buffer)
+            total = float(buffer[-1])
         torch.autograd.backward(merged, grad)
         return total
 
@@ -248,10 +265,13 @@ class AdaptiveLoop:
     # ------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
         tv = self.merger.task_vectors
-        return {
+        found = {
             "settings": dataclasses.asdict(self.settings), "backend": self.backend, "tasks": tv.names,
             "numel": tv.layout.numel, "segments": len(tv.layout), "vector_dtype": str(tv.vectors.dtype),
         }
+        if self.ranks is not None:  # which rank draws which task's batches
+            found["world_size"] = self.ranks.world_size
+        return found
 
     def state(self) -> dict[str, Any]:
         return {
@@ -261,9 +281,26 @@ class AdaptiveLoop:
             "logits": self.merger.logits.detach().clone(),
             "coefficients": self.merger.coefficients.detach().clone(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "drawn": {s.task.name: s.drawn for s in self.streams},
+            "drawn": self._drawn(),
             "history": self.history,
         }
+
+    def _drawn(self) -> dict[str, int]:
+        """Batches drawn so far per task, over every rank's tasks."""
+        drawn = {s.task.name: s.drawn for s in self.streams}
+        if self.ranks is None:
+            return drawn
+        return {name: count for part in self.ranks.sync(drawn) for name, count in part.items()}
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes checkpoints and outputs (rank 0 of a group)."""
+        return self.ranks is None or self.ranks.rank == 0
+
+    def _save(self, checkpoint: Path) -> None:
+        state = self.state()  # every rank: the batch counts are gathered
+        if self._writes:
+            save_checkpoint(checkpoint, state)
 
     def load_state(self, state: dict[str, Any]) -> None:
         expected, found = self._fingerprint(), state["fingerprint"]
@@ -311,7 +348,7 @@ class AdaptiveLoop:
                 if opts.eval_every and self.step % opts.eval_every == 0 and self.step < self.total_steps:
                     self._record_accuracy(self.step, phase)
                 if checkpoint is not None and opts.checkpoint_every and self.step % opts.checkpoint_every == 0:
-                    save_checkpoint(checkpoint, self.state())
+                    self._save(checkpoint)
                 bar.update(1)
                 bar.set_postfix(entropy=f"{entropy:.4f}")
         finally:
@@ -322,8 +359,9 @@ class AdaptiveLoop:
             self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
         report = self._report(final, shares, resumed_from, time.perf_counter() - started)
         if out_dir is not None:
-            save_checkpoint(checkpoint, self.state())
-            self._write_outputs(out_dir, flat, report)
+            self._save(checkpoint)
+            if self._writes:
+                self._write_outputs(out_dir, flat, report)
         m = self.merger
         return MergeResult(
             flat=flat,
@@ -359,6 +397,8 @@ class AdaptiveLoop:
             "resumed_from": resumed_from,
             "seconds": seconds,
         }
+        if self.ranks is not None:
+            report["distributed"] = {"world_size": self.ranks.world_size, "backend": self.ranks.backend}
         if masked:
             report["mask"] = {
                 "mean_eval_mask": float(m.mask(step=EVAL_STEP, mask=s.eval_mask).mean()),

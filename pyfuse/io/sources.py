@@ -33,6 +33,7 @@ class TensorSource:
         self.label = label
         self.specs = specs
         self._reader = reader
+        self.bytes_read = 0  # of the tensors `get` returned, in their stored dtypes (for reports)
 
     def keys(self) -> list[str]:
         return list(self.specs)
@@ -46,7 +47,9 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         if key not in self.specs:
             raise KeyError(f"{self.label}: no tensor named {key!r}")
-        return self._reader(key)
+        tensor = self._reader(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
 
 def _from_mapping(tensors: Mapping[str, torch.Tensor], label: str) -> TensorSource:

@@ -59,41 +59,58 @@ class ShardedWriter:
 
     Use as a context manager; call `write_tensor` for every entry in order, optionally `write_file` or
     `copy_file`, then `commit()`. Leaving the block without committing removes everything written.
+
+    Several processes can write one checkpoint (`pyfuse.distributed`): `starts` splits the entries into
+    contiguous parts (part r is `[starts[r], starts[r + 1])`), no shard spans two parts, and the writer
+    of `part` writes that part's entries only. Part 0's writer makes the temporary directory, the others
+    write into it (`join`), and part 0's commits once every part is written.
     """
 
-    def __init__(self, out: OutputDir, entries: Sequence[tuple[str, torch.Size, torch.dtype]], max_shard_bytes: int):
+    def __init__(self, out: OutputDir, entries: Sequence[tuple[str, torch.Size, torch.dtype]], max_shard_bytes: int,
+                 starts: Sequence[int] | None = None, part: int = 0):
         self.out = out
         for name, _, dtype in entries:
             if dtype not in DTYPE_CODES:
                 raise TypeError(f"tensor {name!r}: safetensors cannot store {dtype}")
         self._entries = [(name, torch.Size(shape), dtype) for name, shape, dtype in entries]
-        self._shards = self._plan_shards(max_shard_bytes)
+        starts = [0, len(self._entries)] if starts is None else list(starts)
+        self._shards = [shard for lo, hi in zip(starts, starts[1:]) for shard in self._plan_shards(lo, hi,
+                                                                                                     max_shard_bytes)]
         self._shard_of = {index: k for k, members in enumerate(self._shards) for index in members}
         count = len(self._shards)
         self.shard_names = [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
         self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in self._entries)
         self._tmp: Path | None = None
-        self._next = 0  # index of the next entry to write
+        self._owner = part == 0  # makes, removes and commits the directory
+        self._next, self._end = starts[part], starts[part + 1]  # the next entry to write, the end of the part
         self._file = None
         self.committed = False
 
-    def _plan_shards(self, max_shard_bytes: int) -> list[list[int]]:
-        shards: list[list[int]] = [[]]
+    def _plan_shards(self, lo: int, hi: int, max_shard_bytes: int) -> list[list[int]]:
+        shards: list[list[int]] = []
         size = 0
-        for index, (_, shape, dtype) in enumerate(self._entries):
+        for index in range(lo, hi):
+            _, shape, dtype = self._entries[index]
             nbytes = _nbytes(shape, dtype)
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
                 shards.append([])
                 size = 0
             shards[-1].append(index)
             size += nbytes
-        return shards
+        return shards or ([[]] if lo == 0 and hi == 0 else [])
 
     def __enter__(self) -> ShardedWriter:
-        self._tmp = self.out.partial_name()
-        self._tmp.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir()
+        if self._owner:
+            self._tmp = self.out.partial_name()
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir()
         return self
+
+    def join(self, path: Path) -> None:
+        """Write into `path`, the temporary directory part 0's writer made."""
+        if self._owner:
+            raise RuntimeError("part 0's writer makes the directory; it joins none")
+        self._tmp = Path(path)
 
     def __exit__(self, *exc) -> None:
         try:
@@ -101,7 +118,7 @@ class ShardedWriter:
                 file, self._file = self._file, None
                 file.close()  # flushes: on a full disk this raises again, after which the removal must still run
         finally:
-            if not self.committed and self._tmp is not None:
+            if self._owner and not self.committed and self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property
@@ -128,8 +145,8 @@ class ShardedWriter:
 
     def write_tensor(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
         """Write the next tensor from flat chunks (converted to its dtype) that together hold all its elements."""
-        if self._next >= len(self._entries) or self._entries[self._next][0] != name:
-            expected = self._entries[self._next][0] if self._next < len(self._entries) else "nothing"
+        if self._next >= self._end or self._entries[self._next][0] != name:
+            expected = self._entries[self._next][0] if self._next < self._end else "nothing"
             raise RuntimeError(f"tensors must be written in the planned order: got {name!r}, expected {expected!r}")
         _, shape, dtype = self._entries[self._next]
         k = self._shard_of[self._next]
@@ -155,9 +172,13 @@ class ShardedWriter:
         shutil.copyfile(source, self.path / source.name)
 
     def commit(self) -> Path:
-        """Write the index and move the finished directory to `out` (replacing only the directory checked)."""
-        if self._next != len(self._entries):
-            raise RuntimeError(f"only {self._next} of {len(self._entries)} tensors were written")
+        """Write the index and move the finished directory to `out` (replacing only the directory checked).
+
+        With several parts, the caller makes sure the other parts are written first."""
+        if not self._owner:
+            raise RuntimeError("only part 0's writer commits")
+        if self._next != self._end:
+            raise RuntimeError(f"only {self._next} of {self._end} tensors were written")
         weight_map = {self._entries[i][0]: self.shard_names[k] for k, members in enumerate(self._shards)
                       for i in members}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

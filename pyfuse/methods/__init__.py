@@ -263,7 +263,14 @@ class MergeContext(Protocol):
 
         `fn` may run on worker threads, several chunks at once: it must not keep the chunk or share state
         it writes to; reduce its results in the caller. `desc` labels a progress bar for whole-model passes.
+        With `index=None` under torch.distributed, a method whose `split_global_passes` is set sees only this
+        process's tensors, and combines the results of its passes with `sum_over_ranks`.
         """
+        ...
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the processes of a distributed merge (itself in one process); integer tensors
+        only, whose sums do not depend on the order of addition."""
         ...
 
 
@@ -272,6 +279,9 @@ class StaticMethod(Method):
 
     #: fp32 chunk-sized temporaries alive at the method's peak, as (per model, constant); for predictions
     temporaries: ClassVar[tuple[int, int]] = (1, 2)
+    #: `prepare` sums its passes' partial results with `ctx.sum_over_ranks`, so a distributed merge gives each
+    #: process's passes only its own tensors; otherwise every process passes over the whole model
+    split_global_passes: ClassVar[bool] = False
 
     def bind(self, layout: FlatLayout, n: int) -> None:
         """Check the parameters against the layout and the number of models; resolve per-model weights."""

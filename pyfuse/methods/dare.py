@@ -27,6 +27,7 @@ class _Dropped:
     def __init__(self, ctx: MergeContext, dare: Dare):
         self._ctx, self._dare = ctx, dare
         self.layout, self.n, self.device = ctx.layout, ctx.n, ctx.device
+        self.sum_over_ranks = ctx.sum_over_ranks
 
     def map(self, fn: Callable[[Chunk], Any], index: int | None = None, desc: str | None = None) -> Iterator[Any]:
         return self._ctx.map(lambda chunk: fn(self._dare.drop(chunk)), index, desc)
@@ -53,6 +54,7 @@ class Dare(StaticMethod):
         except ValueError as err:
             raise ValueError(f"dare (then={self.config['then']}): {err}") from None
         self.temporaries = tuple(a + b for a, b in zip(self.inner.temporaries, (1, 2)))
+        self.split_global_passes = self.inner.split_global_passes
         self.config.update(self.inner.config)
 
     def drop(self, chunk: Chunk) -> Chunk:

@@ -28,10 +28,15 @@ __all__ = ["DataMethod", "SourceTensors", "expected_shape"]
 
 
 class SourceTensors(Mapping):
-    """A read-only mapping view of a `TensorSource`: tensors are read on access, shapes come from its headers."""
+    """A read-only mapping view of a `TensorSource`: tensors are read on access, shapes come from its headers.
 
-    def __init__(self, source: TensorSource):
+    With `keys`, the view holds only those tensors (one process's share of a distributed merge); checks
+    that reach the source through `.source` still see the whole model.
+    """
+
+    def __init__(self, source: TensorSource, keys: Sequence[str] | None = None):
         self.source = source
+        self._keys = source.keys() if keys is None else list(keys)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.source.specs:
@@ -39,10 +44,10 @@ class SourceTensors(Mapping):
         return self.source.get(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.source.keys())
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self.source.specs)
+        return len(self._keys)
 
 
 def _source(model: Mapping[str, torch.Tensor] | TensorSource, label: str) -> TensorSource:

@@ -24,6 +24,7 @@ _LO_BINS = 1 << _LO_BITS
 
 SMALL = 1 << 16  # rows this short are selected directly: cheaper than two passes of histograms
 MapChunks = Callable[[Callable[[torch.Tensor], Any]], Iterable[Any]]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # an int64 histogram -> its sum over processes
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,13 @@ def _accumulate(parts: Iterable[list[tuple[int, torch.Tensor]]], n: int, width: 
     return hist
 
 
+def _summed(hist: torch.Tensor | None, n: int, width: int, reduce: Reduce | None) -> torch.Tensor | None:
+    """This process's histogram, or with `reduce` the sum over processes (a process may hold no data)."""
+    if reduce is None:
+        return hist
+    return reduce(torch.zeros(n, width, dtype=torch.int64) if hist is None else hist)
+
+
 def _check_ranks(ks: Sequence[int], totals: Sequence[int]) -> None:
     for i, (k, total) in enumerate(zip(ks, totals)):
         if not 1 <= k <= total:
@@ -79,14 +87,17 @@ def _locate(hist: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torc
     return bins, ranks - below
 
 
-def kth_smallest_magnitude_bits(map_chunks: MapChunks, ks: Sequence[int], count: int | None = None) -> torch.Tensor:
+def kth_smallest_magnitude_bits(map_chunks: MapChunks, ks: Sequence[int], count: int | None = None,
+                                reduce: Reduce | None = None) -> torch.Tensor:
     """Per row i, the bits (int32 `[n]`, see `magnitude_bits`) of the ks[i]-th smallest |x_i|, 1-based.
 
     `map_chunks` is called twice and must present the same data both times. Given `count`, the length of
     the rows, rows of at most `SMALL` elements are gathered in one pass and selected directly instead.
+    With `reduce`, `map_chunks` presents one process's part of the rows and `reduce` sums a histogram
+    over the processes (`pyfuse.distributed`): the select is over the whole rows, each pass one reduction.
     """
     n = len(ks)
-    if count is not None and count <= SMALL:
+    if reduce is None and count is not None and count <= SMALL:
         rows = torch.cat(list(map_chunks(lambda chunk: magnitude_bits(chunk).cpu())), dim=1)
         _check_ranks(ks, [rows.shape[1]] * n)
         return torch.stack([row.kthvalue(k).values for row, k in zip(rows, ks)])
@@ -96,7 +107,7 @@ def kth_smallest_magnitude_bits(map_chunks: MapChunks, ks: Sequence[int], count:
             raise ValueError(f"expected chunks of {n} rows (one per k), got shape {list(chunk.shape)}")
         return _row_counts(magnitude_bits(chunk).bitwise_right_shift_(_LO_BITS))
 
-    hist = _accumulate(map_chunks(high_counts), n, _HI_BINS)
+    hist = _summed(_accumulate(map_chunks(high_counts), n, _HI_BINS), n, _HI_BINS, reduce)
     if hist is None:
         raise ValueError("cannot select from empty data")
     ranks = torch.tensor(list(ks), dtype=torch.int64, device=hist.device)
@@ -110,11 +121,13 @@ def kth_smallest_magnitude_bits(map_chunks: MapChunks, ks: Sequence[int], count:
     def low_counts(chunk: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         return _row_counts(magnitude_bits(chunk).sub_(lowest.to(chunk.device)).clamp_(-1, _LO_BINS).add_(1))
 
-    low_hist = _accumulate(map_chunks(low_counts), n, _LO_BINS + 2)[:, 1:-1].contiguous()
+    low_hist = _summed(_accumulate(map_chunks(low_counts), n, _LO_BINS + 2), n, _LO_BINS + 2, reduce)
+    low_hist = low_hist[:, 1:-1].contiguous()
     low, _ = _locate(low_hist, ranks.to(low_hist.device))
     return ((high.to(low.device) << _LO_BITS) | low).to(torch.int32)
 
 
-def kth_smallest_magnitude(map_chunks: MapChunks, ks: Sequence[int], count: int | None = None) -> torch.Tensor:
+def kth_smallest_magnitude(map_chunks: MapChunks, ks: Sequence[int], count: int | None = None,
+                           reduce: Reduce | None = None) -> torch.Tensor:
     """Per row i, the ks[i]-th smallest |x_i| (1-based) as fp32 `[n]`; see `kth_smallest_magnitude_bits`."""
-    return bits_to_float(kth_smallest_magnitude_bits(map_chunks, ks, count))
+    return bits_to_float(kth_smallest_magnitude_bits(map_chunks, ks, count, reduce))

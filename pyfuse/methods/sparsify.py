@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..ops import sample_uniform
-from .select import kth_smallest_magnitude_bits
+from .select import Reduce, kth_smallest_magnitude_bits
 
 _NEG_TINY = -2147483647  # int32 bits of the negative float closest to zero: the cut below a threshold of 0
 KEEP_ALL: float = torch.tensor(_NEG_TINY, dtype=torch.int32).view(torch.float32).item()
@@ -58,13 +58,13 @@ def threshold_rank(count: int, density: float, trim: str) -> int:
     return count - max(1, kept) + 1
 
 
-def magnitude_cuts(map_rows: MapRows, n: int, rank: int, count: int) -> list[float]:
+def magnitude_cuts(map_rows: MapRows, n: int, rank: int, count: int, reduce: Reduce | None = None) -> list[float]:
     """Per row, the largest float below its rank-th smallest |x| over `count` entries: `|x| > cut` exactly
-    when `|x| >= threshold`. A rank of 0 keeps everything (cut below 0)."""
+    when `|x| >= threshold`. A rank of 0 keeps everything (cut below 0). `reduce`: see `select`."""
     if rank == 0:
         bits = torch.zeros(n, dtype=torch.int32)
     else:
-        bits = kth_smallest_magnitude_bits(map_rows, [rank] * n, count).cpu()
+        bits = kth_smallest_magnitude_bits(map_rows, [rank] * n, count, reduce).cpu()
     return _below(bits).view(torch.float32).tolist()
 
 

@@ -35,7 +35,8 @@ from .sparsify import disjoint_merge, elect, magnitude_cuts, sign_balance, signe
 def _cuts(ctx: MergeContext, index: int | None, rank: int, desc: str | None = None) -> list[float]:
     """Per task, the magnitude cut over tensor `index`, or the whole model (`magnitude_cuts`)."""
     count = ctx.layout.numel if index is None else ctx.layout.shapes[index].numel()
-    return magnitude_cuts(lambda fn: ctx.map(lambda chunk: fn(chunk.deltas), index, desc=desc), ctx.n, rank, count)
+    return magnitude_cuts(lambda fn: ctx.map(lambda chunk: fn(chunk.deltas), index, desc=desc), ctx.n, rank, count,
+                          ctx.sum_over_ranks if index is None else None)
 
 
 @register
@@ -54,6 +55,7 @@ class Ties(StaticMethod):
         "weights": WEIGHTS,
     }
     temporaries = (2, 8)
+    split_global_passes = True  # the thresholds' histograms and the sign balance are integer sums
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
@@ -81,7 +83,7 @@ class Ties(StaticMethod):
             return sign_balance(*self._sides(chunk, cuts)[:2])
 
         # the sign of the sum of the elected signs over the whole model settles entries whose sum is 0
-        total = sum(ctx.map(balance, desc="ties: sign election"))
+        total = int(ctx.sum_over_ranks(torch.tensor(sum(ctx.map(balance, desc="ties: sign election")))))
         self._global = (cuts, float((total > 0) - (total < 0)))
 
     def plan(self, ctx: MergeContext, index: int) -> tuple[list[float], float]:

@@ -1,0 +1,146 @@
+"""The distributed merge (`torchrun --nproc-per-node N -m pyfuse merge`) at world size 1 and 2, in one run.
+
+Builds the 168M-parameter Llama checkpoints of `bench_static_merge.py` (base and two fine-tuned copies) and
+merges them with TIES (whole-model trim, density 0.5) as one process and under torchrun with 2 gloo
+processes, checks that the merged tensors are bit-identical, and reports per run: wall time (process start
+to exit, imports and the rendezvous included) and, per rank from the merge report, the tensors merged, the
+bytes of model tensors read (every pass counted: TIES reads each tensor 4 times) and the peak anonymous
+memory (RssAnon, polled every 20 ms; memory-mapped weights are file-backed and not counted). On a 2-core
+machine no speed-up is expected; what falls with the world size is the work, bytes read and memory per rank.
+
+    python benchmarks/bench_distributed.py --json bench_distributed.json
+    python benchmarks/bench_distributed.py --scale 0.25      # ~10M-parameter models, quick
+
+Then one outer step of layer-wise Concrete AdaMerging (`bench_concrete_step.py`'s fused problem: a CLIP
+ViT-B/32 tower, random bf16 task vectors and images) at world size 1 and 2, the tasks split over the
+ranks: step time and per-rank peak RssAnon (every rank holds the whole task vectors: they are not sharded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_static_merge import REPO, build_checkpoints, compare, run_measured  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+
+
+def merge_run(root: Path, world: int, env: dict[str, str]) -> tuple[dict, list[dict]]:
+    config = {"method": "ties", "base": str(root / "base"), "models": [str(root / "ft0"), str(root / "ft1")],
+              "parameters": {"density": 0.5, "trim": "global"}}
+    path = root / "ties.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = root / f"out-{world}"
+    launcher = ([sys.executable, "-m", "pyfuse"] if world == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                 "-m", "pyfuse"])
+    measured = run_measured([*launcher, "merge", str(path), str(out), "--no-progress", "--force", "--no-hash"], env)
+    report = json.loads((out / "merge_report.json").read_text())
+    ranks = report.get("distributed", {}).get("ranks") or [
+        {"rank": 0, "tensors": report["merged_tensors"] + report["carried_tensors"],
+         "bytes_read": report["bytes_read"], "seconds": report["timings"]["total_s"],
+         "peak_rss_anon_bytes": report["peak_rss_anon_bytes"]}]
+    rows = [{"run": f"world size {world}", "rank": r["rank"], "wall_s": measured["wall_s"], "tensors": r["tensors"],
+             "read_mib": r["bytes_read"] / 2**20, "rank_s": r["seconds"],
+             "peak_rss_anon_mib": r["peak_rss_anon_bytes"] / 2**20} for r in ranks]
+    return measured, rows
+
+
+def concrete_step_child(args: argparse.Namespace) -> None:
+    """In each rank: `bench_concrete_step`'s fused problem (CLIP ViT-B/32 tower, random task vectors), whose
+    loop splits its tasks over the ranks; times `--am-steps` outer steps and prints this rank's figures."""
+    from bench_concrete_step import _fused, _setup
+
+    from pyfuse import distributed
+    from pyfuse.memory import PeakRssAnon
+
+    torch.set_num_threads(1)
+    with distributed.group() as ranks:
+        problem = argparse.Namespace(tasks=args.am_tasks, batch=args.am_batch, classes=10, steps=args.am_steps,
+                                     vector_dtype="bfloat16", backend="auto")
+        step, _ = _fused(problem, *_setup(problem))
+        with PeakRssAnon() as memory:
+            started = time.perf_counter()
+            for t in range(args.am_steps):
+                step(t)
+            seconds = (time.perf_counter() - started) / args.am_steps
+        rank = ranks.rank if ranks is not None else 0
+        print("RESULT " + json.dumps({"rank": rank, "step_s": seconds, "peak_rss_anon_bytes": memory.peak}))
+
+
+def concrete_step_run(world: int, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
+    launcher = ([sys.executable] if world == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"])
+    command = [*launcher, __file__, "--am-child", "--am-tasks", str(args.am_tasks), "--am-batch",
+               str(args.am_batch), "--am-steps", str(args.am_steps)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{run.stderr[-3000:]}")
+    found = sorted((json.loads(line.removeprefix("RESULT ")) for line in run.stdout.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    return [{"run": f"world size {world}", "rank": r["rank"], "step_s": r["step_s"],
+             "peak_rss_anon_mib": r["peak_rss_anon_bytes"] / 2**20} for r in found]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="width of the models relative to ~168M (1.0)")
+    parser.add_argument("--workdir", help="where to build the checkpoints (default: a new temp dir, removed)")
+    parser.add_argument("--am-tasks", type=int, default=4, help="tasks of the Concrete AdaMerging step")
+    parser.add_argument("--am-batch", type=int, default=4, help="images per task and pass")
+    parser.add_argument("--am-steps", type=int, default=1, help="outer steps timed")
+    parser.add_argument("--skip-merge", action="store_true", help="only the Concrete AdaMerging step")
+    parser.add_argument("--am-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if args.am_child:
+        concrete_step_child(args)
+        return
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="pyfuse-bench-dist-"))
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    try:
+        load = [os.getloadavg()[0]]
+        rows, params, size = [], None, None
+        if not args.skip_merge:
+            params, size = build_checkpoints(root, args.scale)
+            print(f"built 3 Llama checkpoints of {params / 1e6:.1f}M parameters ({size / 2**20:.0f} MiB each)")
+            for world in (1, 2):
+                rows += merge_run(root, world, env)[1]
+            difference, differing = compare(root / "out-1", root / "out-2")
+            if differing:
+                raise RuntimeError(f"world size 2 differs from 1 in {differing} entries (by up to {difference})")
+            print_table(rows, [("run", "run", ""), ("rank", "rank", "d"), ("wall_s", "wall s", ".1f"),
+                               ("rank_s", "rank s", ".1f"), ("tensors", "tensors", "d"),
+                               ("read_mib", "read MiB", ".0f"), ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f")])
+            print("merged tensors bit-identical at world size 1 and 2")
+        steps = [row for world in (1, 2) for row in concrete_step_run(world, args, env)]
+        print(f"Concrete AdaMerging outer step, CLIP ViT-B/32 tower, {args.am_tasks} tasks x {args.am_batch} images, "
+              f"bf16 task vectors (held whole by every rank):")
+        print_table(steps, [("run", "run", ""), ("rank", "rank", "d"), ("step_s", "step s", ".1f"),
+                            ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f")])
+        load.append(os.getloadavg()[0])
+        print(f"load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores")
+        write_json(args.json, {"models": {"parameters": params, "bytes_each": size, "scale": args.scale},
+                               "merge": rows, "concrete_step": steps, "load_average": load,
+                               "cpus": os.cpu_count(), "torch": torch.__version__})
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
