@@ -340,8 +340,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     print()
     print(demo_table(report))
     print(f"\nseeds: fine-tuning {report['finetune_seed']}, adaptation {','.join(map(str, report['seeds']))} "
-          "(stochastic methods: mean ± sample std over seeds); * = at chance (below chance + 2 standard errors); "
-          f"{report['seconds'] / 60:.1f} min in all")
+          + ("(stochastic methods: mean ± sample std over seeds)" if len(report["seeds"]) > 1 else
+             "(one seed: --seeds 0,1,2 gives the spread over seeds)")
+          + f"; * = at chance (below chance + 2 standard errors); {report['seconds'] / 60:.1f} min in all")
     print(f"report: {(args.out / REPORT_NAME).resolve()}")
     print(f"figure: {(args.out / FIGURE_NAME).resolve()}")
     return 0

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..adaptive.task import Task
+from ..task import Task
 from ..progress import progress_bar
 from ..stats import _linear_layers
 from . import Method, Param, integer, number, register
