@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from ..task import Task
 from ..progress import progress_bar
 from ..stats import _linear_layers
+from ..task import Task
 from . import Method, Param, integer, number, register
 from .regmean import regression_mean
 
