@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+RANK_THREADS = 1
+"""Threads per rank, and for the one-process reference: bit-identity holds at equal thread counts (a
+multi-threaded kernel's float sums depend on how the work is split)."""
+
+
+@contextlib.contextmanager
+def rank_threads() -> Iterator[None]:
+    """Run the one-process reference with the ranks' thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(RANK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 def _worker(rank: int, world: int, store: str, fn: Callable[..., Any], args: tuple, results: str) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(RANK_THREADS)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:

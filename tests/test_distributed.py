@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import pyfuse
 from pyfuse.merge import plan_merge
 
-from .dist_helpers import merge_jobs, run_ranks
+from .dist_helpers import merge_jobs, rank_threads, run_ranks
 from .merge_helpers import load_dir, save_family, tiny_llama
 from .stats_helpers import TokenMLP, mlp_batches, mlp_logits, perturbed
 
@@ -75,7 +75,8 @@ def setup(tmp_path_factory):
 
 def _one_process(kwargs: dict) -> dict[str, torch.Tensor]:
     kwargs = {k: v for k, v in kwargs.items() if k != "shard_size"}
-    return pyfuse.merge(kwargs.pop("method"), kwargs.pop("base"), kwargs.pop("finetuned"), **kwargs)
+    with rank_threads():
+        return pyfuse.merge(kwargs.pop("method"), kwargs.pop("base"), kwargs.pop("finetuned"), **kwargs)
 
 
 def _check_identical(tmp: Path, name: str, expected: dict[str, torch.Tensor]) -> dict:

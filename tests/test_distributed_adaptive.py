@@ -16,7 +16,7 @@ from pyfuse.adaptive import RunOptions
 from pyfuse.adaptive.checkpoint import load_checkpoint
 
 from .adaptive_helpers import digits_models, digits_task, mlp
-from .dist_helpers import run_ranks
+from .dist_helpers import rank_threads, run_ranks
 from .test_adaptive_resume import Interrupting
 
 TASKS = ("low", "high")
@@ -49,7 +49,8 @@ def _interrupted_then_resumed(out_dir: str):
 
 @pytest.fixture(scope="module")
 def one_process():
-    return _concrete_am(None)
+    with rank_threads():
+        return _concrete_am(None)
 
 
 def _same(a: dict, b: dict) -> None:
