@@ -54,8 +54,10 @@ def one_process():
 
 
 def _same(a: dict, b: dict) -> None:
+    # float32 reduction order: the all-reduced gradient is summed by gloo, the one-process one by autograd,
+    # and in a full suite run (other kernels' thread pools warmed) they have differed by 7e-7 absolute
     for key in ("flat", "logits", "coefficients"):
-        assert torch.equal(a[key], b[key]), (key, float((a[key] - b[key]).abs().max()))
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert a["report"]["entropy"]["step"] == b["report"]["entropy"]["step"]
     assert a["report"]["entropy"]["value"] == pytest.approx(b["report"]["entropy"]["value"], rel=1e-6)
 
