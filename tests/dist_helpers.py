@@ -47,6 +47,21 @@ def run_ranks(tmp: Path, fn: Callable[..., Any], *args: Any, world: int = 2) -> 
     return [torch.load(results / f"{rank}.pt", weights_only=False) for rank in range(world)]
 
 
+def _alone(index: int, fn: Callable[..., Any], args: tuple, result: str) -> None:
+    torch.set_num_threads(RANK_THREADS)
+    torch.save(fn(*args), result)
+
+
+def run_alone(tmp: Path, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in one fresh spawned process, no process group: the one-process reference, started the way
+    the ranks are (a process the suite's earlier tests have not touched)."""
+    import torch.multiprocessing as mp
+
+    result = tmp / "alone.pt"
+    mp.spawn(_alone, args=(fn, args, str(result)), nprocs=1, join=True)
+    return torch.load(result, weights_only=False)
+
+
 def merge_jobs(jobs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict]:
     """`pyfuse.merge_to_dir(**kwargs)` per (name, kwargs), in order: {"report": ...} or {"error": "Type: ..."}."""
     import pyfuse
