@@ -11,7 +11,9 @@
 //     (philox.h), compute the mask, apply. Chunk buffers live on the stack; nothing [D]-sized is
 //     allocated (extra memory is O(tiles * (n + 1) + S * n)).
 // All element arithmetic is fp32; per-chunk sums use 16 fp32 lane accumulators and are then added to
-// per-tile double accumulators. Indices are 64-bit throughout.
+// per-tile double accumulators. Indices are 64-bit throughout. The noise of element j is drawn at the
+// global index `start + j`: a shard of a longer flat model (`start` its first element) gets the mask the
+// whole model would.
 #include "merge_common.h"
 
 namespace pyfuse {
@@ -21,7 +23,7 @@ namespace {
 // Phase 1: mask_sums
 
 at::Tensor mask_sums(const at::Tensor& logits, const at::Tensor& offsets, uint64_t seed, uint32_t step,
-                     double temperature, int64_t mode, at::Tensor m_out) {
+                     double temperature, int64_t mode, at::Tensor m_out, uint64_t start) {
   const int64_t D = logits.numel();
   check_f32(logits, "logits", D);
   check_f32(m_out, "m_out", D);
@@ -40,7 +42,7 @@ at::Tensor mask_sums(const at::Tensor& logits, const at::Tensor& offsets, uint64
       double acc = 0.0;
       for (int64_t j = tile.start; j < tile.end; j += kChunk) {
         const int64_t len = std::min(kChunk, tile.end - j);
-        chunk_mask<MODE>(x + j, nz, static_cast<uint64_t>(j), len, m + j);
+        chunk_mask<MODE>(x + j, nz, start + static_cast<uint64_t>(j), len, m + j);
         acc += chunk_sum(m + j, len);
       }
       tile_sum[t] = acc;
@@ -131,7 +133,7 @@ void merge_apply(const at::Tensor& base, const at::Tensor& task_vectors, const a
 
 template <int MODE, typename TV>
 void backward_accumulate_impl(const float* g, const TV* tv, int64_t n, int64_t D, const float* x,
-                              const float* weights, int64_t S, const Noise& nz, float* ga,
+                              const float* weights, int64_t S, const Noise& nz, uint64_t start, float* ga,
                               const TileList& tl, std::vector<double>& partial) {
   const int64_t num_tiles = static_cast<int64_t>(tl.tiles.size());
   const int64_t width = n + 1;  // per tile: dw[0 .. n), gam
@@ -146,7 +148,7 @@ void backward_accumulate_impl(const float* g, const TV* tv, int64_t n, int64_t D
     alignas(64) float buf[kChunk];
     for (int64_t j = tile.start; j < tile.end; j += kChunk) {
       const int64_t len = std::min(kChunk, tile.end - j);
-      chunk_mask<MODE>(x + j, nz, static_cast<uint64_t>(j), len, m);
+      chunk_mask<MODE>(x + j, nz, start + static_cast<uint64_t>(j), len, m);
       const float* gj = g + j;
       for (int64_t k = 0; k < len; ++k) gm[k] = gj[k] * m[k];
       for (int64_t k = 0; k < len; ++k) a[k] = 0.0f;
@@ -168,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> backward_accumulate(const at::Tensor& grad_ou
                                                        const at::Tensor& logits, const at::Tensor& weights,
                                                        const at::Tensor& offsets, const at::Tensor& seg_scale,
                                                        uint64_t seed, uint32_t step, double temperature,
-                                                       int64_t mode, at::Tensor ga_out) {
+                                                       int64_t mode, at::Tensor ga_out, uint64_t start) {
   const int64_t D = logits.numel();
   check_f32(logits, "logits", D);
   check_f32(grad_out, "grad_out", D);
@@ -190,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> backward_accumulate(const at::Tensor& grad_ou
       using TV = decltype(tv_tag);
       backward_accumulate_impl<MODE, TV>(grad_out.data_ptr<float>(),
                                          reinterpret_cast<const TV*>(task_vectors.data_ptr()), n, D,
-                                         logits.data_ptr<float>(), weights.data_ptr<float>(), S, nz,
+                                         logits.data_ptr<float>(), weights.data_ptr<float>(), S, nz, start,
                                          ga_out.data_ptr<float>(), tl, partial);
     });
   });
@@ -217,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> backward_accumulate(const at::Tensor& grad_ou
 
 void backward_logits(at::Tensor ga_inout, const at::Tensor& logits, const at::Tensor& offsets,
                      const at::Tensor& seg_scale, const at::Tensor& seg_corr, uint64_t seed, uint32_t step,
-                     double temperature) {
+                     double temperature, uint64_t start) {
   const int64_t D = logits.numel();
   check_f32(logits, "logits", D);
   check_f32(ga_inout, "ga_inout", D);
@@ -239,7 +241,7 @@ void backward_logits(at::Tensor ga_inout, const at::Tensor& logits, const at::Te
     alignas(64) float m[kChunk];
     for (int64_t j = tile.start; j < tile.end; j += kChunk) {
       const int64_t len = std::min(kChunk, tile.end - j);
-      chunk_mask<kRelaxed>(x + j, nz, static_cast<uint64_t>(j), len, m);
+      chunk_mask<kRelaxed>(x + j, nz, start + static_cast<uint64_t>(j), len, m);
       float* __restrict gaj = ga + j;
       for (int64_t k = 0; k < len; ++k) gaj[k] = (gaj[k] * scale - c) * m[k] * (1.0f - m[k]) / temp;
     }
@@ -271,7 +273,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyfuse C++ CPU backend: the fused Concrete-mask merge phases (see pyfuse/ops/reference.py)";
   m.def("mask_sums", &pyfuse::mask_sums, "writes the mask into m_out, returns per-segment sums [S]",
         py::arg("logits"), py::arg("offsets"), py::arg("seed"), py::arg("step"), py::arg("temperature"),
-        py::arg("mode"), py::arg("m_out"));
+        py::arg("mode"), py::arg("m_out"), py::arg("start") = 0);
   m.def("merge_apply", &pyfuse::merge_apply,
         "in place: m_inout <- base + m_inout * seg_scale[s] * sum_i weights[i, s] * tv[i]", py::arg("base"),
         py::arg("task_vectors"), py::arg("weights"), py::arg("offsets"), py::arg("seg_scale"),
@@ -280,11 +282,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "returns (grad_weights [n, S], seg_gam [S]) and writes ga_out = g * a", py::arg("grad_out"),
         py::arg("task_vectors"), py::arg("logits"), py::arg("weights"), py::arg("offsets"),
         py::arg("seg_scale"), py::arg("seed"), py::arg("step"), py::arg("temperature"), py::arg("mode"),
-        py::arg("ga_out"));
+        py::arg("ga_out"), py::arg("start") = 0);
   m.def("backward_logits", &pyfuse::backward_logits,
         "relaxed mode, in place: ga <- (ga * seg_scale[s] - seg_corr[s]) * m (1 - m) / T", py::arg("ga_inout"),
         py::arg("logits"), py::arg("offsets"), py::arg("seg_scale"), py::arg("seg_corr"), py::arg("seed"),
-        py::arg("step"), py::arg("temperature"));
+        py::arg("step"), py::arg("temperature"), py::arg("start") = 0);
   m.def("uniform", &pyfuse::uniform, "the clamped Philox uniforms u_j for j in [start, start + count)",
         py::arg("seed"), py::arg("step"), py::arg("start"), py::arg("count"));
   pyfuse::register_lora(m);

@@ -83,10 +83,10 @@ def _this_tile(tile_start_ptr, tile_end_ptr, ALIGN: tl.constexpr):
     return tile, start, end
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "start"])
 def _mask_sums_kernel(
     logits_ptr, m_ptr, partial_ptr, tile_start_ptr, tile_end_ptr,
-    seed_lo, seed_hi, step, temperature,
+    seed_lo, seed_hi, step, temperature, start,
     MODE: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
@@ -95,7 +95,7 @@ def _mask_sums_kernel(
     for k in range(0, end - start, BLOCK):
         idx = start + k + lanes
         valid = idx < end
-        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, MODE)
+        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, MODE)
         tl.store(m_ptr + idx, m, mask=valid)
         acc += tl.where(valid, m, 0.0)
     tl.store(partial_ptr + tile, tl.sum(acc, axis=0))
@@ -127,10 +127,10 @@ def _merge_apply_kernel(
         tl.store(m_ptr + idx, base + m * scale * a, mask=valid)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "start"])
 def _backward_accumulate_kernel(
     g_ptr, tv_ptr, logits_ptr, w_ptr, ga_ptr, partial_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
-    n, num_segments, num_tiles, tv_stride, seed_lo, seed_hi, step, temperature,
+    n, num_segments, num_tiles, tv_stride, seed_lo, seed_hi, step, temperature, start,
     MODE: tl.constexpr, NPAD: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # partial is [n + 1, num_tiles]: rows i < n hold sum g*tv[i]*m over the tile, row n sum g*a*m.
@@ -151,7 +151,7 @@ def _backward_accumulate_kernel(
         tv = tl.load(tv_rows + idx[None, :], mask=row_valid[:, None] & valid[None, :], other=0.0)
         tv = tv.to(tl.float32)
         a = tl.sum(w[:, None] * tv, axis=0)
-        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, MODE)
+        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, MODE)
         gm = tl.where(valid, g * m, 0.0)
         acc_w += gm[None, :] * tv
         acc_gam += gm * a
@@ -161,10 +161,10 @@ def _backward_accumulate_kernel(
     tl.store(partial_ptr + tl.cast(n, tl.int64) * tiles + tile, tl.sum(acc_gam, axis=0))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "start"])
 def _backward_logits_kernel(
     ga_ptr, logits_ptr, scale_ptr, corr_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
-    seed_lo, seed_hi, step, temperature,
+    seed_lo, seed_hi, step, temperature, start,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
@@ -175,7 +175,7 @@ def _backward_logits_kernel(
     for k in range(0, end - start, BLOCK):
         idx = start + k + lanes
         valid = idx < end
-        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, RELAXED)
+        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, RELAXED)
         ga = tl.load(ga_ptr + idx, mask=valid, other=0.0)
         tl.store(ga_ptr + idx, (ga * scale - corr) * m * (1.0 - m) / temperature, mask=valid)
 
@@ -404,7 +404,7 @@ class _Output:
 # --------------------------------------------------------------------------------------------------
 
 
-def mask_sums(logits, offsets, seed, step, temperature, mode, m_out):
+def mask_sums(logits, offsets, seed, step, temperature, mode, m_out, start=0):
     mode = _check_mode(mode)
     seed_lo, seed_hi, step_ = seed_args(seed, step)
     table = tile_table(offsets, logits.device)
@@ -414,7 +414,7 @@ def mask_sums(logits, offsets, seed, step, temperature, mode, m_out):
     if table.num_tiles:
         _launch(
             "mask_sums", (table.num_tiles,),
-            logits, out.buf, partial, table.start, table.end, seed_lo, seed_hi, step_, float(temperature),
+            logits, out.buf, partial, table.start, table.end, seed_lo, seed_hi, step_, float(temperature), int(start),
             MODE=mode, ALIGN=table.align, TILE=TILE,
         )
     out.done()
@@ -441,7 +441,7 @@ def merge_apply(base, task_vectors, weights, offsets, seg_scale, m_inout):
 
 
 def backward_accumulate(
-    grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode, ga_out
+    grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode, ga_out, start=0
 ):
     mode = _check_mode(mode)
     seed_lo, seed_hi, step_ = seed_args(seed, step)
@@ -460,14 +460,14 @@ def backward_accumulate(
             "backward_accumulate", (table.num_tiles,),
             grad_out, tv, logits, weights, out.buf, partial, table.seg, table.start, table.end,
             n, table.num_segments, table.num_tiles, tv.stride(0), seed_lo, seed_hi, step_, float(temperature),
-            MODE=mode, NPAD=triton.next_power_of_2(max(n, 1)), ALIGN=table.align, TILE=TILE,
+            int(start), MODE=mode, NPAD=triton.next_power_of_2(max(n, 1)), ALIGN=table.align, TILE=TILE,
         )
     out.done()
     sums = _segment_reduce(partial, table, seg_scale, n)
     return sums[:n], sums[n]
 
 
-def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature):
+def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature, start=0):
     seed_lo, seed_hi, step_ = seed_args(seed, step)
     device = ga_inout.device
     table = tile_table(offsets, device)
@@ -479,7 +479,7 @@ def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, 
         _launch(
             "backward_logits", (table.num_tiles,),
             out.buf, logits, seg_scale, seg_corr, table.seg, table.start, table.end,
-            seed_lo, seed_hi, step_, float(temperature),
+            seed_lo, seed_hi, step_, float(temperature), int(start),
             ALIGN=table.align, TILE=TILE,
         )
     out.done()

@@ -102,7 +102,7 @@ def _lora_backward_kernel(
         _tile_geometry(tiles_ptr, segs_ptr, BR, BC)
     tiles = tl.cast(num_tiles, tl.int64)
     g = tl.load(g_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, MODE)
+    m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, 0, MODE)
     gm = tl.where(valid, g * m, 0.0)
     a = tl.zeros([BR, BC], dtype=tl.float32)
     for kb in range(0, num_comps, BK):

@@ -128,6 +128,32 @@ def test_sample_mask_of_a_chunk_is_drawn_at_its_global_indices(backend, mask):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["relaxed", "hard"])
+@pytest.mark.parametrize("first, last", [(0, 4), (2, 7), (5, 9)])
+def test_a_shard_merged_with_start_is_that_slice_of_the_whole_merge(backend, mask, first, last):
+    # the distributed loop merges each rank's segments [first, last) with start = their first flat index
+    problem = make_problem()
+    base, tv, logits, weights, offsets = problem
+    lo, hi = int(offsets[first]), int(offsets[last])
+    shard = (base[lo:hi], tv[:, lo:hi], logits[lo:hi], weights[:, first:last], offsets[first:last + 1] - lo)
+    kw = {"seed": 2**40 + 7, "step": 3, "temperature": 0.5, "mask": mask}
+    g = torch.randn(base.numel(), generator=torch.Generator().manual_seed(1))
+    out, gw, gx = run_op(problem, backend, g, **kw)
+    shard_out, shard_gw, shard_gx = run_op(shard, backend, g[lo:hi], start=lo, **kw)
+    torch.testing.assert_close(shard_out, out[lo:hi], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shard_gw, gw[:, first:last], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shard_gx, gx[lo:hi], rtol=1e-5, atol=1e-7)
+    # the mask the shard's merge applied is the one `sample_concrete_mask` draws at the same global indices
+    ones = torch.ones(1, hi - lo)
+    applied = concrete_merge(torch.zeros(hi - lo), ones, logits[lo:hi], torch.ones(1), shard[4], rescale=False,
+                             start=lo, backend=backend, **kw)
+    sampled = sample_concrete_mask(logits[lo:hi], start=lo, backend=backend, **kw)
+    torch.testing.assert_close(applied, sampled, rtol=0, atol=2e-6)
+    ref = oracle.mask(logits.double().numpy(), kw["seed"], 3, 0.5, mask)[lo:hi]
+    np.testing.assert_allclose(applied.double().numpy(), ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_same_seed_same_result_and_step_changes_it(backend):
     problem = make_problem()
     a = run_op(problem, backend, seed=1, step=0)[0]

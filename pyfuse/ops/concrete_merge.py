@@ -73,6 +73,11 @@ def _check_offsets(offsets: torch.Tensor, numel: int) -> torch.Tensor:
     return offsets.to(torch.int64).contiguous()
 
 
+def _check_start(start: int, numel: int) -> None:
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + numel > 2**63:
+        raise ValueError(f"start must be an integer with 0 <= start and start + D <= 2^63 (D = {numel}), got {start!r}")
+
+
 def validate_merge(base, logits, weights, offsets, backend_name, n, tensors):
     """Checks every merge op shares: devices, the logits, base and weights against D, S and n, and the offsets.
 
@@ -137,13 +142,15 @@ def _segment_scale(seg_sum: torch.Tensor, offsets: torch.Tensor, rescale: bool) 
     return torch.where(seg_sum > 0, lengths / seg_sum, torch.zeros_like(seg_sum))
 
 
-def masked_forward(name, phases, logits, offsets, seed, step, temperature, mode, rescale, apply):
-    """The forward every merge op shares: sample the mask (phase `mask_sums`), its per-segment rescale, then
-    `apply(seg_scale, m_inout)` (in place: m <- base + m * seg_scale[s] * a). Returns (out, seg_sum)."""
+def masked_forward(name, phases, logits, offsets, seed, step, temperature, mode, rescale, apply, start=0):
+    """The forward every merge op shares: sample the mask (phase `mask_sums`, its noise drawn from the global
+    index `start` on), its per-segment rescale, then `apply(seg_scale, m_inout)` (in place: m <- base + m *
+    seg_scale[s] * a). Returns (out, seg_sum)."""
     out = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device)
     with nvtx_range(f"{name}.forward"):
         with nvtx_range(f"{name}.mask_sums"):
-            seg_sum = phases.mask_sums(logits, offsets, _to_u64(seed), step, temperature, MODES.index(mode), out)
+            seg_sum = phases.mask_sums(logits, offsets, _to_u64(seed), step, temperature, MODES.index(mode), out,
+                                       start)
         seg_scale = _segment_scale(seg_sum, offsets, rescale)
         with nvtx_range(f"{name}.merge_apply"):
             apply(seg_scale, out)
@@ -151,7 +158,7 @@ def masked_forward(name, phases, logits, offsets, seed, step, temperature, mode,
 
 
 def masked_backward(name, phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, need_logits,
-                    accumulate):
+                    accumulate, start=0):
     """The fused backward every merge op shares. `accumulate(seg_scale, seed, mode_id, ga_out)` regenerates the
     mask, writes g * a into `ga_out` and returns (grad_weights [n, S], seg_gam [S]) (see the reference's
     `backward_accumulate`); the logits' gradient then follows from the mask alone (phase `backward_logits`).
@@ -175,7 +182,8 @@ def masked_backward(name, phases, logits, offsets, seg_sum, seed, step, temperat
                     seg_corr = seg_gam * seg_scale * seg_scale / lengths
                 else:
                     seg_corr = torch.zeros_like(seg_sum)
-                phases.backward_logits(grad_logits, logits, offsets, seg_scale, seg_corr, seed, step, temperature)
+                phases.backward_logits(grad_logits, logits, offsets, seg_scale, seg_corr, seed, step, temperature,
+                                       start)
     return grad_logits, grad_weights
 
 
@@ -188,6 +196,7 @@ def _merge_op(
     offsets: torch.Tensor,
     seed: int,
     step: int,
+    start: int,
     temperature: float,
     mode: str,
     rescale: bool,
@@ -198,11 +207,12 @@ def _merge_op(
     def apply(seg_scale, out):
         phases.merge_apply(base, task_vectors, weights, offsets, seg_scale, out)
 
-    return masked_forward("concrete_merge", phases, logits, offsets, seed, step, temperature, mode, rescale, apply)
+    return masked_forward("concrete_merge", phases, logits, offsets, seed, step, temperature, mode, rescale, apply,
+                          start)
 
 
 @_merge_op.register_fake
-def _(base, task_vectors, logits, weights, offsets, seed, step, temperature, mode, rescale, backend):
+def _(base, task_vectors, logits, weights, offsets, seed, step, start, temperature, mode, rescale, backend):
     return logits.new_empty(logits.shape), logits.new_empty(offsets.shape[0] - 1)
 
 
@@ -216,6 +226,7 @@ def _merge_backward_op(
     seg_sum: torch.Tensor,
     seed: int,
     step: int,
+    start: int,
     temperature: float,
     mode: str,
     rescale: bool,
@@ -227,25 +238,26 @@ def _merge_backward_op(
 
     def accumulate(seg_scale, seed_u64, mode_id, ga_out):
         return phases.backward_accumulate(
-            grad_out, task_vectors, logits, weights, offsets, seg_scale, seed_u64, step, temperature, mode_id, ga_out
+            grad_out, task_vectors, logits, weights, offsets, seg_scale, seed_u64, step, temperature, mode_id, ga_out,
+            start,
         )
 
     return masked_backward(
         "concrete_merge", phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale, need_logits,
-        accumulate,
+        accumulate, start,
     )
 
 
 @_merge_backward_op.register_fake
-def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, temperature, mode, rescale, backend,
-      need_logits):
+def _(grad_out, task_vectors, logits, weights, offsets, seg_sum, seed, step, start, temperature, mode, rescale,
+      backend, need_logits):
     return logits.new_empty(logits.shape), weights.new_empty(weights.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    base, task_vectors, logits, weights, offsets, seed, step, temperature, mode, rescale, backend = inputs
+    base, task_vectors, logits, weights, offsets, seed, step, start, temperature, mode, rescale, backend = inputs
     ctx.save_for_backward(task_vectors, logits, weights, offsets, output[1])
-    ctx.args = (seed, step, temperature, mode, rescale, backend)
+    ctx.args = (seed, step, start, temperature, mode, rescale, backend)
     ctx.weights_dtype = weights.dtype
 
 
@@ -256,7 +268,8 @@ def _backward(ctx, grad_out, _grad_seg_sum):
         grad_out, task_vectors, logits, weights, offsets, seg_sum, *ctx.args, need_logits
     )
     grad_logits = grad_logits if need_logits else None
-    return None, None, grad_logits, grad_weights.to(ctx.weights_dtype), None, None, None, None, None, None, None
+    return (None, None, grad_logits, grad_weights.to(ctx.weights_dtype), None, None, None, None, None, None, None,
+            None)
 
 
 _merge_op.register_autograd(_backward, setup_context=_setup_context)
@@ -280,6 +293,7 @@ def concrete_merge(
     *,
     seed: int,
     step: int = 0,
+    start: int = 0,
     temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
     rescale: bool = True,
@@ -295,6 +309,9 @@ def concrete_merge(
         weights: task-wise `[n]` or layer-wise `[n, S]` merge coefficients.
         offsets: int64 `[S+1]` segment boundaries (one segment per parameter tensor).
         seed, step: the Philox key and the outer-loop step; the same pair gives the same mask everywhere.
+        start: the global flat index of element 0 when the arguments are a segment-aligned shard
+            `[start, start + D)` of a longer flat model (`offsets` then local to the shard): its noise is drawn
+            at the global indices, so the result is that slice of the whole model's merge.
         temperature: Concrete temperature T.
         mask: "relaxed" (training), "hard" (Bernoulli sample), "threshold" (logits > 0) or "none".
         rescale: divide the mask by its mean over each segment.
@@ -304,6 +321,8 @@ def concrete_merge(
         fp32 `[D]` (fp64 only with fp64 logits on the reference backend).
     """
     if isinstance(task_vectors, LoraFactors):
+        if start:
+            raise ValueError(f"start={start}: a shard of factored LoRA task vectors is not supported; use start=0")
         from .lora_concrete_merge import lora_concrete_merge  # it builds on this module
 
         return lora_concrete_merge(
@@ -312,6 +331,7 @@ def concrete_merge(
         )
     _check_scalars(seed, step, temperature, mask)
     name, offsets = _validate(base, task_vectors, logits, weights, offsets, backend)
+    _check_start(start, logits.numel())
     out, _ = _merge_op(
         base.contiguous(),
         task_vectors.contiguous(),
@@ -320,6 +340,7 @@ def concrete_merge(
         offsets,
         _to_i64(seed),
         step,
+        start,
         float(temperature),
         mask,
         bool(rescale),

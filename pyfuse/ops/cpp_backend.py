@@ -161,8 +161,8 @@ def _ext() -> ModuleType:
     return mod
 
 
-def mask_sums(logits, offsets, seed, step, temperature, mode, m_out):
-    return _ext().mask_sums(logits, offsets, int(seed), int(step), float(temperature), int(mode), m_out)
+def mask_sums(logits, offsets, seed, step, temperature, mode, m_out, start=0):
+    return _ext().mask_sums(logits, offsets, int(seed), int(step), float(temperature), int(mode), m_out, int(start))
 
 
 def merge_apply(base, task_vectors, weights, offsets, seg_scale, m_inout):
@@ -170,7 +170,7 @@ def merge_apply(base, task_vectors, weights, offsets, seg_scale, m_inout):
 
 
 def backward_accumulate(
-    grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode, ga_out
+    grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode, ga_out, start=0
 ):
     return _ext().backward_accumulate(
         grad_out,
@@ -184,11 +184,13 @@ def backward_accumulate(
         float(temperature),
         int(mode),
         ga_out,
+        int(start),
     )
 
 
-def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature):
-    _ext().backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, int(seed), int(step), float(temperature))
+def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature, start=0):
+    _ext().backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, int(seed), int(step), float(temperature),
+                           int(start))
 
 
 def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout):

@@ -4,17 +4,19 @@ Every backend implements the same five phase functions with the same meaning; `p
 composes them, so only the phases differ between backends. Shapes: `D` elements, `n` tasks, `S`
 segments; `offsets` is int64 `[S+1]`, strictly increasing from 0 to D; `weights` is fp32 `[n, S]`;
 `mode` is one of `MODES` (0 relaxed, 1 hard, 2 threshold, 3 none). All arithmetic is in the dtype of
-`logits`: fp32, or fp64 here only, so the hand-written backward can be gradchecked.
+`logits`: fp32, or fp64 here only, so the hand-written backward can be gradchecked. The three phases that
+draw the mask take a trailing `start` (default 0): the global flat index of element 0, at which the noise
+of a shard of a longer flat model is drawn (its elements are `[start, start + D)` of that model).
 
-- `mask_sums(logits, offsets, seed, step, temperature, mode, m_out) -> seg_sum [S]`
+- `mask_sums(logits, offsets, seed, step, temperature, mode, m_out, start) -> seg_sum [S]`
       writes the mask m_j into `m_out` (fp32 [D]) and returns the per-segment sums of m.
 - `merge_apply(base, task_vectors, weights, offsets, seg_scale, m_inout) -> None`
       in place: m_inout[j] <- base[j] + m_inout[j] * seg_scale[s] * sum_i weights[i, s] * tv[i, j].
 - `backward_accumulate(grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step,
-      temperature, mode, ga_out) -> (grad_weights [n, S], seg_gam [S])`
+      temperature, mode, ga_out, start) -> (grad_weights [n, S], seg_gam [S])`
       regenerates m; with a_j = sum_i w[i,s] tv[i,j]: grad_weights[i,s] = seg_scale[s] * sum_j g_j tv[i,j] m_j,
       seg_gam[s] = sum_j g_j a_j m_j, and ga_out[j] = g_j a_j.
-- `backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature) -> None`
+- `backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature, start) -> None`
       relaxed mode only, in place: ga[k] <- (ga[k] * seg_scale[s] - seg_corr[s]) * m_k (1 - m_k) / T.
 """
 
@@ -61,8 +63,8 @@ def _segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> 
     return torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add_(0, seg, values)
 
 
-def mask_sums(logits, offsets, seed, step, temperature, mode, m_out):
-    m = concrete_mask(logits, seed, step, temperature, mode)
+def mask_sums(logits, offsets, seed, step, temperature, mode, m_out, start=0):
+    m = concrete_mask(logits, seed, step, temperature, mode, start)
     m_out.copy_(m)
     return _segment_sum(m, segment_ids(offsets), offsets.numel() - 1)
 
@@ -79,11 +81,11 @@ def merge_apply(base, task_vectors, weights, offsets, seg_scale, m_inout):
 
 
 def backward_accumulate(
-    grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode, ga_out
+    grad_out, task_vectors, logits, weights, offsets, seg_scale, seed, step, temperature, mode, ga_out, start=0
 ):
     seg = segment_ids(offsets)
     num_segments = offsets.numel() - 1
-    m = concrete_mask(logits, seed, step, temperature, mode)
+    m = concrete_mask(logits, seed, step, temperature, mode, start)
     g = grad_out.to(logits.dtype)
     a = _combined(task_vectors, weights, seg)
     gm = g * m
@@ -94,9 +96,9 @@ def backward_accumulate(
     return grad_weights, _segment_sum(gm * a, seg, num_segments)
 
 
-def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature):
+def backward_logits(ga_inout, logits, offsets, seg_scale, seg_corr, seed, step, temperature, start=0):
     seg = segment_ids(offsets)
-    m = concrete_mask(logits, seed, step, temperature, RELAXED)
+    m = concrete_mask(logits, seed, step, temperature, RELAXED, start)
     ga_inout.copy_((ga_inout * seg_scale[seg] - seg_corr[seg]) * m * (1 - m) / temperature)
 
 
