@@ -37,6 +37,7 @@ from torch.distributions import RelaxedBernoulli
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import pyfuse
+from pyfuse import distributed
 from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
 from pyfuse.memory import status_bytes
 
@@ -78,20 +79,25 @@ def _setup(args):
     return model, heads, images
 
 
-def _fused(args, model, heads, images):
-
+def _fused(args, model, heads, images, ranks=None):
+    """`AdaptiveLoop.meta_step` over random task vectors; with `ranks`, built as the rank's shard only (the same
+    values as the whole ones' slice: each chunk of `chunk` global elements has its own seed)."""
     layout = pyfuse.FlatLayout.from_module(model)
-    base = layout.flatten(model.state_dict())
+    segments = (distributed.segment_shards(layout.sizes, ranks.world_size)[ranks.rank] if ranks is not None
+                else (0, len(layout)))
+    lo, hi = (int(layout.offsets[s]) for s in segments)
+    base = layout.flatten(model.state_dict())[lo:hi].clone()
     dtype = getattr(torch, args.vector_dtype)
-    vectors = torch.empty(args.tasks, layout.numel, dtype=dtype)
-    generator = torch.Generator().manual_seed(1)
+    vectors = torch.empty(args.tasks, hi - lo, dtype=dtype)
     chunk = 1 << 22
-    for row in vectors:  # filled in chunks so no fp32 [n, D] copy ever exists
-        for start in range(0, layout.numel, chunk):
-            piece = row[start:start + chunk]
-            piece.copy_(torch.randn(piece.numel(), generator=generator) * 1e-3)
+    for i, row in enumerate(vectors):  # filled in chunks so no fp32 [n, D] copy ever exists
+        for first in range(lo // chunk * chunk, hi, chunk):
+            generator = torch.Generator().manual_seed(1 + i * layout.numel + first)
+            values = torch.randn(chunk, generator=generator) * 1e-3
+            a, b = max(first, lo), min(first + chunk, hi)
+            row[a - lo:b - lo].copy_(values[a - first:b - first])
     names = [f"task{i}" for i in range(args.tasks)]
-    tv = pyfuse.TaskVectors(layout, base, vectors, names)
+    tv = pyfuse.TaskVectors(layout, base, vectors, names, shard=segments if ranks is not None else None)
 
     def task(i):
         head = heads[i]
@@ -101,7 +107,9 @@ def _fused(args, model, heads, images):
                         eval_mask="relaxed")
     loop = AdaptiveLoop(model, tv, [task(i) for i in range(args.tasks)], settings,
                         RunOptions(progress=False, backend=args.backend))
-    return loop.meta_step, {"backend": loop.backend, "vector_dtype": args.vector_dtype}
+    return loop.meta_step, {"backend": loop.backend, "vector_dtype": args.vector_dtype,
+                            "task_vector_bytes": loop.merger.task_vectors.nbytes, "elements": hi - lo,
+                            "numel": layout.numel}
 
 
 class _EagerConcreteLayerWise:

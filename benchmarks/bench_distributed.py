@@ -12,8 +12,11 @@ machine no speed-up is expected; what falls with the world size is the work, byt
     python benchmarks/bench_distributed.py --scale 0.25      # ~10M-parameter models, quick
 
 Then one outer step of layer-wise Concrete AdaMerging (`bench_concrete_step.py`'s fused problem: a CLIP
-ViT-B/32 tower, random bf16 task vectors and images) at world size 1 and 2, the tasks split over the
-ranks: step time and per-rank peak RssAnon (every rank holds the whole task vectors: they are not sharded).
+ViT-B/32 tower, random bf16 task vectors and images) at world size 1 and 2, the tasks and the flat buffer
+split over the ranks (each rank builds and holds only its shard of base, task vectors and mask logits):
+per rank the step time, the shard's elements, the task-vector bytes it holds, and its peak RssAnon over
+setup and steps (the CLIP tower's own weights, the whole merged `[D]` and its gradient buffer are held by
+every rank).
 """
 
 from __future__ import annotations
@@ -66,17 +69,18 @@ def concrete_step_child(args: argparse.Namespace) -> None:
     from pyfuse.memory import PeakRssAnon
 
     torch.set_num_threads(1)
-    with distributed.group() as ranks:
+    with distributed.group() as ranks, PeakRssAnon() as memory:
         problem = argparse.Namespace(tasks=args.am_tasks, batch=args.am_batch, classes=10, steps=args.am_steps,
                                      vector_dtype="bfloat16", backend="auto")
-        step, _ = _fused(problem, *_setup(problem))
-        with PeakRssAnon() as memory:
-            started = time.perf_counter()
-            for t in range(args.am_steps):
-                step(t)
-            seconds = (time.perf_counter() - started) / args.am_steps
+        step, info = _fused(problem, *_setup(problem), ranks=ranks)
+        started = time.perf_counter()
+        for t in range(args.am_steps):
+            step(t)
+        seconds = (time.perf_counter() - started) / args.am_steps
         rank = ranks.rank if ranks is not None else 0
-        print("RESULT " + json.dumps({"rank": rank, "step_s": seconds, "peak_rss_anon_bytes": memory.peak}))
+        print("RESULT " + json.dumps({"rank": rank, "step_s": seconds, "peak_rss_anon_bytes": memory.peak,
+                                      "elements": info["elements"], "numel": info["numel"],
+                                      "task_vector_bytes": info["task_vector_bytes"]}))
 
 
 def concrete_step_run(world: int, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
@@ -89,7 +93,8 @@ def concrete_step_run(world: int, args: argparse.Namespace, env: dict[str, str])
         raise RuntimeError(f"{' '.join(command)} failed:\n{run.stderr[-3000:]}")
     found = sorted((json.loads(line.removeprefix("RESULT ")) for line in run.stdout.splitlines()
                     if line.startswith("RESULT ")), key=lambda r: r["rank"])
-    return [{"run": f"world size {world}", "rank": r["rank"], "step_s": r["step_s"],
+    return [{"run": f"world size {world}", "rank": r["rank"], "step_s": r["step_s"], "elements": r["elements"],
+             "elements_share": r["elements"] / r["numel"], "task_vector_mib": r["task_vector_bytes"] / 2**20,
              "peak_rss_anon_mib": r["peak_rss_anon_bytes"] / 2**20} for r in found]
 
 
@@ -129,8 +134,10 @@ def main() -> None:
             print("merged tensors bit-identical at world size 1 and 2")
         steps = [row for world in (1, 2) for row in concrete_step_run(world, args, env)]
         print(f"Concrete AdaMerging outer step, CLIP ViT-B/32 tower, {args.am_tasks} tasks x {args.am_batch} images, "
-              f"bf16 task vectors (held whole by every rank):")
+              f"bf16 task vectors (each rank holds its shard):")
         print_table(steps, [("run", "run", ""), ("rank", "rank", "d"), ("step_s", "step s", ".1f"),
+                            ("elements", "shard elements", "d"), ("elements_share", "of D", ".3f"),
+                            ("task_vector_mib", "task vectors MiB", ".0f"),
                             ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f")])
         load.append(os.getloadavg()[0])
         print(f"load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores")

@@ -83,10 +83,10 @@ def _this_tile(tile_start_ptr, tile_end_ptr, ALIGN: tl.constexpr):
     return tile, start, end
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "start"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "noise_start"])
 def _mask_sums_kernel(
     logits_ptr, m_ptr, partial_ptr, tile_start_ptr, tile_end_ptr,
-    seed_lo, seed_hi, step, temperature, start,
+    seed_lo, seed_hi, step, temperature, noise_start,
     MODE: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
@@ -95,7 +95,7 @@ def _mask_sums_kernel(
     for k in range(0, end - start, BLOCK):
         idx = start + k + lanes
         valid = idx < end
-        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, MODE)
+        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, noise_start, MODE)
         tl.store(m_ptr + idx, m, mask=valid)
         acc += tl.where(valid, m, 0.0)
     tl.store(partial_ptr + tile, tl.sum(acc, axis=0))
@@ -127,10 +127,10 @@ def _merge_apply_kernel(
         tl.store(m_ptr + idx, base + m * scale * a, mask=valid)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "start"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "noise_start"])
 def _backward_accumulate_kernel(
     g_ptr, tv_ptr, logits_ptr, w_ptr, ga_ptr, partial_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
-    n, num_segments, num_tiles, tv_stride, seed_lo, seed_hi, step, temperature, start,
+    n, num_segments, num_tiles, tv_stride, seed_lo, seed_hi, step, temperature, noise_start,
     MODE: tl.constexpr, NPAD: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # partial is [n + 1, num_tiles]: rows i < n hold sum g*tv[i]*m over the tile, row n sum g*a*m.
@@ -151,7 +151,7 @@ def _backward_accumulate_kernel(
         tv = tl.load(tv_rows + idx[None, :], mask=row_valid[:, None] & valid[None, :], other=0.0)
         tv = tv.to(tl.float32)
         a = tl.sum(w[:, None] * tv, axis=0)
-        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, MODE)
+        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, noise_start, MODE)
         gm = tl.where(valid, g * m, 0.0)
         acc_w += gm[None, :] * tv
         acc_gam += gm * a
@@ -161,10 +161,10 @@ def _backward_accumulate_kernel(
     tl.store(partial_ptr + tl.cast(n, tl.int64) * tiles + tile, tl.sum(acc_gam, axis=0))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "start"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "noise_start"])
 def _backward_logits_kernel(
     ga_ptr, logits_ptr, scale_ptr, corr_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
-    seed_lo, seed_hi, step, temperature, start,
+    seed_lo, seed_hi, step, temperature, noise_start,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tile, start, end = _this_tile(tile_start_ptr, tile_end_ptr, ALIGN)
@@ -175,7 +175,7 @@ def _backward_logits_kernel(
     for k in range(0, end - start, BLOCK):
         idx = start + k + lanes
         valid = idx < end
-        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, RELAXED)
+        m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, noise_start, RELAXED)
         ga = tl.load(ga_ptr + idx, mask=valid, other=0.0)
         tl.store(ga_ptr + idx, (ga * scale - corr) * m * (1.0 - m) / temperature, mask=valid)
 

@@ -102,9 +102,9 @@ def concrete_mask(x, u, temperature, MODE: tl.constexpr):
 
 
 @triton.jit
-def regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, start, MODE: tl.constexpr):
-    """The fp32 mask of the logits at `idx`, whose noise is drawn at the global indices `start + idx` (a shard
-    of a longer flat model starts at `start`); lanes with `valid` false get an unspecified value.
+def regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, noise_start, MODE: tl.constexpr):
+    """The fp32 mask of the logits at `idx`, its noise drawn at the global indices `noise_start + idx` (the first
+    element of a shard of a longer flat model); lanes with `valid` false get an unspecified value.
 
     Loads the logits only when the mode reads them and runs Philox only for the noisy modes.
     """
@@ -115,6 +115,6 @@ def regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature,
         if MODE == THRESHOLD:
             m = concrete_mask(x, x, temperature, MODE)
         else:
-            u = concrete_uniform(seed_lo, seed_hi, step, tl.cast(start, tl.int64) + idx)
+            u = concrete_uniform(seed_lo, seed_hi, step, tl.cast(noise_start, tl.int64) + idx)
             m = concrete_mask(x, u, temperature, MODE)
     return m

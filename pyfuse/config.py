@@ -216,15 +216,21 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
     if ranks is not None:  # every rank checked before rank 0 writes into out_dir
         ranks.sync()
 
-    base, architecture = config.base, config.architecture
-    model = _load_callable(architecture, "architecture", source)(base) if architecture else _auto_model(base, source)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{source}: architecture {architecture!r} returned a {type(model).__name__}, not an "
-                        "nn.Module")
-    task_vectors = TaskVectors.from_models(base, config.models, names=config.names,
-                                           dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
-                                           allow_nonfinite=allow_nonfinite)
-    tasks = [_make_task(name, config.tasks[name], source) for name in config.names]
+    # A rank reads only its shard of the task vectors (so a bad tensor may fail one rank alone: it fails all)
+    with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
+        base, architecture = config.base, config.architecture
+        model = (_load_callable(architecture, "architecture", source)(base) if architecture
+                 else _auto_model(base, source))
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{source}: architecture {architecture!r} returned a {type(model).__name__}, not an "
+                            "nn.Module")
+        shard_of = (ranks.rank, ranks.world_size) if ranks is not None and config.method.loads_shard else None
+        task_vectors = TaskVectors.from_models(base, config.models, names=config.names,
+                                               dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
+                                               allow_nonfinite=allow_nonfinite, shard_of=shard_of)
+        tasks = [_make_task(name, config.tasks[name], source) for name in config.names]
+    if ranks is not None:
+        ranks.sync()
     return config.method.run(model, task_vectors, tasks, options)
 
 

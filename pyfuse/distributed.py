@@ -6,6 +6,7 @@ in one process. The ranks talk only through `Ranks.sync`, one `all_gather_object
 point, which carries each rank's payload and, from a rank that failed, its error instead: every rank
 runs the same sequence of syncs, and a failing rank sends its error in place of the next one
 (`Ranks.fail`), so the others raise it at the sync where they wait rather than hang in a collective.
+The tensor collectives (`Ranks.all_reduce`, `Ranks.all_gather_flat`) sync first for the same reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailed", "Ranks", "current", "group", "split_by_bytes"]
+__all__ = ["RankFailed", "Ranks", "current", "group", "segment_shards", "split_by_bytes"]
 
 # a rank waits this long at a sync for the slowest one (whose share of a large merge may take long)
 TIMEOUT = datetime.timedelta(hours=6)
@@ -69,6 +70,23 @@ class Ranks:
         for part in parts[1:]:
             total += part
         return total.to(tensor.device)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the ranks, in place (after a sync: a failed rank's error is raised instead)."""
+        self.sync()
+        dist.all_reduce(tensor)
+
+    def all_gather_flat(self, shard: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """The 1-D shards of every rank (rank r's has `sizes[r]` elements) concatenated in rank order (after a
+        sync), not differentiable. The collective moves equal sizes, so each shard travels padded to the longest."""
+        if shard.dim() != 1 or shard.numel() != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank}: shard must be [{sizes[self.rank]}], got {list(shard.shape)}")
+        self.sync()
+        width = max(sizes)
+        padded = shard.new_zeros(self.world_size, width)
+        padded[self.rank, :shard.numel()] = shard.detach()
+        dist.all_gather(list(padded), padded[self.rank].clone())  # the input must not alias an output
+        return torch.cat([row[:size] for row, size in zip(padded, sizes)])
 
     @contextlib.contextmanager
     def failing_together(self) -> Iterator[None]:
@@ -123,3 +141,15 @@ def split_by_bytes(sizes: Sequence[int], parts: int) -> list[int]:
             edge += 1
         starts.append(edge)
     return [*starts, len(sizes)]
+
+
+def segment_shards(sizes: Sequence[int], world_size: int) -> list[tuple[int, int]]:
+    """Each rank's contiguous run `[first, last)` of segments with these sizes, balanced by bytes
+    (`split_by_bytes`); raises if a rank would get none (more ranks than the segments can feed)."""
+    starts = split_by_bytes(sizes, world_size)
+    runs = list(zip(starts[:-1], starts[1:]))
+    empty = [rank for rank, (first, last) in enumerate(runs) if first == last]
+    if empty:
+        raise ValueError(f"{len(sizes)} segments of {sum(sizes)} elements cannot be split over {world_size} ranks: "
+                         f"rank {empty[0]} would hold none; use fewer ranks")
+    return runs

@@ -72,6 +72,11 @@ class FlatLayout:
         """D, the length of the flat buffer."""
         return int(self.offsets[-1])
 
+    @property
+    def sizes(self) -> list[int]:
+        """The number of elements of every segment."""
+        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+
     def __len__(self) -> int:
         """S, the number of segments (tensors)."""
         return len(self.names)

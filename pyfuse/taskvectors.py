@@ -4,6 +4,9 @@ The task vectors are either dense (`[n, D]`) or, built from LoRA adapters by `fr
 factors (`pyfuse.ops.LoraFactors`): the fused op merges those without ever forming a dense task vector, so
 every method that merges through it (AdaMerging, Concrete TA / AdaMerging, task arithmetic, concrete) takes
 either form. Methods that need every entry's magnitude at once refuse factored ones (`require_dense`).
+
+A rank of a distributed adaptive run holds only its shard: the base and task vectors of a contiguous run of
+the layout's segments (`shard`, from `pyfuse.distributed.segment_shards`); the layout stays the whole model's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import segment_shards
 from .finite import check_finite
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
@@ -27,7 +31,9 @@ class TaskVectors:
     """`base` `[D]` (fp32) and `vectors` `[n, D]` (fp32, bf16 or fp16, or `LoraFactors`), with their task names.
 
     Tensors the base holds but that are not merged (integer buffers such as position ids) are kept
-    in `carried` and come back unchanged in `state_dict`.
+    in `carried` and come back unchanged in `state_dict`. With `shard` = (first, last), base and vectors hold
+    only the segments [first, last) of the layout: the flat elements `span` = [lo, hi), `[hi - lo]` and
+    `[n, hi - lo]`.
     """
 
     layout: FlatLayout
@@ -35,13 +41,46 @@ class TaskVectors:
     vectors: torch.Tensor | LoraFactors
     names: list[str]
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        D, n = self.layout.numel, len(self.names)
+        first, last = self.segments
+        if not 0 <= first < last <= len(self.layout):
+            raise ValueError(f"shard must be segments [first, last) within [0, {len(self.layout)}), got {self.shard}")
+        lo, hi = self.span
+        D, n = hi - lo, len(self.names)
         if self.base.shape != (D,):
             raise ValueError(f"base must have shape [{D}], got {list(self.base.shape)}")
         if self.vectors.shape != (n, D):
             raise ValueError(f"vectors must have shape [{n}, {D}], got {list(self.vectors.shape)}")
+
+    @property
+    def segments(self) -> tuple[int, int]:
+        """The segments [first, last) held: all of them unless this is a shard."""
+        return self.shard if self.shard is not None else (0, len(self.layout))
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The flat elements [lo, hi) held."""
+        first, last = self.segments
+        return int(self.layout.offsets[first]), int(self.layout.offsets[last])
+
+    def sharded(self, first: int, last: int) -> TaskVectors:
+        """Segments [first, last) only, copied (so the whole buffers can be freed); itself if it holds just those."""
+        if (first, last) == self.segments:
+            return self
+        if self.shard is not None:
+            raise ValueError(f"these task vectors are the shard of segments {list(self.shard)}, not a whole model: "
+                             f"cannot take segments [{first}, {last})")
+        self.require_dense("sharding", "is cut into flat element ranges")
+        lo, hi = int(self.layout.offsets[first]), int(self.layout.offsets[last])
+        return TaskVectors(self.layout, self.base[lo:hi].clone(), self.vectors[:, lo:hi].clone(), list(self.names),
+                           dict(self.carried), (first, last))
+
+    def require_whole(self, what: str) -> None:
+        """Raise, naming `what`, if these task vectors are a shard."""
+        if self.shard is not None:
+            raise ValueError(f"{what} needs the whole task vectors, not the shard of segments {list(self.shard)}")
 
     @property
     def n(self) -> int:
@@ -76,6 +115,7 @@ class TaskVectors:
 
     def segment_deltas(self, index: int) -> torch.Tensor:
         """The n task vectors of tensor `index`, fp32 `[n, len]` (formed from the factors when factored)."""
+        self.require_whole("segment_deltas")
         if self.factored:
             return self.vectors.segment(index)
         start, end = self.layout.span(index)
@@ -111,13 +151,15 @@ class TaskVectors:
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
         allow_nonfinite: bool = False,
+        shard_of: tuple[int, int] | None = None,
     ) -> TaskVectors:
         """Build from a base and n fine-tuned models (state dicts, modules or safetensors paths).
 
         Every model is checked against the base (keys, shapes) before any tensor is read; then tensors
         are read one at a time, so peak memory stays near the size of the final buffers. Floating dtypes
         may differ (a bf16 fine-tune of an fp32 base): differences are taken in fp32. NaN or inf in any
-        tensor raises, naming the model and the tensor, unless `allow_nonfinite`.
+        tensor raises, naming the model and the tensor, unless `allow_nonfinite`. With `shard_of` = (rank,
+        world size), only that rank's segments (`pyfuse.distributed.segment_shards`) are read and held.
         """
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"task vectors are stored as one of {_STORAGE_DTYPES}, got {dtype}")
@@ -131,18 +173,23 @@ class TaskVectors:
         layout = FlatLayout.from_source(base_src)
         for source in sources:
             layout.check(source)
-        base_flat = torch.empty(layout.numel, dtype=torch.float32)
-        vectors = torch.empty(len(sources), layout.numel, dtype=dtype)
+        first, last = 0, len(layout)
+        if shard_of is not None:
+            rank, world_size = shard_of
+            first, last = segment_shards(layout.sizes, world_size)[rank]
         offsets = layout.offsets.tolist()
-        for index, key in enumerate(progress_bar(layout.names, desc="task vectors", disable=not progress)):
-            start, end = offsets[index], offsets[index + 1]
+        lo, hi = offsets[first], offsets[last]
+        base_flat = torch.empty(hi - lo, dtype=torch.float32)
+        vectors = torch.empty(len(sources), hi - lo, dtype=dtype)
+        for index in progress_bar(range(first, last), desc="task vectors", disable=not progress):
+            key, start, end = layout.names[index], offsets[index] - lo, offsets[index + 1] - lo
             b = base_flat[start:end]
             b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite).reshape(-1))
             for row, source in enumerate(sources):
                 tuned = check_finite(source.get(key), f"{source.label}: tensor {key!r}", allow_nonfinite)
                 vectors[row, start:end].copy_(tuned.reshape(-1).float() - b)
         carried = {key: base_src.get(key) for key in base_src.keys() if key not in set(layout.names)}
-        return cls(layout, base_flat, vectors, names, carried)
+        return cls(layout, base_flat, vectors, names, carried, None if shard_of is None else (first, last))
 
     def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A full state dict: the merged flat parameters as views by name, plus the carried tensors."""
@@ -150,6 +197,7 @@ class TaskVectors:
 
     def task_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """The fine-tuned model `index` reconstructed (base + its task vector), in fp32."""
+        self.require_whole("task_state_dict")
         if not self.factored:
             return self.state_dict(self.base + self.vectors[index].float())
         flat = self.base.clone()

@@ -15,12 +15,19 @@ dL/d(merged) into one `[D]` buffer; then the fused backward runs once. Only the 
 task vectors.
 
 Under torch.distributed (torchrun, or a group the caller initialised; `pyfuse.distributed`), the tasks are
-split across the ranks (rank r runs tasks r, r + N, ...): each pass, every rank accumulates its tasks'
-gradients into its `[D]` buffer, one all-reduce sums the buffers (and the entropies, in one more entry),
-and every rank then runs the same fused backward and optimizer step, so the learned state stays the same
-on every rank. The sum of the tasks' gradients is added in another order than in one process (float32
-reassociation). Rank 0 alone writes checkpoints and outputs; evaluation runs every task on every rank.
-Every rank holds the whole task vectors (they are not sharded).
+split across the ranks (rank r runs tasks r, r + N, ...) and so is the flat buffer, FSDP-style: rank r holds
+the base, task vectors and mask logits (and the logits' Adam moments) of its shard only, a contiguous run of
+whole segments balanced by bytes (`ConcreteMerger`), so that memory falls as 1/N; the coefficients (`[n]` or
+`[n, S]`) are replicated. Each pass, every rank merges its shard with the fused op, the shards are
+all-gathered into the whole merged `[D]` the model needs, the rank's tasks accumulate their gradients into a
+`[D]` buffer, one all-reduce sums the buffers (and the entropies, in one more entry), the fused backward runs
+on the rank's slice of it, and the coefficients' gradients (each rank's covers its segments) are
+all-reduced; every rank then takes the same coefficient step and its own logits' step. Sums are added in
+another order than in one process (float32 reassociation). Every collective follows a `Ranks.sync`, and an
+error on one rank is raised on every rank (`RankFailed` with its message) instead of a hang. Checkpoints have
+the one-process format (rank 0 writes the gathered logits and moments; a resumed rank takes its slice) and
+resume with the same world size. Rank 0 alone writes checkpoints and outputs; evaluation runs every task on
+every rank.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,14 +147,14 @@ class AdaptiveLoop:
                  settings: Settings, options: RunOptions | None = None):
         self.settings = settings
         self.options = options or RunOptions()
+        self.ranks = distributed.current()
         self.merger = ConcreteMerger(
             model, task_vectors, coefficients=settings.coefficients, init=settings.init, clamp=settings.clamp,
             temperature=settings.temperature, seed=settings.seed, rescale=settings.rescale,
-            backend=self.options.backend,
+            backend=self.options.backend, ranks=self.ranks,
         )
         self.merger.check_tasks(tasks)
         self.tasks = list(tasks)
-        self.ranks = distributed.current()
         rank, world = (self.ranks.rank, self.ranks.world_size) if self.ranks is not None else (0, 1)
         self.streams = [BatchStream(task) for task in self.tasks[rank::world]]  # this rank's tasks
         self.backend = resolve(self.options.backend, task_vectors.base.device)
@@ -192,12 +199,13 @@ class AdaptiveLoop:
     def _pass(self, *, step: int, mask: str, train_logits: bool, train_coefficients: bool) -> float:
         """Merge, accumulate every task's entropy gradient into one `[D]` buffer, run the fused backward once;
         returns the summed entropy."""
-        merged = self.merger.merged_flat(step=step, mask=mask, train_logits=train_logits,
-                                   train_coefficients=train_coefficients)
+        shard = self.merger.merged_shard(step=step, mask=mask, train_logits=train_logits,
+                                         train_coefficients=train_coefficients)
+        merged = self.merger.gather(shard.detach())
         # with ranks, one entry more carries the entropy through the same all-reduce
         buffer = merged.new_zeros(merged.numel() + (self.ranks is not None))
         grad = buffer[:merged.numel()]
-        call = self.merger.bind(merged.detach(), grad)
+        call = self.merger.bind(merged, grad)
         total = 0.0
         for stream in self.streams:
             loss = entropy_loss(stream.task.logits(call, stream.next()))
@@ -207,9 +215,13 @@ class AdaptiveLoop:
             total += loss.item()
         if self.ranks is not None:
             buffer[-1] = total
-            torch.distributed.all_reduce(buffer)
+            self.ranks.all_reduce(buffer)
             total = float(buffer[-1])
-        torch.autograd.backward(merged, grad)
+        lo, hi = self.merger.span
+        torch.autograd.backward(shard, grad[lo:hi])
+        if self.ranks is not None and train_coefficients:
+            # each rank's backward covered its own segments (the optimizer zeroed the gradient before the pass)
+            self.ranks.all_reduce(self.merger.coefficients.grad)
         return total
 
     def meta_step(self, t: int) -> float:
@@ -274,13 +286,16 @@ class AdaptiveLoop:
         return found
 
     def state(self) -> dict[str, Any]:
+        """The checkpoint: the logits and the mask optimizer's moments whole, gathered from the ranks' shards."""
+        m = self.merger
         return {
             "fingerprint": self._fingerprint(),
             "step": self.step,
             "seed": self.settings.seed,
-            "logits": self.merger.logits.detach().clone(),
-            "coefficients": self.merger.coefficients.detach().clone(),
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "logits": m.gather(m.logits.detach()).clone(),
+            "coefficients": m.coefficients.detach().clone(),
+            "optimizers": {name: _map_moments(opt.state_dict(), m.logits.shape, m.gather) if name == "mask"
+                           else opt.state_dict() for name, opt in self.optimizers.items()},
             "drawn": self._drawn(),
             "history": self.history,
         }
@@ -307,11 +322,15 @@ class AdaptiveLoop:
         if found != expected:
             differ = _differences(expected, found)
             raise ValueError(f"the checkpoint belongs to a different run; differing: {', '.join(differ)}")
+        lo, hi = self.merger.span
         with torch.no_grad():
-            self.merger.logits.copy_(state["logits"])
+            self.merger.logits.copy_(state["logits"][lo:hi])
             self.merger.coefficients.copy_(state["coefficients"])
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            saved = state["optimizers"][name]
+            if name == "mask":  # this rank's slice of the whole moments
+                saved = _map_moments(saved, state["logits"].shape, lambda moment: moment[lo:hi].clone())
+            opt.load_state_dict(saved)
         for stream in self.streams:
             stream.skip_to(state["drawn"][stream.task.name])
         self.history = state["history"]
@@ -321,6 +340,16 @@ class AdaptiveLoop:
     # The whole run
     # ------------------------------------------------------------------------------------------
     def run(self) -> MergeResult:
+        """Carry out the whole schedule. Across ranks, an error on any rank is raised on every rank (the others
+        raise `RankFailed` with its message)."""
+        if self.ranks is None:
+            return self._run()
+        with self.ranks.failing_together():
+            result = self._run()
+            self.ranks.sync()  # after rank 0 wrote the outputs: a failure there fails every rank
+        return result
+
+    def _run(self) -> MergeResult:
         opts, out_dir = self.options, _maybe_path(self.options.out_dir)
         checkpoint = out_dir / CHECKPOINT_NAME if out_dir is not None else None
         resumed_from = None
@@ -354,25 +383,26 @@ class AdaptiveLoop:
         finally:
             bar.close()
         flat = self.merged_flat()
+        logits = self.merger.gather(self.merger.logits.detach()).clone()
         final, shares = evaluate_with_class_shares(self.merger.bind(flat), self.tasks)
         if self.history["accuracy"]["step"][-1:] != [self.step]:
             self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
-        report = self._report(final, shares, resumed_from, time.perf_counter() - started)
+        report = self._report(final, shares, resumed_from, time.perf_counter() - started, logits)
         if out_dir is not None:
             self._save(checkpoint)
             if self._writes:
-                self._write_outputs(out_dir, flat, report)
+                self._write_outputs(out_dir, flat, logits, report)
         m = self.merger
         return MergeResult(
             flat=flat,
             state_dict=m.task_vectors.state_dict(flat),
-            logits=m.logits.detach().clone() if self.settings.meta_steps else None,
+            logits=logits if self.settings.meta_steps else None,
             coefficients=m.weights().detach().clone(),
             report=report,
         )
 
     def _report(self, final: dict[str, float], shares: dict[str, float], resumed_from: int | None,
-                seconds: float) -> dict[str, Any]:
+                seconds: float, logits: torch.Tensor) -> dict[str, Any]:
         s, m = self.settings, self.merger
         masked = s.eval_mask != "none"
         report: dict[str, Any] = {
@@ -398,19 +428,23 @@ class AdaptiveLoop:
             "seconds": seconds,
         }
         if self.ranks is not None:
-            report["distributed"] = {"world_size": self.ranks.world_size, "backend": self.ranks.backend}
+            lo, hi = m.span
+            shard = {"rank": self.ranks.rank, "segments": list(m.task_vectors.segments), "elements": hi - lo,
+                     "task_vector_bytes": m.task_vectors.nbytes}
+            report["distributed"] = {"world_size": self.ranks.world_size, "backend": self.ranks.backend,
+                                     "shards": self.ranks.sync(shard)}
         if masked:
             report["mask"] = {
                 "mean_eval_mask": float(m.mask(step=EVAL_STEP, mask=s.eval_mask).mean()),
-                "mean_probability": float(torch.sigmoid(m.logits.detach()).mean()),
+                "mean_probability": float(torch.sigmoid(logits).mean()),
             }
         return report
 
-    def _write_outputs(self, out_dir: Path, flat: torch.Tensor, report: dict[str, Any]) -> None:
+    def _write_outputs(self, out_dir: Path, flat: torch.Tensor, logits: torch.Tensor, report: dict[str, Any]) -> None:
         m = self.merger
         check_finite(flat, f"{self.settings.method}: merged model", self.options.allow_nonfinite)
         if self.settings.meta_steps:
-            logits = {name: view.detach().clone() for name, view in m.task_vectors.layout.unflatten(m.logits).items()}
+            logits = {name: view.clone() for name, view in m.task_vectors.layout.unflatten(logits).items()}
             metadata = {"seed": str(m.seed), "temperature": str(m.temperature), "eval_mask": self.settings.eval_mask,
                         "eval_step": str(EVAL_STEP), "rescale": str(m.rescale)}
             with atomic_path(out_dir / MASK_NAME) as tmp:
@@ -422,6 +456,14 @@ class AdaptiveLoop:
             else:
                 save_file(tensors, str(tmp / "model.safetensors"))
         write_report(out_dir / REPORT_NAME, report)
+
+
+def _map_moments(state: dict[str, Any], shape: torch.Size,
+                 fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """An optimizer's state dict with `fn` applied to its per-element tensors (shaped like the parameter, `shape`)."""
+    return {**state, "state": {key: {name: fn(value) if isinstance(value, torch.Tensor) and value.shape == shape
+                                      else value for name, value in per_param.items()}
+                               for key, per_param in state["state"].items()}}
 
 
 def _maybe_path(path: str | os.PathLike | None) -> Path | None:

@@ -3,6 +3,11 @@
 The merged parameters come from the fused op `pyfuse.ops.concrete_merge` as one flat `[D]` tensor and
 reach the user's model through `torch.func.functional_call` on zero-copy views of it, so no per-task or
 per-step copy of the model is ever made.
+
+Under torch.distributed (`ranks`), each rank holds the base, task vectors and mask logits of its shard only: a
+contiguous run of whole segments (`pyfuse.distributed.segment_shards`), so the per-segment rescale stays
+local; the op merges the shard (its noise drawn at the shard's global indices) and the shards are gathered
+into the whole `[D]` the model needs. In one process the shard is the whole model and the gather does nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..distributed import Ranks, segment_shards
 from ..ops import DEFAULT_TEMPERATURE, MODES, concrete_merge, sample_concrete_mask
 from ..task import ModelCall, Task
 from ..taskvectors import TaskVectors
@@ -27,12 +33,17 @@ class ConcreteMerger(torch.nn.Module):
     Args:
         model: the architecture; its own parameter values are never read (every call gets the merged
             ones). It is put in eval mode, as test-time adaptation assumes.
-        task_vectors: base `[D]` and task vectors `[n, D]` (fp32, bf16 or fp16).
+        task_vectors: base `[D]` and task vectors `[n, D]` (fp32, bf16 or fp16); with `ranks`, the whole ones
+            (this rank's shard is copied out of them) or already this rank's shard (`TaskVectors.from_models`
+            with `shard_of`).
         coefficients: "fixed" (one value for every task, not trained: task arithmetic), "task" (`[n]`)
             or "layer" (`[n, S]`, one per task and parameter tensor).
         init: the initial (and reset) value of every coefficient.
         clamp: clamp the coefficients to [0, 1] inside the merge, as the original AdaMerging code does.
         temperature, seed, rescale, backend: passed to `concrete_merge`.
+        ranks: the process group the shards are spread over (None: one process, one shard).
+
+    `logits` holds this rank's shard `[hi - lo]` (`span`); `gather` makes whole `[D]` tensors of shards.
     """
 
     def __init__(
@@ -47,11 +58,17 @@ class ConcreteMerger(torch.nn.Module):
         seed: int = 0,
         rescale: bool = True,
         backend: str = "auto",
+        ranks: Ranks | None = None,
     ):
         super().__init__()
         if coefficients not in COEFFICIENTS:
             raise ValueError(f"coefficients must be one of {COEFFICIENTS}, got {coefficients!r}")
         layout = task_vectors.layout
+        shards = segment_shards(layout.sizes, ranks.world_size) if ranks is not None else [(0, len(layout))]
+        task_vectors = task_vectors.sharded(*shards[ranks.rank if ranks is not None else 0])
+        self.__dict__["ranks"] = ranks
+        # every rank's number of elements, for the gathers
+        self.shard_sizes = [int(layout.offsets[last] - layout.offsets[first]) for first, last in shards]
         # Kept out of the module tree: the model's parameters are not the merger's state.
         self.__dict__["model"] = model.eval()
         self.__dict__["task_vectors"] = task_vectors
@@ -62,7 +79,7 @@ class ConcreteMerger(torch.nn.Module):
         self.seed = int(seed)
         self.rescale = bool(rescale)
         self.backend = backend
-        self.logits = torch.nn.Parameter(torch.zeros(layout.numel, device=task_vectors.base.device))
+        self.logits = torch.nn.Parameter(torch.zeros(task_vectors.base.numel(), device=task_vectors.base.device))
         shape = (task_vectors.n, len(layout)) if coefficients == "layer" else (task_vectors.n,)
         self.coefficients = torch.nn.Parameter(
             torch.full(shape, self.init, device=task_vectors.base.device), requires_grad=coefficients != "fixed"
@@ -70,7 +87,19 @@ class ConcreteMerger(torch.nn.Module):
 
     @property
     def offsets(self) -> torch.Tensor:
-        return self.task_vectors.layout.offsets
+        """The segment offsets of this rank's shard, from 0 (the whole layout's in one process)."""
+        first, last = self.task_vectors.segments
+        offsets = self.task_vectors.layout.offsets
+        return offsets[first:last + 1] - offsets[first]
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The flat elements [lo, hi) of this rank's shard."""
+        return self.task_vectors.span
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """The whole `[D]` tensor of every rank's `[hi - lo]` shard (the shard itself in one process)."""
+        return shard if self.ranks is None else self.ranks.all_gather_flat(shard, self.shard_sizes)
 
     def reset_coefficients(self) -> None:
         with torch.no_grad():
@@ -80,26 +109,37 @@ class ConcreteMerger(torch.nn.Module):
         """The coefficients the merge uses (clamped if asked)."""
         return self.coefficients.clamp(0.0, 1.0) if self.clamp else self.coefficients
 
-    def merged_flat(
+    def merged_shard(
         self, *, step: int, mask: str, train_logits: bool = False, train_coefficients: bool = False
     ) -> torch.Tensor:
-        """The merged flat parameters `[D]` for the mask sample `step`; differentiable in what is trained."""
+        """This rank's shard `[hi - lo]` of the merged flat parameters for the mask sample `step`; differentiable
+        in what is trained (the coefficients' gradient covers this shard's segments only)."""
         if mask not in MODES:
             raise ValueError(f"mask must be one of {MODES}, got {mask!r}")
         logits = self.logits if train_logits else self.logits.detach()
         weights = self.weights() if train_coefficients else self.weights().detach()
+        if weights.dim() == 2:  # layer-wise: this shard's segments
+            weights = weights[:, slice(*self.task_vectors.segments)]
         tv = self.task_vectors
         return concrete_merge(
-            tv.base, tv.vectors, logits, weights, self.offsets, seed=self.seed, step=step,
+            tv.base, tv.vectors, logits, weights, self.offsets, seed=self.seed, step=step, start=self.span[0],
             temperature=self.temperature, mask=mask, rescale=self.rescale, backend=self.backend,
         )
 
+    def merged_flat(
+        self, *, step: int, mask: str, train_logits: bool = False, train_coefficients: bool = False
+    ) -> torch.Tensor:
+        """The whole merged flat parameters `[D]` for the mask sample `step`: differentiable in what is trained in
+        one process; across ranks the gathered values only (differentiate `merged_shard` there)."""
+        return self.gather(self.merged_shard(step=step, mask=mask, train_logits=train_logits,
+                                             train_coefficients=train_coefficients))
+
     def mask(self, *, step: int, mask: str) -> torch.Tensor:
-        """The mask `m` `[D]` (before rescaling) that `merged_flat` applies for the same `step` and `mask`."""
-        return sample_concrete_mask(
+        """The whole mask `m` `[D]` (before rescaling) that `merged_flat` applies for the same `step` and `mask`."""
+        return self.gather(sample_concrete_mask(
             self.logits.detach(), seed=self.seed, step=step, temperature=self.temperature, mask=mask,
-            backend=self.backend,
-        )
+            start=self.span[0], backend=self.backend,
+        ))
 
     def bind(self, flat: torch.Tensor, grad: torch.Tensor | None = None) -> ModelCall:
         """`call(*args, **kwargs)`: the model run on `flat` (views by name) plus the carried buffers.

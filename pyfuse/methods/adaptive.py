@@ -63,6 +63,10 @@ class AdaptiveMethod(Method):
         """The engine's settings for these parameters."""
         raise NotImplementedError
 
+    # Whether a rank of a distributed run may load only its shard of the task vectors (`pyfuse.config`); not
+    # when `vectors` needs the whole model.
+    loads_shard: ClassVar[bool] = True
+
     def vectors(self, task_vectors: TaskVectors) -> TaskVectors:
         """The task vectors the loop merges; the given ones by default."""
         return task_vectors
@@ -100,7 +104,10 @@ class AdaMergingPlusPlus(AdaMerging):
         **AdaMerging.params,
     }
 
+    loads_shard = False
+
     def vectors(self, task_vectors: TaskVectors) -> TaskVectors:
+        task_vectors.require_whole("adamerging_pp (its TIES trim is over the whole model)")
         task_vectors.require_dense("adamerging_pp", "trims the task vectors TIES-style (a top-k of every entry's "
                                    "magnitude over the whole model) and trains over the trimmed [n, D] buffer")
         return dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, self.config["density"]))

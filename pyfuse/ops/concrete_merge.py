@@ -18,7 +18,7 @@ from ..finite import check_finite
 from . import backends
 from .factors import LoraFactors
 from .profiling import nvtx_range
-from .reference import HARD, MODES, RELAXED, mask_from_noise
+from .reference import MODES, RELAXED
 
 __all__ = ["DEFAULT_TEMPERATURE", "MODES", "concrete_merge", "sample_concrete_mask", "sample_uniform"]
 
@@ -356,29 +356,26 @@ def sample_concrete_mask(
     step: int = 0,
     temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
-    start: int | None = None,
+    start: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Exactly the mask `m` (before rescaling) that `concrete_merge` applies for the same arguments.
 
     With `start`, `logits` are the elements [start, start + D) of a longer flat model (a chunk of a model
-    merged piece by piece): their uniforms come from the backend's Philox stream at those indices and
-    the mask follows from them as in `reference.mask_from_noise`: the whole-model mask, up to rounding.
+    merged piece by piece, or a rank's shard): their noise is drawn at those global indices, which gives
+    the whole-model mask's slice, and exactly what `concrete_merge` with the same `start` applies.
     """
     _check_scalars(seed, step, temperature, mask)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     name = backends.resolve(backend, logits.device)
     _check_logits(logits, backends.BACKENDS[name].compute_dtypes)
-    if start is not None:
-        mode = MODES.index(mask)
-        u = sample_uniform(logits.numel(), seed=seed, step=step, start=start, device=logits.device, backend=name)
-        return mask_from_noise(logits, u if mode in (RELAXED, HARD) else None, float(temperature), mode)
+    _check_start(start, logits.numel())
     whole = torch.tensor([0, logits.numel()], dtype=torch.int64, device=logits.device)
     m = torch.empty_like(logits)
     with nvtx_range("concrete_merge.sample_mask"):
         backends.phases(name).mask_sums(
-            logits.contiguous(), whole, seed, step, float(temperature), MODES.index(mask), m
+            logits.contiguous(), whole, seed, step, float(temperature), MODES.index(mask), m, start
         )
     return m
 
