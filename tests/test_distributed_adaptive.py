@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import pyfuse
 from pyfuse.adaptive import RunOptions
@@ -95,6 +96,37 @@ def test_two_ranks_match_one_process_and_resume(one_process, tmp_path):
     assert {m.shape for m in state["optimizers"]["mask"]["state"][0].values() if m.dim()} == {(sum(sizes),)}
     with pytest.raises(ValueError, match="world_size"):  # one process cannot resume a 2-process run
         _concrete_am(str(tmp_path / "out"), resume=True)
+
+
+def _from_config(config: dict, out_dir: str) -> dict:
+    from pyfuse.config import run_from_config
+
+    result = run_from_config(config, out_dir, trust_code=True)
+    return {"flat": result.flat, "logits": result.logits, "coefficients": result.coefficients,
+            "report": result.report}
+
+
+def test_a_config_run_on_two_ranks_loads_each_rank_its_shard(one_process, tmp_path):
+    base, finetuned = digits_models()
+    save_file(base, tmp_path / "base.safetensors")
+    for name, state in zip(TASKS, finetuned):
+        save_file(state, tmp_path / f"{name}.safetensors")
+    config = {
+        "method": "concrete_adamerging", "base": str(tmp_path / "base.safetensors"),
+        "models": {name: str(tmp_path / f"{name}.safetensors") for name in TASKS},
+        "architecture": "tests.adaptive_helpers:digits_architecture",
+        "tasks": {name: {"factory": "tests.adaptive_helpers:digits_task", "kwargs": {"name": name}} for name in TASKS},
+        "parameters": {"granularity": "layer", "meta_steps": 3, "adamerging_steps": 2, "mask_lr": 0.05, "lr": 0.01,
+                       "eval_mask": "relaxed", "seed": 3},
+        "run": {"progress": False, "backend": "reference"},
+    }
+    ranks = run_ranks(tmp_path, _from_config, config, str(tmp_path / "out"))
+    for result in ranks:
+        _same(result, one_process)
+    shards = ranks[0]["report"]["distributed"]["shards"]
+    # read from the files, each rank's task vectors hold its segments only (fp32: 4 bytes an element)
+    assert [s["task_vector_bytes"] for s in shards] == [len(TASKS) * s["elements"] * 4 for s in shards]
+    assert sum(s["elements"] for s in shards) == one_process["flat"].numel()
 
 
 def _failing_on_rank_1(out_dir: str) -> dict:
