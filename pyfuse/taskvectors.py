@@ -72,7 +72,9 @@ class TaskVectors:
         if self.shard is not None:
             raise ValueError(f"these task vectors are the shard of segments {list(self.shard)}, not a whole model: "
                              f"cannot take segments [{first}, {last})")
-        self.require_dense("sharding", "is cut into flat element ranges")
+        if self.factored:
+            raise ValueError("factored LoRA task vectors cannot be sharded over ranks: densify them "
+                             "(TaskVectors.densified()) or run in one process")
         lo, hi = int(self.layout.offsets[first]), int(self.layout.offsets[last])
         return TaskVectors(self.layout, self.base[lo:hi].clone(), self.vectors[:, lo:hi].clone(), list(self.names),
                            dict(self.carried), (first, last))

@@ -69,6 +69,9 @@ class ConcreteMerger(torch.nn.Module):
         self.__dict__["ranks"] = ranks
         # every rank's number of elements, for the gathers
         self.shard_sizes = [int(layout.offsets[last] - layout.offsets[first]) for first, last in shards]
+        first, last = task_vectors.segments
+        # this shard's segment offsets from 0; one tensor for every pass (backends cache tables per offsets)
+        self.offsets = layout.offsets[first:last + 1] - layout.offsets[first]
         # Kept out of the module tree: the model's parameters are not the merger's state.
         self.__dict__["model"] = model.eval()
         self.__dict__["task_vectors"] = task_vectors
@@ -84,13 +87,6 @@ class ConcreteMerger(torch.nn.Module):
         self.coefficients = torch.nn.Parameter(
             torch.full(shape, self.init, device=task_vectors.base.device), requires_grad=coefficients != "fixed"
         )
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """The segment offsets of this rank's shard, from 0 (the whole layout's in one process)."""
-        first, last = self.task_vectors.segments
-        offsets = self.task_vectors.layout.offsets
-        return offsets[first:last + 1] - offsets[first]
 
     @property
     def span(self) -> tuple[int, int]:
