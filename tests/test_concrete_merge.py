@@ -154,6 +154,19 @@ def test_a_shard_merged_with_start_is_that_slice_of_the_whole_merge(backend, mas
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shard_past_2_to_the_32_draws_the_noise_of_its_global_indices(backend):
+    # a shard of a model above 2^32 elements: its indices cross into the counter's high word
+    D, start, seed, step, temperature = 300, 2**32 - 100, 9, 4, 0.7
+    logits = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    applied = concrete_merge(torch.zeros(D), torch.ones(1, D), logits, torch.ones(1), torch.tensor([0, 37, D]),
+                             seed=seed, step=step, start=start, temperature=temperature, rescale=False,
+                             backend=backend)
+    u = np.array([oracle.uniform(seed, step, start + k) for k in range(D)], dtype=np.float64)
+    noisy = np.log(u) - np.log1p(-u) + logits.double().numpy()
+    np.testing.assert_allclose(applied.double().numpy(), 1 / (1 + np.exp(-noisy / temperature)), atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_same_seed_same_result_and_step_changes_it(backend):
     problem = make_problem()
     a = run_op(problem, backend, seed=1, step=0)[0]
