@@ -444,11 +444,11 @@ class AdaptiveLoop:
         m = self.merger
         check_finite(flat, f"{self.settings.method}: merged model", self.options.allow_nonfinite)
         if self.settings.meta_steps:
-            logits = {name: view.clone() for name, view in m.task_vectors.layout.unflatten(logits).items()}
+            named = {name: view.clone() for name, view in m.task_vectors.layout.unflatten(logits).items()}
             metadata = {"seed": str(m.seed), "temperature": str(m.temperature), "eval_mask": self.settings.eval_mask,
                         "eval_step": str(EVAL_STEP), "rescale": str(m.rescale)}
             with atomic_path(out_dir / MASK_NAME) as tmp:
-                save_file(logits, str(tmp), metadata=metadata)
+                save_file(named, str(tmp), metadata=metadata)
         tensors = m.export_state_dict(flat)
         with atomic_dir(out_dir / MERGED_NAME) as tmp:
             if hasattr(m.model, "save_pretrained"):
