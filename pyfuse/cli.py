@@ -272,8 +272,9 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
                         help="full fine-tuning (the paper's vision setting) or LoRA r=16 (its language setting)")
     parser.add_argument("--finetune-steps", type=int,
                         help=f"fine-tuning steps per task (default {defaults.steps}; demo --quick: 50)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision,
-                        help="fine-tuning under bfloat16 autocast (mixed precision, the default) or in float32")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="fine-tuning under bfloat16 autocast (mixed precision) or in float32; auto (default): "
+                             f"bf16 where the CPU has native bfloat16, else fp32 (here: {defaults.precision})")
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 5e-5 full, 5e-4 LoRA)")
     parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
     parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"
