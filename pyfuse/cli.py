@@ -159,8 +159,8 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
     if summary["global_passes"]:
         rows.append(("passes", f"{summary['global_passes']} over the whole model before merging, then one to merge"))
     if summary.get("tensor_passes"):
-        rows.append(("passes", f"{summary['tensor_passes']} over each tensor before merging it (the whole tensor "
-                               f"is needed first), then one to merge"))
+        rows.append(("passes", f"at most {summary['tensor_passes']} over each tensor before merging it (the whole "
+                               f"tensor is needed first), then one to merge"))
     rows.append(("output", f"{out_dir}  ({summary['output_dtype']}, {_size(summary['output_bytes'])} "
                            f"in {shards} shard{'s' if shards > 1 else ''})"))
     rows.append(("device", f"{summary['device']}, {summary['threads']} thread(s), chunks of "
