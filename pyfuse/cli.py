@@ -46,8 +46,8 @@ config (YAML):                  one format for every method
     scaling: 0.3
   dtype: bfloat16               # static/data-aware: optional output dtype (default: the base's)
   shard_size: 5GB               # static/data-aware: optional maximum shard size (default 5GB)
-  tasks: {{math: mypkg.tasks:math}}        # adaptive: per model name, a callable returning a pyfuse.Task
-  architecture: mypkg.models:build       # adaptive, optional: called with the base, returns the nn.Module
+  tasks: {{math: mypkg.tasks:math}}        # adaptive, regmean++: per model name, a callable returning a pyfuse.Task
+  architecture: mypkg.models:build       # adaptive, regmean++, optional: called with the base, returns the nn.Module
   vector_dtype: bfloat16                 # adaptive, optional: task-vector storage (default float32)
   run: {{checkpoint_every: 100, eval_every: 100}}   # adaptive, optional: pyfuse.RunOptions
 
@@ -69,6 +69,8 @@ NaN or inf in an input or the result stops the merge unless --allow-nonfinite.
 Adaptive methods learn from the unlabeled data of the tasks their config names: they import and call
 those module:function entries, which runs code from the config, so they need --trust-code. Their output
 directory receives checkpoint.pt, report.json, mask.safetensors (Concrete methods) and merged/.
+regmean++ runs the model on its tasks' batches the same way (tasks, --trust-code) and writes like the
+static methods (no --dry-run: it must load the model).
 """
 
 @dataclass(frozen=True)
@@ -85,13 +87,14 @@ class Command:
 def _method_table() -> str:
     from .methods import available_methods, get_method
     from .methods.adaptive import AdaptiveMethod
-    from .methods.data import DataMethod
+    from .methods.data import DataMethod, TaskDataMethod
 
     lines = []
     for name in available_methods():
         cls = get_method(name)
         needs = (f" [statistics: {', '.join(cls.needs)}]" if issubclass(cls, DataMethod) else
-                 " [adaptive: tasks, --trust-code]" if issubclass(cls, AdaptiveMethod) else "")
+                 " [adaptive: tasks, --trust-code]" if issubclass(cls, AdaptiveMethod) else
+                 " [tasks, --trust-code]" if issubclass(cls, TaskDataMethod) else "")
         lines.append(f"  {name}: {cls.summary}{needs}")
         for key, spec in cls.params.items():
             default = "none" if spec.default is None else spec.default
@@ -112,7 +115,8 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let NaN/inf in the inputs or the result (e.g. float16 overflow) into the output "
                              "instead of stopping with an error")
     parser.add_argument("--trust-code", action="store_true",
-                        help="adaptive methods: allow the config to import and run the Python callables it names "
+                        help="adaptive methods and regmean++: allow the config to import and run the Python callables "
+                             "it names "
                              "(tasks, architecture); never use it with a config you have not read")
     parser.add_argument("--dtype", help="output dtype (float32, bfloat16, float16); overrides the config")
     parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads)")
@@ -159,8 +163,8 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
     if summary["global_passes"]:
         rows.append(("passes", f"{summary['global_passes']} over the whole model before merging, then one to merge"))
     if summary.get("tensor_passes"):
-        rows.append(("passes", f"{summary['tensor_passes']} over each tensor before merging it (the whole tensor "
-                               f"is needed first), then one to merge"))
+        rows.append(("passes", f"at most {summary['tensor_passes']} over each tensor before merging it (the whole "
+                               f"tensor is needed first), then one to merge"))
     rows.append(("output", f"{out_dir}  ({summary['output_dtype']}, {_size(summary['output_bytes'])} "
                            f"in {shards} shard{'s' if shards > 1 else ''})"))
     rows.append(("device", f"{summary['device']}, {summary['threads']} thread(s), chunks of "
@@ -192,7 +196,7 @@ def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config, model_and_tasks
     from .io.atomic import check_output_dir
     from .io.writer import ShardedWriter, parse_size
     from .merge import DEFAULT_SHARD_SIZE, plan_merge
@@ -200,9 +204,16 @@ def _run_merge(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config.adaptive:
         return _run_adaptive(args, config)
+    runs = {}
+    if config.tasks:  # regmean++ runs the model on its tasks: code from the config, a model loaded with weights
+        if args.dry_run:
+            raise ConfigError(f"{args.config}: --dry-run reads no tensor data; {config.method.name} runs the model "
+                              "on its tasks")
+        check_output_dir(args.out_dir, args.force, [args.config])  # before the model and tasks are loaded
+        runs["model"], runs["tasks"] = model_and_tasks(config, args.trust_code, str(args.config))
     plan = plan_merge(config.method.name, config.base, config.models, dtype=args.dtype or config.dtype,
                       device=args.device, threads=args.threads, statistics=config.statistics,
-                      allow_nonfinite=args.allow_nonfinite, **config.parameters)
+                      allow_nonfinite=args.allow_nonfinite, **runs, **config.parameters)
     # the output location is checked before any tensor data is read, in dry runs too
     target = check_output_dir(args.out_dir, args.force, [args.config, *plan.input_paths()])
     shard_size = config.shard_size or DEFAULT_SHARD_SIZE
@@ -272,8 +283,9 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
                         help="full fine-tuning (the paper's vision setting) or LoRA r=16 (its language setting)")
     parser.add_argument("--finetune-steps", type=int,
                         help=f"fine-tuning steps per task (default {defaults.steps}; demo --quick: 50)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision,
-                        help="fine-tuning under bfloat16 autocast (mixed precision, the default) or in float32")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="fine-tuning under bfloat16 autocast (mixed precision) or in float32; auto (default): "
+                             f"bf16 where the CPU has native bfloat16, else fp32 (here: {defaults.precision})")
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 5e-5 full, 5e-4 LoRA)")
     parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
     parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"

@@ -9,18 +9,19 @@ A config is a mapping (a parsed YAML file, or a dict in Python)::
       - {path: ./code, weight: 2.0, statistics: ./stats/code.safetensors, name: code}
                                      # ... or a mapping of names to paths: {math: ./math, code: ./code}
     parameters: {density: 0.5}       # the method's parameters (its Param table); the rest take defaults
-    # static and data-aware methods only
+    # static and data-aware methods (regmean++ included) only
     dtype: bfloat16                  # output dtype (default: the base's)
     shard_size: 5GB                  # maximum shard size
-    # adaptive methods only
+    # methods that run the model on the tasks' data: adaptive ones and regmean++
     tasks: {math: mypkg.tasks:math}  # per model name, a callable returning a pyfuse.Task (or {factory, kwargs})
     architecture: mypkg.models:build # optional: called with the base, returns the nn.Module
+    # adaptive methods only
     vector_dtype: bfloat16           # optional task-vector storage: float32 (default), bfloat16, float16
     run: {checkpoint_every: 100}     # pyfuse.RunOptions
 
 `check_config` validates every key (sections, method, models, the method's parameters, the adaptive
 sections) and resolves relative paths against the config file's directory; errors name the file (or
-"config") and the key. An adaptive config names Python callables, which run only with `trust_code`.
+"config") and the key. A config with `tasks` names Python callables, which run only with `trust_code`.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ import torch
 from . import distributed
 from .methods import Method, available_methods, get_method
 from .methods.adaptive import AdaptiveMethod, MergeResult, RunOptions
+from .methods.data import TaskDataMethod
 from .task import Task
 
 COMMON_KEYS = ("method", "base", "models", "parameters")
 STATIC_KEYS = ("dtype", "shard_size")
-ADAPTIVE_KEYS = ("tasks", "architecture", "vector_dtype", "run")
+TASK_KEYS = ("tasks", "architecture")  # the model and its tasks: adaptive methods and task-data ones (regmean++)
+ADAPTIVE_KEYS = (*TASK_KEYS, "vector_dtype", "run")
 VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODEL_KEYS = ("path", "name", "weight", "statistics")
 
@@ -114,9 +117,14 @@ def check_config(config: Any, source: str = "config", here: Path | None = None) 
     except ValueError as err:
         raise fail(str(err)) from None
     adaptive = issubclass(cls, AdaptiveMethod)
-    wrong = sorted(set(config) & set(STATIC_KEYS if adaptive else ADAPTIVE_KEYS))
+    runs_tasks = adaptive or issubclass(cls, TaskDataMethod)
+    allowed = ADAPTIVE_KEYS if adaptive else STATIC_KEYS + (TASK_KEYS if runs_tasks else ())
+    wrong = sorted(set(config) - set(COMMON_KEYS) - set(allowed))
     if wrong:
-        raise fail(f"{wrong[0]!r} is for {'static' if adaptive else 'adaptive'} methods, not {config['method']}")
+        kind = ("static and data-aware methods" if wrong[0] in STATIC_KEYS else
+                "methods that run the model on tasks (adaptive ones, regmean++)" if wrong[0] in TASK_KEYS else
+                "adaptive methods")
+        raise fail(f"{wrong[0]!r} is for {kind}, not {config['method']}")
 
     def resolve(value: Any, where: str) -> Any:
         if isinstance(value, os.PathLike) or (isinstance(value, str) and value):
@@ -145,17 +153,19 @@ def check_config(config: Any, source: str = "config", here: Path | None = None) 
         raise fail(str(err)) from None
     checked = MergeConfig(method=method, base=resolve(config["base"], "base"), models=models, names=names,
                           parameters=params, statistics=statistics if statistics[0] is not None else None)
+    if runs_tasks:
+        if None in names or len(set(names)) != len(names):
+            raise fail(f"models of {config['method']} need distinct task names: map names to paths, or give each "
+                       "entry a 'name'")
+        tasks = config.get("tasks")
+        if not isinstance(tasks, Mapping) or sorted(tasks) != sorted(names):
+            raise fail(f"tasks must map the model names {sorted(names)} to task factories, got "
+                       f"{sorted(tasks) if isinstance(tasks, Mapping) else tasks!r}")
+        checked.tasks, checked.architecture = dict(tasks), config.get("architecture")
     if not adaptive:
         checked.dtype, checked.shard_size = config.get("dtype"), config.get("shard_size")
         return checked
 
-    if None in names or len(set(names)) != len(names):
-        raise fail("models of an adaptive method need distinct task names: map names to paths, or give each "
-                   "entry a 'name'")
-    tasks = config.get("tasks")
-    if not isinstance(tasks, Mapping) or sorted(tasks) != sorted(names):
-        raise fail(f"tasks must map the model names {sorted(names)} to task factories, got "
-                   f"{sorted(tasks) if isinstance(tasks, Mapping) else tasks!r}")
     dtype_name = config.get("vector_dtype", "float32")
     if dtype_name not in VECTOR_DTYPES:
         raise fail(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}, got {dtype_name!r}")
@@ -164,7 +174,6 @@ def check_config(config: Any, source: str = "config", here: Path | None = None) 
     unknown = sorted(set(run) - allowed)
     if unknown:
         raise fail(f"run has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    checked.tasks, checked.architecture = dict(tasks), config.get("architecture")
     checked.vector_dtype, checked.run = dtype_name, run
     return checked
 
@@ -205,10 +214,7 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
     from .taskvectors import TaskVectors
 
     options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **config.run)
-    code = [f"tasks.{name}" for name in config.tasks] + (["architecture"] if config.architecture else [])
-    if not trust_code:
-        raise PermissionError(f"{source}: {', '.join(code)} name Python callables that would be imported and run; "
-                              "pass --trust-code (trust_code=True) only for a config whose code you trust")
+    check_trusted(config, trust_code, source)
     inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
     ranks = distributed.current()
     with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
@@ -218,20 +224,35 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
 
     # A rank reads only its shard of the task vectors (so a bad tensor may fail one rank alone: it fails all)
     with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
-        base, architecture = config.base, config.architecture
-        model = (_load_callable(architecture, "architecture", source)(base) if architecture
-                 else _auto_model(base, source))
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"{source}: architecture {architecture!r} returned a {type(model).__name__}, not an "
-                            "nn.Module")
+        model, tasks = model_and_tasks(config, trust_code, source)
         shard_of = (ranks.rank, ranks.world_size) if ranks is not None and config.method.loads_shard else None
-        task_vectors = TaskVectors.from_models(base, config.models, names=config.names,
+        task_vectors = TaskVectors.from_models(config.base, config.models, names=config.names,
                                                dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
                                                allow_nonfinite=allow_nonfinite, shard_of=shard_of)
-        tasks = [_make_task(name, config.tasks[name], source) for name in config.names]
     if ranks is not None:
         ranks.sync()
     return config.method.run(model, task_vectors, tasks, options)
+
+
+def check_trusted(config: MergeConfig, trust_code: bool, source: str = "config") -> None:
+    """Raise unless `trust_code`: the config's `tasks` and `architecture` are code that would be run."""
+    code = [f"tasks.{name}" for name in config.tasks] + (["architecture"] if config.architecture else [])
+    if not trust_code:
+        raise PermissionError(f"{source}: {', '.join(code)} name Python callables that would be imported and run; "
+                              "pass --trust-code (trust_code=True) only for a config whose code you trust")
+
+
+def model_and_tasks(config: MergeConfig, trust_code: bool, source: str = "config") -> tuple[torch.nn.Module,
+                                                                                           list[Task]]:
+    """The model (the `architecture` callable's, or transformers.AutoModel's from the base) and one Task per
+    model, in the models' order: the config's code, run only with `trust_code`."""
+    check_trusted(config, trust_code, source)
+    base, architecture = config.base, config.architecture
+    model = _load_callable(architecture, "architecture", source)(base) if architecture else _auto_model(base, source)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{source}: architecture {architecture!r} returned a {type(model).__name__}, not an "
+                        "nn.Module")
+    return model, [_make_task(name, config.tasks[name], source) for name in config.names]
 
 
 def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False,

@@ -67,11 +67,12 @@ DATA_METHODS = {  # demo name: (registered method, parameters, statistics it nee
     "esm": ("esm", {}, ("acts",)),
     "esm++": ("esm++", {}, ("acts",)),
 }
+TASK_DATA_METHODS = ("regmean++",)  # run the models on the training examples the statistics come from
 METHODS = (*(m for m in STATIC_METHODS if m not in SLOW_STATIC_METHODS), *ADAPTIVE_METHODS)
 STOCHASTIC = ("della", *ADAPTIVE_METHODS, *DATA_METHODS)
 """Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per seed."""
-"""The demo's default rows; `DATA_METHODS` (they need statistics) and `SLOW_STATIC_METHODS` are opt-in (`--methods`)."""
-ALL_METHODS = (*METHODS, *DATA_METHODS, *SLOW_STATIC_METHODS)
+"""The demo's default rows; `DATA_METHODS`, `TASK_DATA_METHODS` and `SLOW_STATIC_METHODS` are opt-in (`--methods`)."""
+ALL_METHODS = (*METHODS, *DATA_METHODS, *TASK_DATA_METHODS, *SLOW_STATIC_METHODS)
 LABELS = {
     "individual": "Individual", "pretrained": "Pre-trained", "weight_averaging": "Weight Averaging",
     "task_arithmetic": "Task Arithmetic", "ties": "Ties-Merging", "adamerging": "AdaMerging (layer-wise)",
@@ -79,6 +80,7 @@ LABELS = {
     "fisher": "Fisher", "regmean": "RegMean", "mats_regmean": "MaTS-RegMean", "mats_kfac": "MaTS-KFAC",
     "esm": "ESM", "esm++": "ESM++", "model_stock": "Model Stock", "tsv": "TSV-M", "iso_c": "Iso-C",
     "iso_cts": "Iso-CTS", "wudi": "WUDI", "breadcrumbs": "Breadcrumbs", "della": "DELLA", "magmax": "MagMax",
+    "regmean++": "RegMean++",
 }
 
 
@@ -242,6 +244,8 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
             call = _bound(ctx.encoder, merge(name, ctx.base, list(ctx.models.values()), **params))
         elif method in DATA_METHODS:
             call = _data_merge(method, ctx, stats)
+        elif method in TASK_DATA_METHODS:
+            call = _task_data_merge(method, ctx)
         else:
             result = _adaptive(method, ctx, vectors, tasks, seed, progress, backend)
             curve = {key: result.report[key] for key in ("entropy", "accuracy", "phases", "eval_mask")}
@@ -325,15 +329,30 @@ def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], model
     for task in tasks:
         model = copy.deepcopy(encoder.module)
         model.load_state_dict(models[task.name], strict=False)
-        texts, labels = task.train
-        subset = TextClassifierTask(task.name, task.head, (texts[:settings.stats_examples],
-                                                           labels[:settings.stats_examples]), task.test)
-        batches = [{**batch, "labels": y} for batch, y in subset.labelled_batches(encoder, "train", 16)]
+        batches = [{**batch, "labels": y} for batch, y in _statistics_batches(encoder, task, settings)]
         stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels="gold",
                                         label_fn=lambda b: b["labels"],
                                         token_mask_fn=lambda b: b["attention_mask"].bool(), name=task.name,
                                         progress=progress, seed=seed))
     return stats
+
+
+def _statistics_batches(encoder: TextEncoder, task: TextClassifierTask,
+                        settings: DemoSettings) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """(batch, labels) of the task's first `stats_examples` training examples, in batches of 16."""
+    texts, labels = task.train
+    subset = TextClassifierTask(task.name, task.head, (texts[:settings.stats_examples],
+                                                       labels[:settings.stats_examples]), task.test)
+    return subset.labelled_batches(encoder, "train", 16)
+
+
+def _task_data_merge(method: str, ctx: DemoContext) -> Callable[..., Any]:
+    """Merge with a method that runs the models on the tasks' data (regmean++): the examples, unlabeled, that
+    the data-aware methods' statistics come from."""
+    tasks = [Task(t.name, [batch for batch, _ in _statistics_batches(ctx.encoder, t, ctx.settings)], t.logits)
+             for t in ctx.tasks]
+    merged = merge(method, ctx.encoder.module, list(ctx.models.values()), tasks=tasks)
+    return _bound(ctx.encoder, merged)
 
 
 def _data_merge(method: str, ctx: DemoContext, statistics: list[Statistics]) -> Callable[..., Any]:

@@ -9,6 +9,9 @@ predicts memory and output size, from the headers alone, before any tensor data 
 Data-aware methods (`DataMethod`: fisher, regmean, ...) take `statistics=[...]`, one `Statistics` (or
 saved file) per fine-tuned model. They are checked the same way before any work, then merge in memory
 (reading each input tensor when they get to it) and write through the same sharded writer and report.
+Methods that run the models on the tasks' data themselves (`TaskDataMethod`: regmean++) take `tasks=[...]`,
+one `pyfuse.Task` per fine-tuned model, and the model (the base as an `nn.Module`, or `model=`); they too
+merge in memory, in one process (rank 0 under torchrun), and write the same way.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from .io.writer import ShardedWriter, parse_size, small_files
 from .layout import FlatLayout
 from .memory import PeakRssAnon, rss_anon_bytes
 from .methods import Chunk, StaticMethod, create_method, get_method
-from .methods.data import DataMethod, SourceTensors
+from .methods.data import DataMethod, SourceTensors, TaskDataMethod
 from .progress import progress_bar
 from .stats import Statistics
+from .task import Task
 from .taskvectors import _label
 
 __all__ = ["MergePlan", "merge", "merge_to_dir", "parse_dtype", "plan_merge", "rss_anon_bytes"]
@@ -158,7 +162,7 @@ def _workers(count: int) -> Iterator[ThreadPoolExecutor | None]:
 class MergePlan:
     """A checked merge: method, inputs, layout and output tensors, known from headers alone."""
 
-    method: StaticMethod | DataMethod
+    method: StaticMethod | DataMethod | TaskDataMethod
     base: TensorSource
     models: list[TensorSource]
     layout: FlatLayout
@@ -168,6 +172,8 @@ class MergePlan:
     workers: int  # chunks processed at once (threads); 1 runs everything on the calling thread
     inputs: list[Any] = field(repr=False)  # what the caller passed: base first, then the fine-tuned models
     statistics: list[Statistics] | None = None  # data methods: one per fine-tuned model
+    tasks: list[Task] | None = field(default=None, repr=False)  # task-data methods: one per fine-tuned model
+    model: torch.nn.Module | None = field(default=None, repr=False)  # task-data methods: the architecture
     allow_nonfinite: bool = False  # let NaN/inf through (inputs and output) instead of raising
 
     @property
@@ -188,6 +194,9 @@ class MergePlan:
         n = len(self.models)
         if isinstance(self.method, DataMethod):
             return baseline + int(1.5 * (self.output_bytes + self.method.working_bytes(self.layout, n)))
+        if isinstance(self.method, TaskDataMethod):
+            model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+            return baseline + int(1.5 * (self.output_bytes + self.method.working_bytes(model_bytes)))
         per_model, constant = self.method.temporaries
         chunk = min(self.chunk_elements, max(shape.numel() for shape in self.layout.shapes)) * 4
         in_flight = 2 * self.workers
@@ -198,6 +207,8 @@ class MergePlan:
         """What will be merged and written, as JSON-ready values (dry runs print it; reports include it)."""
         n = len(self.models)
         statistics = {"statistics": [st.describe() for st in self.statistics]} if self.statistics else {}
+        if self.tasks:
+            statistics["tasks"] = [task.name for task in self.tasks]
         out_dtypes = sorted({str(dtype).removeprefix("torch.") for name, _, dtype in self.outputs
                              if name in set(self.layout.names)})
         return {
@@ -253,7 +264,7 @@ class MergePlan:
         model (or the tensors at `outputs`) then.
         """
         entries = self.outputs if outputs is None else [self.outputs[i] for i in outputs]
-        if isinstance(self.method, DataMethod):
+        if isinstance(self.method, (DataMethod, TaskDataMethod)):
             yield from self._data_tensors(progress, entries)
             return
         self.method.prepare(reader)
@@ -276,24 +287,28 @@ class MergePlan:
 
     def _data_tensors(self, progress: bool, entries: Sequence[tuple[str, torch.Size, torch.dtype]]
                       ) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
-        """A data method's merge of `entries`, in memory on `workers` torch threads (the engine's pool serves
-        chunks only)."""
+        """A data or task-data method's merge of `entries`, in memory on `workers` torch threads (the engine's
+        pool serves chunks only). Tensors a task-data method's model lacks are carried from the base."""
         if not entries:
             return
         models = [SourceTensors(m) for m in self.models]
-        for st, model, source in zip(self.statistics, models, self.models):
+        for st, model, source in zip(self.statistics or (), models, self.models):
             st.check_model(model, source.label)
         keys = None if len(entries) == len(self.outputs) else [name for name, _, _ in entries]
         threads = torch.get_num_threads()
         torch.set_num_threads(self.workers)
         try:
-            merged = self.method.merge_model(SourceTensors(self.base, keys), models, self.statistics,
-                                             progress=progress)
+            if isinstance(self.method, TaskDataMethod):
+                merged = self.method.merge(self.model, models, self.tasks, base=SourceTensors(self.base),
+                                           progress=progress)
+            else:
+                merged = self.method.merge_model(SourceTensors(self.base, keys), models, self.statistics,
+                                                 progress=progress)
         finally:
             torch.set_num_threads(threads)
         floating = set(self.layout.names)
         for name, _, dtype in entries:
-            flat = merged.pop(name).reshape(-1).to(dtype)
+            flat = (merged.pop(name) if name in merged else self.base.get(name)).reshape(-1).to(dtype)
             chunks = (flat[lo: lo + self.chunk_elements] for lo in range(0, flat.numel(), self.chunk_elements))
             yield name, self._checked(name, chunks) if name in floating else chunks
 
@@ -403,8 +418,10 @@ class MergePlan:
 
     def _rank_starts(self, world: int) -> list[int]:
         """Where each rank's run of output tensors starts (and the end): balanced by bytes, or all on rank 0
-        for a data method that merges the whole model at once (one that overrides `merge_model`)."""
-        if isinstance(self.method, DataMethod) and type(self.method).merge_model is not DataMethod.merge_model:
+        for a method that merges the whole model at once (a task-data method, or a data method that overrides
+        `merge_model`)."""
+        if isinstance(self.method, TaskDataMethod) or (
+                isinstance(self.method, DataMethod) and type(self.method).merge_model is not DataMethod.merge_model):
             return [0] + [len(self.outputs)] * world
         sizes = [shape.numel() * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in self.outputs]
         return distributed.split_by_bytes(sizes, world)
@@ -451,16 +468,22 @@ class MergePlan:
 def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", threads: int | None = None,
                chunk_elements: int = CHUNK_ELEMENTS, statistics: Sequence[Statistics | str | os.PathLike] | None = None,
+               tasks: Sequence[Task] | None = None, model: torch.nn.Module | None = None,
                allow_nonfinite: bool = False, **params: Any) -> MergePlan:
     """Check a merge completely, from headers only: parameters, keys, shapes, dtypes. Nothing is read or merged.
 
     `threads` is how many chunks are merged at once (default: torch's CPU threads; 1 on CUDA); a data
     method uses as many torch threads. `statistics`: for data methods only, one `Statistics` or saved
-    statistics file per fine-tuned model. Errors name the model and the key (or the method and the
+    statistics file per fine-tuned model. `tasks`, `model`: for task-data methods only (regmean++), one
+    `pyfuse.Task` per fine-tuned model and the architecture (default: `base`, when it is an `nn.Module`), whose
+    values are replaced by the base's. Errors name the model and the key (or the method and the
     parameter, or the statistics, kind and key). When merging, NaN or inf in an input or the result
     raises (naming model or method, tensor and count) unless `allow_nonfinite=True`.
     """
     cls = get_method(method)
+    if not issubclass(cls, TaskDataMethod) and (tasks is not None or model is not None):
+        raise ValueError(f"{method!r} takes no tasks or model; they are for methods that run the models on the "
+                         "tasks' data (regmean++)")
     if issubclass(cls, DataMethod):
         if statistics is None:
             raise ValueError(f"{method!r} needs statistics=[...], one per fine-tuned model, with "
@@ -468,6 +491,19 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
         if isinstance(statistics, (str, os.PathLike, Statistics)) or not isinstance(statistics, Sequence):
             raise ValueError(f"{method}: statistics must be a list, one Statistics or file per fine-tuned model")
         statistics = [st if isinstance(st, Statistics) else Statistics.load(st) for st in statistics]
+    elif issubclass(cls, TaskDataMethod):
+        if statistics is not None:
+            raise ValueError(f"{method!r} runs the models on the tasks' data itself; give tasks=[...], not statistics")
+        if tasks is None:
+            raise ValueError(f"{method!r} needs tasks=[...], one pyfuse.Task per fine-tuned model, and the model: "
+                             "an nn.Module base, or model=...")
+        if model is None:
+            if not isinstance(base, torch.nn.Module):
+                raise ValueError(f"{method!r} runs the model: give the base as an nn.Module, or model=... (the "
+                                 "architecture, whose values are replaced by the base's)")
+            model = base
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{method!r}: model must be an nn.Module, got {type(model).__name__}")
     elif not issubclass(cls, StaticMethod):
         raise ValueError(f"{method!r} is not a static merge (it needs data); use its own entry point")
     elif statistics is not None:
@@ -488,6 +524,15 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
     layout = FlatLayout.for_models(base_source, models)
     if isinstance(instance, DataMethod):
         instance.check(base_source, models, statistics)
+    elif isinstance(instance, TaskDataMethod):
+        instance.check_tasks(tasks, len(models))
+        for key, value in model.state_dict().items():
+            if key not in base_source.specs:
+                raise KeyError(f"{method}: the model has a tensor {key!r} that {base_source.label} lacks")
+            if base_source.shape(key) != value.shape:
+                raise ValueError(f"{method}: tensor {key!r} has shape {list(base_source.shape(key))} in "
+                                 f"{base_source.label}, {list(value.shape)} in the model")
+        tasks = list(tasks)
     else:
         instance.bind(layout, len(models))
     merged = set(layout.names)
@@ -495,17 +540,19 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
                 (out_dtype or base_source.dtype(key)) if key in merged else base_source.dtype(key))
                for key in base_source.keys()]
     return MergePlan(instance, base_source, models, layout, outputs, device, chunk_elements, threads,
-                     [base, *finetuned], statistics, allow_nonfinite)
+                     [base, *finetuned], statistics, tasks, model, allow_nonfinite)
 
 
 def merge(method: str, base, finetuned: list, *, dtype: str | torch.dtype | None = None,
           device: str | torch.device = "cpu", threads: int | None = None, progress: bool = False,
-          statistics: Sequence[Statistics | str | os.PathLike] | None = None, **params: Any) -> dict[str, torch.Tensor]:
+          statistics: Sequence[Statistics | str | os.PathLike] | None = None, tasks: Sequence[Task] | None = None,
+          model: torch.nn.Module | None = None, **params: Any) -> dict[str, torch.Tensor]:
     """Merge fine-tuned models into one state dict with a static or a data-aware method.
 
     Args:
         method: "average", "task_arithmetic", "ties", "dare" or "concrete" (see `pyfuse.methods`), or a
-            data-aware method such as "fisher" or "regmean", which needs `statistics`.
+            data-aware method such as "fisher" or "regmean", which needs `statistics`, or "regmean++", which
+            needs `tasks` and runs the model.
         base: the pre-trained model: a state dict, an `nn.Module`, or a path (a safetensors file, a
             sharded safetensors directory with its index, or a Hugging Face model directory).
         finetuned: the fine-tuned models, in any of the same forms.
@@ -514,20 +561,26 @@ def merge(method: str, base, finetuned: list, *, dtype: str | torch.dtype | None
         threads: chunks merged at once (default: torch's CPU threads; torch runs single-threaded meanwhile).
         statistics: data-aware methods only: one `pyfuse.stats.Statistics` (or a file saved by it) per
             fine-tuned model, in the same order.
+        tasks: regmean++ only: one `pyfuse.Task` per fine-tuned model, in the same order, whose batches the
+            models run on.
+        model: regmean++ only: the architecture (its values are replaced by the base's); default: `base`,
+            which must then be an `nn.Module`.
         **params: the method's parameters, e.g. `density=0.5` for TIES.
 
     Returns:
         Every tensor of the base, merged where floating, carried unchanged otherwise. Inputs are never modified.
     """
     return plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, statistics=statistics,
-                      **params).state_dict(progress)
+                      tasks=tasks, model=model, **params).state_dict(progress)
 
 
 def merge_to_dir(method: str, base, finetuned: list, out_dir: str | os.PathLike, *,
                  dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                  threads: int | None = None, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
                  hash_inputs: bool = True, progress: bool = False,
-                 statistics: Sequence[Statistics | str | os.PathLike] | None = None, **params: Any) -> dict[str, Any]:
+                 statistics: Sequence[Statistics | str | os.PathLike] | None = None,
+                 tasks: Sequence[Task] | None = None, model: torch.nn.Module | None = None,
+                 **params: Any) -> dict[str, Any]:
     """Merge like `merge`, streaming the result into `out_dir` in bounded memory; returns the merge report.
 
     `out_dir` receives sharded safetensors with their index, the base's config and other small files
@@ -535,7 +588,7 @@ def merge_to_dir(method: str, base, finetuned: list, out_dir: str | os.PathLike,
     and renamed when complete; an existing `out_dir` is replaced only with `force=True`.
     """
     plan = plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, statistics=statistics,
-                      **params)
+                      tasks=tasks, model=model, **params)
     return plan.write(out_dir, force=force, shard_size=shard_size, hash_inputs=hash_inputs, progress=progress)
 
 

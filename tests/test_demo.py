@@ -102,6 +102,33 @@ def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_pat
     assert len([n for n in kept if n.startswith("report")]) == 2 and REPORT_NAME in kept
 
 
+def test_demo_regmean_plusplus_row_is_the_engine_merge_on_the_statistics_examples(encoder, tmp_path):
+    """The opt-in regmean++ row: one deterministic run whose merged encoder is `pyfuse.merge("regmean++")`
+    on the unlabeled examples RegMean's statistics come from (here 40 per task), scored like every row."""
+    import torch
+
+    import pyfuse
+    from pyfuse.demo import _statistics_batches, evaluate, prepare_demo
+
+    settings = DemoSettings(tasks=TASKS[:2], methods=("regmean", "regmean++"), test_limit=60, stats_examples=40,
+                            encoder=str(encoder), finetune=FINETUNE)
+    report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    row = next(r for r in report["rows"] if r["method"] == "regmean++")
+    assert row["label"] == "RegMean++" and row["per_seed"] is None and row["seconds"] > 0
+    ctx = prepare_demo(settings, cache_dir=tmp_path / "cache", progress=False)
+    tasks = [pyfuse.Task(t.name, [b for b, _ in _statistics_batches(ctx.encoder, t, settings)], t.logits)
+             for t in ctx.tasks]
+    assert [len(t.batches) for t in tasks] == [3, 3]  # 40 examples in batches of 16
+    merged = pyfuse.merge("regmean++", ctx.encoder.module, list(ctx.models.values()), tasks=tasks)
+
+    def call(*args, **kwargs):
+        return torch.func.functional_call(ctx.encoder.module, merged, args, kwargs)
+
+    assert evaluate(call, ctx.adaptation(0)).accuracy == row["accuracy"]
+    regmean = next(r for r in report["rows"] if r["method"] == "regmean")["accuracy"]
+    assert row["accuracy"] != regmean  # Grams on the merged blocks' outputs, not on each fine-tuned model's
+
+
 def test_chance_bound_is_chance_plus_two_binomial_standard_errors():
     assert chance_bound(4, 400) == pytest.approx(0.25 + 2 * (0.25 * 0.75 / 400) ** 0.5)
     assert chance_bound(8, 100) == pytest.approx(0.125 + 2 * (0.125 * 0.875 / 100) ** 0.5)

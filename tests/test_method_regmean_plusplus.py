@@ -167,7 +167,85 @@ def test_regmean_plusplus_excludes_and_errors():
     del broken[f"{PREFIX}pre_layrnorm.bias"]
     with pytest.raises(KeyError, match="fine-tuned model 2: missing tensor 'pre_layrnorm.bias'"):
         method.merge(base, [fts[0], broken], tasks)
-    with pytest.raises(ValueError, match="is not a static merge"):
-        import pyfuse
 
-        pyfuse.merge("regmean++", base.state_dict(), [ft.state_dict() for ft in fts])
+
+def test_regmean_plusplus_through_the_merge_engine(tmp_path):
+    """pyfuse.merge / merge_to_dir run it like any method: the same tensors as the method's own entry, the
+    base given as a module or as files with the architecture apart; every wrong combination refused first."""
+    import pyfuse
+    from pyfuse.io.sources import open_source
+
+    base, fts = family(2)
+    tasks = [Task(f"t{i}", batches(10 + i), pooled) for i in range(2)]
+    expected = create_method("regmean++", alpha=0.5).merge(base, fts, tasks)
+    merged = pyfuse.merge("regmean++", base, fts, tasks=tasks, alpha=0.5)
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    architecture = tiny_clip_vision(7)  # other values: the base's must replace them
+    report = pyfuse.merge_to_dir("regmean++", base_dir, [ft.state_dict() for ft in fts], tmp_path / "out",
+                                 tasks=tasks, model=architecture, alpha=0.5)
+    written = open_source(tmp_path / "out", "out")
+    assert all(torch.equal(written.get(k), expected[k]) for k in expected)
+    assert report["method"] == "regmean++" and report["tasks"] == ["t0", "t1"]
+    assert torch.equal(architecture.state_dict()["post_layernorm.weight"],
+                       tiny_clip_vision(7).state_dict()["post_layernorm.weight"])  # not modified
+
+    states = [ft.state_dict() for ft in fts]
+    with pytest.raises(ValueError, match="'regmean\\+\\+' needs tasks=\\[...\\], one pyfuse.Task per fine-tuned"):
+        pyfuse.merge("regmean++", base, fts)
+    with pytest.raises(ValueError, match="give the base as an nn.Module, or model="):
+        pyfuse.merge("regmean++", base.state_dict(), states, tasks=tasks)
+    with pytest.raises(ValueError, match="regmean\\+\\+: needs one Task per fine-tuned model \\(2\\), got 1"):
+        pyfuse.merge("regmean++", base, fts, tasks=tasks[:1])
+    with pytest.raises(ValueError, match="give tasks=\\[...\\], not statistics"):
+        pyfuse.merge("regmean++", base, fts, tasks=tasks, statistics=[])
+    with pytest.raises(ValueError, match="'ties' takes no tasks or model"):
+        pyfuse.merge("ties", base, fts, tasks=tasks)
+    bigger = tiny_clip_vision(0)
+    bigger.register_buffer("extra", torch.zeros(2))
+    with pytest.raises(KeyError, match="the model has a tensor 'extra' that base lacks"):
+        pyfuse.merge("regmean++", base.state_dict(), states, tasks=tasks, model=bigger)
+
+
+def test_regmean_plusplus_from_a_config_with_the_cli(tmp_path, capsys):
+    """`pyfuse merge CONFIG OUT --trust-code`: the model from the base directory (transformers.AutoModel), the
+    tasks from the config's factories; the written tensors are pyfuse.merge's. Without --trust-code, with
+    --dry-run or with an adaptive-only key it stops first, naming why."""
+    import yaml
+    from transformers import CLIPVisionModel
+
+    import pyfuse
+    from pyfuse.cli import main
+    from pyfuse.io.sources import open_source
+
+    from .adaptive_helpers import CLIP_TASKS, clip_state_dicts, clip_task, tiny_clip
+
+    base, finetuned = clip_state_dicts()
+    names = CLIP_TASKS[:2]
+    tiny_clip().save_pretrained(tmp_path / "base", state_dict=base)
+    for name, state in zip(names, finetuned):
+        tiny_clip().save_pretrained(tmp_path / name, state_dict=state)
+    config = {"method": "regmean++", "base": "base", "models": {name: name for name in names},
+              "tasks": {name: {"factory": "tests.adaptive_helpers:clip_task", "kwargs": {"name": name}}
+                        for name in names},
+              "parameters": {"alpha": 0.5, "num_regmean_examples": 4}}
+    path = tmp_path / "regmean_pp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "--trust-code" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run", "--trust-code"]) == 1
+    assert "regmean++ runs the model on its tasks" in capsys.readouterr().err
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress", "--trust-code"]) == 0
+    written = open_source(tmp_path / "out", "out")
+    expected = pyfuse.merge("regmean++", CLIPVisionModel.from_pretrained(tmp_path / "base"),
+                            [tmp_path / name for name in names],
+                            tasks=[clip_task(name) for name in names], alpha=0.5, num_regmean_examples=4)
+    assert set(written.keys()) == set(expected)
+    assert all(torch.equal(written.get(k), expected[k]) for k in expected)
+    key = "encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(expected[key], open_source(tmp_path / "base", "base").get(key))
+    path.write_text(yaml.safe_dump({**config, "vector_dtype": "bfloat16"}))
+    assert main(["merge", str(path), str(tmp_path / "out2"), "--trust-code"]) == 1
+    assert "'vector_dtype' is for adaptive methods, not regmean++" in capsys.readouterr().err

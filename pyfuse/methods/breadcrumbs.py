@@ -53,6 +53,8 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
         "weights": MERGEKIT_WEIGHTS,
     }
 
+    select_passes = 2
+
     def state_bytes(self, layout, n, in_flight) -> int:
         return histogram_bytes(2 * n, in_flight)  # the select's tables, for both ends of the band at once
 

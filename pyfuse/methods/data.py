@@ -1,4 +1,5 @@
-"""`DataMethod`: the interface of data-aware merges (Fisher, RegMean, MaTS, ESM), which need per-task statistics.
+"""`DataMethod`: the interface of data-aware merges (Fisher, RegMean, MaTS, ESM), which need per-task statistics;
+`TaskDataMethod`: merges that run the models on the tasks' data themselves (RegMean++).
 
 A data method declares the statistic kinds it `needs` and merges whole models in memory:
 `merge_model(base, finetuned, stats)` checks everything first (one `Statistics` per fine-tuned model, the
@@ -22,9 +23,10 @@ from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
 from ..progress import progress_bar
 from ..stats import KINDS, Statistics
+from ..task import Task
 from . import Method
 
-__all__ = ["DataMethod", "SourceTensors", "expected_shape"]
+__all__ = ["DataMethod", "SourceTensors", "TaskDataMethod", "expected_shape"]
 
 
 class SourceTensors(Mapping):
@@ -177,4 +179,34 @@ class DataMethod(Method):
 
     def global_passes(self) -> int:
         """Passes over the whole model (or statistics) `prepare` takes; for reports."""
+        return 0
+
+
+class TaskDataMethod(Method):
+    """A merge that runs the models itself on the tasks' data, so it cannot use saved statistics (RegMean++,
+    whose Grams depend on the blocks merged before them). It needs the model (an `nn.Module`) and one
+    `pyfuse.Task` per fine-tuned model; it merges in memory, in one process."""
+
+    def check_tasks(self, tasks: Sequence[Task], n: int) -> None:
+        """Raise unless `tasks` is a list of `n` Tasks, one per fine-tuned model, in the same order."""
+        if isinstance(tasks, Task) or not isinstance(tasks, Sequence) or len(tasks) != n:
+            got = "one Task" if isinstance(tasks, Task) else (
+                str(len(tasks)) if isinstance(tasks, Sequence) else type(tasks).__name__)
+            raise ValueError(f"{self.name}: needs one Task per fine-tuned model ({n}), got {got}")
+        for i, task in enumerate(tasks):
+            if not isinstance(task, Task):
+                raise TypeError(f"{self.name}: tasks[{i}] is a {type(task).__name__}, not a pyfuse.Task")
+
+    def merge(self, model: torch.nn.Module, finetuned: Sequence[torch.nn.Module | Mapping[str, torch.Tensor]],
+              tasks: Sequence[Task], *, base: Mapping[str, torch.Tensor] | None = None,
+              progress: bool = False) -> dict[str, torch.Tensor]:
+        """The merged state dict (the model's keys). `model` gives the architecture and, unless `base` is given,
+        the pre-trained values; neither it nor the fine-tuned models are modified."""
+        raise NotImplementedError
+
+    def working_bytes(self, model_bytes: int) -> int:
+        """Memory the merge holds beyond its output, for predictions (the tasks' activations not included)."""
+        return model_bytes
+
+    def global_passes(self) -> int:
         return 0

@@ -15,7 +15,7 @@ The result is `b + lambda * combined`. Sparsifying, election and merge are the s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,6 +32,8 @@ class GeneralizedTaskArithmetic(StaticMethod):
     """Sparsify each task vector, then combine by sign consensus or a weighted sum (module docstring)."""
 
     temporaries = (4, 6)
+    #: at most how many passes over a tensor `sparse_plan` takes (breadcrumbs' band: a two-pass select)
+    select_passes: ClassVar[int] = 0
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
@@ -48,6 +50,12 @@ class GeneralizedTaskArithmetic(StaticMethod):
     def sparse_plan(self, ctx: MergeContext, index: int) -> Any:
         """What `sparsify` needs about tensor `index`; None leaves the tensor's task vectors as they are."""
         return None
+
+    def tensor_passes(self) -> int:
+        """The select's passes, and one for the norms when rescaling; none when nothing is sparsified."""
+        if self.config["density"] >= 1:
+            return 0
+        return self.select_passes + int(self.config["rescale"])
 
     def plan(self, ctx: MergeContext, index: int) -> tuple[Any, list[float] | None]:
         sparse = self.sparse_plan(ctx, index)

@@ -17,10 +17,11 @@ first batches (whole batches until `num_regmean_examples` examples). Then, for b
 Parameters outside the blocks that run after them (a final norm, projections, heads) keep the base's values,
 as in the reference, whose CLIP version loads only the merged embeddings and layers into the pre-trained model.
 
-It needs the models and the tasks' data, so it has its own entry point, `RegMeanPlusPlus.merge(model,
-finetuned, tasks)`, where `model` is the base model as a module (not modified) and `tasks` are
-`pyfuse.Task`s, one per fine-tuned model, whose `logits(call, batch)` runs the model on a batch. Grams are
-accumulated in float64; the forward passes run in the model's dtype.
+It needs the models and the tasks' data (a `TaskDataMethod`): `RegMeanPlusPlus.merge(model, finetuned, tasks)`,
+where `model` is the base model as a module (not modified) and `tasks` are `pyfuse.Task`s, one per fine-tuned
+model, whose `logits(call, batch)` runs the model on a batch; or `pyfuse.merge("regmean++", base, finetuned,
+tasks=[...])` (and `merge_to_dir`, `pyfuse merge` configs with `tasks`). Grams are accumulated in float64;
+the forward passes run in the model's dtype.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import torch
 from ..progress import progress_bar
 from ..stats import _linear_layers
 from ..task import Task
-from . import Method, Param, integer, number, register
+from . import Param, integer, number, register
+from .data import TaskDataMethod
 from .regmean import regression_mean
 
 
@@ -75,7 +77,7 @@ def find_blocks(model: torch.nn.Module, name: str | None) -> tuple[str, torch.nn
 
 
 @register
-class RegMeanPlusPlus(Method):
+class RegMeanPlusPlus(TaskDataMethod):
     """RegMean++: block-by-block RegMean with Grams on the merged earlier blocks' outputs (module docstring)."""
 
     name = "regmean++"
@@ -91,14 +93,22 @@ class RegMeanPlusPlus(Method):
     }
 
     def merge(self, model: torch.nn.Module, finetuned: Sequence[torch.nn.Module | Mapping[str, torch.Tensor]],
-              tasks: Sequence[Task], *, progress: bool = False) -> dict[str, torch.Tensor]:
-        """The merged state dict (the base model's keys); `model` and the fine-tuned models are not modified."""
+              tasks: Sequence[Task], *, base: Mapping[str, torch.Tensor] | None = None,
+              progress: bool = False) -> dict[str, torch.Tensor]:
+        """The merged state dict (the model's keys); `model` and the fine-tuned models are not modified."""
         if isinstance(finetuned, (Mapping, torch.nn.Module)) or not finetuned:
             raise ValueError("regmean++: finetuned must be a non-empty list of modules or state dicts")
-        if isinstance(tasks, Task) or len(tasks) != len(finetuned):
-            raise ValueError(f"regmean++: needs one Task per fine-tuned model ({len(finetuned)}), got "
-                             f"{1 if isinstance(tasks, Task) else len(tasks)}")
+        self.check_tasks(tasks, len(finetuned))
         work = copy.deepcopy(model).eval()
+        if base is not None:  # the pre-trained values replace the architecture's own
+            with torch.no_grad():
+                for key, value in work.state_dict(keep_vars=True).items():
+                    if key not in base:
+                        raise KeyError(f"regmean++: the base has no tensor {key!r}, which the model has")
+                    if base[key].shape != value.shape:
+                        raise ValueError(f"regmean++: the base's tensor {key!r} has shape {list(base[key].shape)}, "
+                                         f"the model's {list(value.shape)}")
+                    value.data.copy_(base[key])
         base = work.state_dict()
         states = [m.state_dict() if isinstance(m, torch.nn.Module) else m for m in finetuned]
         for i, state in enumerate(states):
