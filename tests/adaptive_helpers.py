@@ -22,9 +22,15 @@ def tiny_clip(seed: int = 0) -> CLIPVisionModel:
     return CLIPVisionModel(CLIPVisionConfig(**CLIP_CONFIG)).eval()
 
 
-@functools.cache
 def clip_state_dicts() -> tuple[dict, list[dict]]:
-    """The pre-trained tower's state dict and one randomly perturbed ('fine-tuned') state dict per task."""
+    """The pre-trained tower's state dict and one randomly perturbed ('fine-tuned') state dict per task: new
+    dicts on every call (transformers' save_pretrained empties the state_dict it is given), shared tensors."""
+    base, finetuned = _clip_state_dicts()
+    return dict(base), [dict(state) for state in finetuned]
+
+
+@functools.cache
+def _clip_state_dicts() -> tuple[dict, list[dict]]:
     base = tiny_clip().state_dict()
     generator = torch.Generator().manual_seed(1)
     finetuned = [
