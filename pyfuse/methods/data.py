@@ -26,7 +26,7 @@ from ..stats import KINDS, Statistics
 from ..task import Task
 from . import Method
 
-__all__ = ["DataMethod", "SourceTensors", "TaskDataMethod", "expected_shape"]
+__all__ = ["DataMethod", "SourceTensors", "TaskDataMethod", "as_source", "expected_shape"]
 
 
 class SourceTensors(Mapping):
@@ -52,7 +52,8 @@ class SourceTensors(Mapping):
         return len(self._keys)
 
 
-def _source(model: Mapping[str, torch.Tensor] | TensorSource, label: str) -> TensorSource:
+def as_source(model: Mapping[str, torch.Tensor] | TensorSource, label: str) -> TensorSource:
+    """`model` as a lazy `TensorSource` (a `SourceTensors` view gives back its own, read nothing)."""
     if isinstance(model, SourceTensors):
         return model.source
     return open_source(model, label)
@@ -88,8 +89,8 @@ class DataMethod(Method):
         """
         if isinstance(finetuned, (Mapping, TensorSource)) or not isinstance(finetuned, Sequence) or not finetuned:
             raise ValueError(f"{self.name}: finetuned must be a non-empty list of models")
-        base_source = _source(base, "base")
-        sources = [_source(m, f"fine-tuned model {i + 1}") for i, m in enumerate(finetuned)]
+        base_source = as_source(base, "base")
+        sources = [as_source(m, f"fine-tuned model {i + 1}") for i, m in enumerate(finetuned)]
         layout = FlatLayout.for_models(base_source, sources)
         if isinstance(stats, Statistics) or not isinstance(stats, Sequence) or len(stats) != len(sources):
             got = "one Statistics" if isinstance(stats, Statistics) else (

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
+from ..io.sources import TensorSource
 from ..progress import progress_bar
 from ..stats import _linear_layers
 from ..task import Task
 from . import Param, integer, number, register
-from .data import TaskDataMethod
+from .data import TaskDataMethod, as_source
 from .regmean import regression_mean
 
 
@@ -110,21 +111,22 @@ class RegMeanPlusPlus(TaskDataMethod):
                                          f"the model's {list(value.shape)}")
                     value.data.copy_(base[key])
         base = work.state_dict()
-        states = [m.state_dict() if isinstance(m, torch.nn.Module) else m for m in finetuned]
+        # lazy sources: shapes from headers, and a block reads only its own tensors when it gets to them
+        states = [as_source(m, f"fine-tuned model {i + 1}") for i, m in enumerate(finetuned)]
         for i, state in enumerate(states):
             for key, value in base.items():
-                if key not in state:
+                if key not in state.specs:
                     raise KeyError(f"regmean++: fine-tuned model {i + 1}: missing tensor {key!r}")
-                if state[key].shape != value.shape:
+                if state.shape(key) != value.shape:
                     raise ValueError(f"regmean++: fine-tuned model {i + 1}: tensor {key!r} has shape "
-                                     f"{list(state[key].shape)}, expected {list(value.shape)}")
+                                     f"{list(state.shape(key))}, expected {list(value.shape)}")
         prefix, blocks = find_blocks(work, self.config["blocks"])
         with torch.no_grad():
             self._merge_before(work, blocks[0], states, tasks[0])
             inputs = [self._first_inputs(work, blocks[0], task) for task in tasks]
             for index, block in enumerate(progress_bar(blocks, desc="regmean++: blocks", disable=not progress)):
                 names = f"{prefix}.{index}."
-                block_states = [{key[len(names):]: v for key, v in state.items() if key.startswith(names)}
+                block_states = [{key[len(names):]: state.get(key) for key in state.keys() if key.startswith(names)}
                                 for state in states]
                 grams = [self._grams(block, own, batches) for own, batches in zip(block_states, inputs)]
                 self._merge_block(block, block_states, grams)
@@ -132,7 +134,7 @@ class RegMeanPlusPlus(TaskDataMethod):
                     inputs = [[_next_inputs(block, args, kwargs) for args, kwargs in batches] for batches in inputs]
         return {key: value.detach().clone() for key, value in work.state_dict().items()}
 
-    def _merge_before(self, work: torch.nn.Module, first: torch.nn.Module, states: list[Mapping[str, torch.Tensor]],
+    def _merge_before(self, work: torch.nn.Module, first: torch.nn.Module, states: list[TensorSource],
                       task: Task) -> None:
         """Average the parameters of the modules that finish before the first block starts (one batch's pass)."""
         finished: list[str] = []
@@ -150,7 +152,7 @@ class RegMeanPlusPlus(TaskDataMethod):
             for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 if value.is_floating_point():
                     full = f"{module_name}.{key}"
-                    value.copy_(torch.stack([state[full].to(value) for state in states]).mean(0))
+                    value.copy_(torch.stack([state.get(full).to(value) for state in states]).mean(0))
 
     def _first_inputs(self, work: torch.nn.Module, first: torch.nn.Module, task: Task) -> list[tuple[tuple, dict]]:
         """(args, kwargs) of the first block on the task's batches, until `num_regmean_examples` examples."""
