@@ -1,6 +1,6 @@
 """pyfuse: merge fine-tuned models into one multi-task model with Concrete subspace learning."""
 
-from . import ops
+from . import _kernels_path, ops
 from .layout import FlatLayout
 from .merge import merge, merge_to_dir
 from .methods.adaptive import (
@@ -19,3 +19,5 @@ __all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "mer
            "merge_to_dir", "ops"]
 __all__ += ["RunOptions", "Task", "adamerging", "adamerging_pp", "concrete_adamerging", "concrete_task_arithmetic"]
 __version__ = "0.1.0"
+
+_kernels_path.register()  # the Triton sources as pyfuse.kernels (see _kernels_path)
