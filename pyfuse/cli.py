@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
 
     if args.dry_run:
         raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config.method.name} needs data")
-    check_output_dir(args.out_dir, args.force or args.resume, [args.config])
+    check_output_dir(args.out_dir, True, [args.config])  # the config is an input; existence: run_adaptive's check
     with distributed.group() as ranks:  # under torchrun the ranks split the tasks (pyfuse.adaptive.loop)
         result = run_adaptive(config, args.out_dir, resume=args.resume, force=args.force,
                               trust_code=args.trust_code, allow_nonfinite=args.allow_nonfinite,
@@ -439,12 +440,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminated)  # unwinds like Ctrl-C: temporaries removed, lock released
     try:
         return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt as err:
+        print(f"pyfuse {args.command}: {err.args[0] if err.args else 'interrupted (Ctrl-C)'}; nothing "
+              "half-written was kept", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"pyfuse {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("terminated (SIGTERM)")
 
 
 if __name__ == "__main__":

@@ -79,10 +79,14 @@ class MergeConfig:
 def read_yaml(path: Path) -> Any:
     import yaml
 
+    from .strict_yaml import DuplicateKeyError, load_strict_yaml
+
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_strict_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err.problem}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a text (UTF-8) file: byte {err.start} cannot be decoded") from None
     except yaml.YAMLError as err:
@@ -174,6 +178,10 @@ def check_config(config: Any, source: str = "config", here: Path | None = None) 
     unknown = sorted(set(run) - allowed)
     if unknown:
         raise fail(f"run has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    try:
+        RunOptions(**run)  # every value checked before any model loads
+    except ValueError as err:
+        raise fail(f"run: {err}") from None
     checked.vector_dtype, checked.run = dtype_name, run
     return checked
 
@@ -210,28 +218,40 @@ def _models(entries: Any, resolve, fail) -> tuple[list, list, list, list]:
 def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: bool = False, force: bool = False,
                  trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config") -> MergeResult:
     """Run a checked adaptive config; outputs go to `out_dir` (see `run_from_config`)."""
-    from .io.atomic import check_output_dir
+    from .architecture import check_architecture
+    from .io.atomic import check_output_dir, remove_replaced
+    from .io.identity import InputIdentity
+    from .io.lock import claimed_output_dir
     from .taskvectors import TaskVectors
 
     options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **config.run)
     check_trusted(config, trust_code, source)
     inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
     ranks = distributed.current()
-    with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
-        check_output_dir(out_dir, force or resume, inputs)
-    if ranks is not None:  # every rank checked before rank 0 writes into out_dir
-        ranks.sync()
+    writes = ranks is None or ranks.rank == 0
+    with contextlib.ExitStack() as held:
+        with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
+            # rank 0 writes: it holds out_dir's lock from this check to the end of the run
+            target = (held.enter_context(claimed_output_dir(out_dir, force or resume, inputs)) if writes else
+                      check_output_dir(out_dir, True, inputs))
+        if ranks is not None:  # every rank checked before rank 0 writes into out_dir
+            ranks.sync()
 
-    # A rank reads only its shard of the task vectors (so a bad tensor may fail one rank alone: it fails all)
-    with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
-        model, tasks = model_and_tasks(config, trust_code, source)
-        shard_of = (ranks.rank, ranks.world_size) if ranks is not None and config.method.loads_shard else None
-        task_vectors = TaskVectors.from_models(config.base, config.models, names=config.names,
-                                               dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
-                                               allow_nonfinite=allow_nonfinite, shard_of=shard_of)
-    if ranks is not None:
-        ranks.sync()
-    return config.method.run(model, task_vectors, tasks, options)
+        # A rank reads only its shard of the task vectors (so a bad tensor may fail one rank alone: it fails all)
+        with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
+            options.inputs = InputIdentity.of_models(config.base, config.models, config.names)
+            model, tasks = model_and_tasks(config, trust_code, source)
+            check_architecture(model, config.base, f"{source}: the model ({type(model).__name__})")
+            shard_of = (ranks.rank, ranks.world_size) if ranks is not None and config.method.loads_shard else None
+            task_vectors = TaskVectors.from_models(config.base, config.models, names=config.names,
+                                                   dtype=VECTOR_DTYPES[config.vector_dtype],
+                                                   progress=options.progress, allow_nonfinite=allow_nonfinite,
+                                                   shard_of=shard_of)
+            if force and not resume and writes:  # as a static merge replaces it: nothing earlier stays beside
+                remove_replaced(target)
+        if ranks is not None:
+            ranks.sync()
+        return config.method.run(model, task_vectors, tasks, options)
 
 
 def check_trusted(config: MergeConfig, trust_code: bool, source: str = "config") -> None:

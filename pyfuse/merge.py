@@ -32,8 +32,9 @@ import torch
 from . import distributed
 from .distributed import Ranks
 from .finite import NonFiniteError, check_finite, finite_chunks
-from .io.atomic import check_output_dir, remove_stale_partials
+from .io.atomic import check_output_dir, remove_stale_temporaries
 from .io.hashing import sha256_file
+from .io.lock import output_lock
 from .io.sources import TensorSource, checkpoint_files, open_source
 from .io.writer import ShardedWriter, parse_size, small_files
 from .layout import FlatLayout
@@ -345,8 +346,9 @@ class MergePlan:
         """
         with distributed.group(self.device) as ranks:
             if ranks is None:
-                return self._write(out_dir, force, shard_size, hash_inputs, progress, other_inputs, None)
-            with ranks.failing_together():
+                with output_lock(out_dir):  # one writer per output, from the first check to the commit
+                    return self._write(out_dir, force, shard_size, hash_inputs, progress, other_inputs, None)
+            with ranks.failing_together(), output_lock(out_dir) if ranks.rank == 0 else contextlib.nullcontext():
                 return self._write(out_dir, force, shard_size, hash_inputs, progress and ranks.rank == 0,
                                    other_inputs, ranks)
 
@@ -355,14 +357,15 @@ class MergePlan:
         from . import __version__  # here: the package defines it after importing this module
 
         started = time.perf_counter()
+        rank, world = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
+        removed = remove_stale_temporaries(out_dir) if rank == 0 else []  # under the lock: a dead run's
         target = check_output_dir(out_dir, force, [*self.input_paths(), *other_inputs])
         max_shard_bytes = parse_size(shard_size)
-        rank, world = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
         starts = self._rank_starts(world)
         own = range(starts[rank], starts[rank + 1])
         report = {"pyfuse_version": __version__, "torch_version": torch.__version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.summary(),
-                  "removed_stale_partials": [str(p) for p in remove_stale_partials(target)] if rank == 0 else []}
+                  "removed_stale_partials": [str(p) for p in removed]}
         timings = {}
         sources = [self.base, *self.models]
         read_before = sum(source.bytes_read for source in sources)
@@ -406,6 +409,8 @@ class MergePlan:
                 report["peak_rss_anon_bytes"] = max((entry["peak_rss_anon_bytes"] or 0 for entry, _, _ in everyone),
                                                     default=None) if ranks is not None else memory.peak
                 writer.write_file(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+                for source in sources:  # the hashes and tensors are of the files as they still are
+                    source.check_unchanged()
                 writer.commit()
             if ranks is not None:  # the others return rank 0's report once it has committed
                 report = ranks.sync(report if rank == 0 else None)[0]

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .io.identity import new_digest, update_digest
+
 ModelCall = Callable[..., Any]
 """`call(*args, **kwargs)` runs the user's model with the merged parameters and returns its output."""
 
@@ -53,9 +55,15 @@ class BatchStream:
     def __init__(self, task: Task):
         self.task = task
         self.drawn = 0
+        self.data = new_digest()  # of every batch handed out, in order: what a resumed run must draw again
         self._iterator: Iterator | None = None
 
     def next(self) -> Any:
+        batch = self._next()
+        update_digest(self.data, batch)
+        return batch
+
+    def _next(self) -> Any:
         if self._iterator is not None:
             batch = next(self._iterator, _END)
             if batch is not _END:

@@ -32,6 +32,7 @@ every rank.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -45,9 +46,11 @@ from safetensors.torch import save_file
 
 from .. import distributed
 from ..finite import check_finite
-from ..io.atomic import atomic_dir, atomic_path
+from ..io.atomic import atomic_dir, atomic_path, remove_stale_temporaries
+from ..io.identity import InputIdentity
+from ..io.lock import output_lock
 from ..ops import DEFAULT_TEMPERATURE, MODES
-from ..ops.backends import resolve
+from ..ops.backends import BACKENDS, resolve
 from ..progress import progress_bar
 from ..task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
 from ..taskvectors import TaskVectors
@@ -117,6 +120,8 @@ class RunOptions:
         progress: show a progress bar (`pyfuse.progress`) with the summed entropy.
         backend: the fused op's backend ("auto", "cpp", "triton", "reference").
         allow_nonfinite: write a merged model holding NaN or inf instead of raising.
+        inputs: the identity of the input files (`InputIdentity`): recorded in the checkpoint and report, a
+            resume of other inputs refused, and the files checked again before the outputs are written.
     """
 
     out_dir: str | os.PathLike | None = None
@@ -127,6 +132,20 @@ class RunOptions:
     progress: bool = True
     backend: str = "auto"
     allow_nonfinite: bool = False
+    inputs: InputIdentity | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("checkpoint_every", 0), ("eval_every", 1)):
+            value = getattr(self, name)
+            if not (value is None and name == "eval_every") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("eval_start", "progress", "resume", "allow_nonfinite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        backends = ("auto", *BACKENDS)
+        if self.backend not in backends:
+            raise ValueError(f"backend must be one of {backends}, got {self.backend!r}")
 
 
 @dataclass
@@ -281,8 +300,10 @@ class AdaptiveLoop:
             "settings": dataclasses.asdict(self.settings), "backend": self.backend, "tasks": tv.names,
             "numel": tv.layout.numel, "segments": len(tv.layout), "vector_dtype": str(tv.vectors.dtype),
         }
-        if self.ranks is not None:  # which rank draws which task's batches
-            found["world_size"] = self.ranks.world_size
+        if self.options.inputs is not None:  # what the models' files held, by role
+            found["inputs"] = {role: [entry["sha256"] for entry in files]
+                               for role, files in self.options.inputs.files.items()}
+        found["world_size"] = self.ranks.world_size if self.ranks is not None else 1  # who draws which batches
         return found
 
     def state(self) -> dict[str, Any]:
@@ -297,15 +318,22 @@ class AdaptiveLoop:
             "optimizers": {name: _map_moments(opt.state_dict(), m.logits.shape, m.gather) if name == "mask"
                            else opt.state_dict() for name, opt in self.optimizers.items()},
             "drawn": self._drawn(),
+            "data": self._data(),
             "history": self.history,
         }
 
     def _drawn(self) -> dict[str, int]:
         """Batches drawn so far per task, over every rank's tasks."""
-        drawn = {s.task.name: s.drawn for s in self.streams}
+        return self._per_task({s.task.name: s.drawn for s in self.streams})
+
+    def _data(self) -> dict[str, str]:
+        """The sha256 of the batches drawn so far per task, over every rank's tasks."""
+        return self._per_task({s.task.name: s.data.hexdigest() for s in self.streams})
+
+    def _per_task(self, mine: dict[str, Any]) -> dict[str, Any]:
         if self.ranks is None:
-            return drawn
-        return {name: count for part in self.ranks.sync(drawn) for name, count in part.items()}
+            return mine
+        return {name: value for part in self.ranks.sync(mine) for name, value in part.items()}
 
     @property
     def _writes(self) -> bool:
@@ -333,6 +361,10 @@ class AdaptiveLoop:
             opt.load_state_dict(saved)
         for stream in self.streams:
             stream.skip_to(state["drawn"][stream.task.name])
+            if stream.data.hexdigest() != state["data"][stream.task.name]:
+                raise ValueError(f"the checkpoint belongs to a different run; differing: the data of task "
+                                 f"{stream.task.name!r} (its first {stream.drawn} batches are not the ones the "
+                                 "checkpointed run drew)")
         self.history = state["history"]
         self.step = state["step"]
 
@@ -341,13 +373,17 @@ class AdaptiveLoop:
     # ------------------------------------------------------------------------------------------
     def run(self) -> MergeResult:
         """Carry out the whole schedule. Across ranks, an error on any rank is raised on every rank (the others
-        raise `RankFailed` with its message)."""
-        if self.ranks is None:
-            return self._run()
-        with self.ranks.failing_together():
-            result = self._run()
-            self.ranks.sync()  # after rank 0 wrote the outputs: a failure there fails every rank
-        return result
+        raise `RankFailed` with its message). The writer holds `out_dir`'s lock (`pyfuse.io.lock`) throughout."""
+        out_dir = self.options.out_dir
+        with output_lock(out_dir) if out_dir is not None and self._writes else contextlib.nullcontext():
+            if out_dir is not None and self._writes:
+                remove_stale_temporaries(out_dir)
+            if self.ranks is None:
+                return self._run()
+            with self.ranks.failing_together():
+                result = self._run()
+                self.ranks.sync()  # after rank 0 wrote the outputs: a failure there fails every rank
+            return result
 
     def _run(self) -> MergeResult:
         opts, out_dir = self.options, _maybe_path(self.options.out_dir)
@@ -389,6 +425,8 @@ class AdaptiveLoop:
             self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
         report = self._report(final, shares, resumed_from, time.perf_counter() - started, logits)
         if out_dir is not None:
+            if opts.inputs is not None:  # the result is of the files as they still are
+                opts.inputs.check_unchanged()
             self._save(checkpoint)
             if self._writes:
                 self._write_outputs(out_dir, flat, logits, report)
@@ -426,6 +464,12 @@ class AdaptiveLoop:
             "steps": self.step,
             "resumed_from": resumed_from,
             "seconds": seconds,
+            "identity": {  # what a resume must match (`_fingerprint`), with the inputs' files in full
+                "inputs": self.options.inputs.files if self.options.inputs is not None else None,
+                "data": {name: {"batches": count, "sha256": digest}
+                         for (name, count), digest in zip(self._drawn().items(), self._data().values())},
+                "world_size": self.ranks.world_size if self.ranks is not None else 1,
+            },
         }
         if self.ranks is not None:
             lo, hi = m.span

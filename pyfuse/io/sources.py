@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .identity import FileStamp
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -29,11 +31,18 @@ _SAFETENSORS_DTYPES = {
 class TensorSource:
     """Names, shapes and dtypes of a model's tensors, and the tensors themselves on demand."""
 
-    def __init__(self, label: str, specs: dict[str, tuple[torch.Size, torch.dtype]], reader):
+    def __init__(self, label: str, specs: dict[str, tuple[torch.Size, torch.dtype]], reader,
+                 stamps: Sequence[FileStamp] = ()):
         self.label = label
         self.specs = specs
         self._reader = reader
+        self.stamps = list(stamps)  # of the files, as their headers were read
         self.bytes_read = 0  # of the tensors `get` returned, in their stored dtypes (for reports)
+
+    def check_unchanged(self) -> None:
+        """Raise `InputChanged`, naming the file, if one of the source's files changed since it was opened."""
+        for stamp in self.stamps:
+            stamp.check()
 
     def keys(self) -> list[str]:
         return list(self.specs)
@@ -114,8 +123,9 @@ def _from_safetensors(files: dict[str, Path], label: str) -> TensorSource:
     """`files` maps each tensor name to the file holding it."""
     from safetensors import safe_open
 
-    specs = {}
+    specs, stamps = {}, {}
     for path in sorted(set(files.values())):
+        stamps[path] = FileStamp.of(path)  # before the header: a change after it shows at the next read
         for key, info in _safetensors_header(path).items():
             if key in files and files[key] != path:
                 continue
@@ -127,11 +137,13 @@ def _from_safetensors(files: dict[str, Path], label: str) -> TensorSource:
 
     def read(key: str) -> torch.Tensor:
         path = files[key]
+        # a file truncated since its header was checked would kill the process with SIGBUS on the mapped read
+        stamps[path].check()
         if path not in handles:
             handles[path] = safe_open(str(path), framework="pt")
         return handles[path].get_tensor(key)
 
-    return TensorSource(label, specs, read)
+    return TensorSource(label, specs, read, list(stamps.values()))
 
 
 def _files_of(path: Path) -> dict[str, Path]:
