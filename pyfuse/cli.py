@@ -444,8 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except KeyboardInterrupt as err:
-        print(f"pyfuse {args.command}: {err.args[0] if err.args else 'interrupted (Ctrl-C)'}; nothing "
-              "half-written was kept", file=sys.stderr)
+        print(f"pyfuse {args.command}: {err.args[0] if err.args else 'interrupted (Ctrl-C)'}; temporary files "
+              "removed, nothing half-written kept", file=sys.stderr)
         return 130
     except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -34,7 +34,7 @@ def lock_path(out_dir: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def output_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold `out_dir`'s exclusive lock (nested holds in one process share it), or refuse at once naming the
-    holder's pid."""
+    holder's pid. An `out_dir` the holder created and left empty is removed on release."""
     path = lock_path(out_dir)
     if path in _held:
         _held[path] += 1
@@ -47,9 +47,13 @@ def output_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path, out_dir)
     _held[path] = 1
+    existed = os.path.lexists(out_dir)
     try:
         yield path
     finally:
+        if not existed:  # a run that failed before writing anything leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
         del _held[path]
         # unlinked while still locked: a run that opened this file before sees it is gone and retries
         path.unlink(missing_ok=True)
