@@ -19,6 +19,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import pyfuse
+from pyfuse.adaptive import AdaptiveLoop, RunOptions
 from pyfuse.adaptive.checkpoint import CheckpointError, load_checkpoint
 from pyfuse.architecture import check_architecture
 from pyfuse.cli import main
@@ -27,7 +29,7 @@ from pyfuse.io.identity import InputChanged
 from pyfuse.io.lock import lock_path, output_lock
 from pyfuse.merge import merge_to_dir
 
-from .adaptive_helpers import DIGIT_TASKS, digits_models, digits_task, mlp
+from .adaptive_helpers import DIGIT_TASKS, digits_models, digits_problem, digits_task, mlp
 from .merge_helpers import save_family, tiny_llama
 from .test_faults import _config, _digits_config, _models
 
@@ -116,6 +118,41 @@ def test_resume_refuses_other_models_base_or_data_naming_the_difference(tmp_path
     with pytest.raises(ValueError, match="differing: the data of task 'low'"):
         run_from_config(changed, out, trust_code=True, resume=True)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2  # every refusal left the checkpoint as it was
+
+
+def test_resume_from_python_refuses_other_task_vectors(tmp_path):
+    """Without files to hash (models given in memory), the task vectors' content is the identity."""
+    model, tv, tasks = digits_problem()
+    options = RunOptions(out_dir=tmp_path, progress=False, backend="reference", checkpoint_every=1)
+    pyfuse.adamerging(model, tv, tasks, granularity="task", steps=1, options=options)
+    swapped = pyfuse.TaskVectors.from_models(*_swapped(digits_models()), names=list(DIGIT_TASKS))
+    options.resume = True
+    with pytest.raises(ValueError, match="differing: task_vectors"):
+        pyfuse.adamerging(model, swapped, tasks, granularity="task", steps=1, options=options)
+    assert pyfuse.adamerging(model, tv, tasks, granularity="task", steps=1,
+                             options=options).report["resumed_from"] == 1
+
+
+def _swapped(models):
+    base, (low, high, even) = models
+    return base, [high, low, even]
+
+
+def test_an_input_changed_during_an_adaptive_run_is_refused_at_commit(tmp_path, monkeypatch):
+    config = _digits_config(tmp_path, params=STEPS)
+    out = tmp_path / "run"
+    adapt_step = AdaptiveLoop.adapt_step
+    _, finetuned = digits_models()
+
+    def overwriting(self):
+        if self.step == 1:  # ft_b -> ft_c, after the task vectors were read
+            save_file(finetuned[2], tmp_path / "high.safetensors")
+        return adapt_step(self)
+
+    monkeypatch.setattr(AdaptiveLoop, "adapt_step", overwriting)
+    with pytest.raises(InputChanged, match="high.safetensors: input changed while this run read it"):
+        run_from_config(config, out, trust_code=True)
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from .. import distributed
 from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path, remove_stale_temporaries
-from ..io.identity import InputIdentity
+from ..io.identity import InputIdentity, new_digest, update_digest
 from ..io.lock import output_lock
 from ..ops import DEFAULT_TEMPERATURE, MODES
 from ..ops.backends import BACKENDS, resolve
@@ -303,8 +303,20 @@ class AdaptiveLoop:
         if self.options.inputs is not None:  # what the models' files held, by role
             found["inputs"] = {role: [entry["sha256"] for entry in files]
                                for role, files in self.options.inputs.files.items()}
+        found["task_vectors"] = self._vectors_digest()  # what was merged, however it was given
         found["world_size"] = self.ranks.world_size if self.ranks is not None else 1  # who draws which batches
         return found
+
+    def _vectors_digest(self) -> list[str]:
+        """The sha256 of the base and task vectors every rank holds (computed once: the buffers never change)."""
+        if not hasattr(self, "_vectors_sha256"):
+            digest = new_digest()
+            tv = self.merger.task_vectors
+            for tensor in (tv.base, tv.vectors):
+                update_digest(digest, tensor)
+            mine = digest.hexdigest()
+            self._vectors_sha256 = self.ranks.sync(mine) if self.ranks is not None else [mine]
+        return self._vectors_sha256
 
     def state(self) -> dict[str, Any]:
         """The checkpoint: the logits and the mask optimizer's moments whole, gathered from the ranks' shards."""

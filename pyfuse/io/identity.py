@@ -21,6 +21,9 @@ import torch
 from .hashing import sha256_file
 
 
+_HASH_ELEMENTS = 1 << 24
+
+
 class InputChanged(RuntimeError):
     """An input file changed while a run was reading it; nothing was committed."""
 
@@ -86,9 +89,10 @@ def update_digest(digest: Any, value: Any) -> None:
     """Fold `value` (tensors, and mappings, sequences, strings and numbers of them) into `digest` (a hashlib
     object), by content: equal batches give equal digests in any process."""
     if isinstance(value, torch.Tensor):
-        tensor = value.detach().to("cpu").contiguous()
-        digest.update(f"tensor{str(tensor.dtype)}{list(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(f"tensor{str(value.dtype)}{list(value.shape)}".encode())
+        flat = value.detach().reshape(-1)
+        for lo in range(0, flat.numel(), _HASH_ELEMENTS):  # in pieces: no whole copy of a large (or GPU) tensor
+            digest.update(flat[lo:lo + _HASH_ELEMENTS].to("cpu").contiguous().view(torch.uint8).numpy())
     elif isinstance(value, Mapping):
         digest.update(f"map{len(value)}".encode())
         for key in sorted(value, key=str):
