@@ -335,8 +335,9 @@ class MergePlan:
 
         `out_dir` is checked first (`pyfuse.io.atomic.check_output_dir`): it must not exist unless `force`,
         and may never hold an input (nor `other_inputs`, e.g. the config file). Temporary directories of
-        `out_dir` left by killed runs are removed (the report lists them). Returns the report also written
-        to `out_dir/merge_report.json`.
+        `out_dir` left by killed runs are removed (the report lists them). One run writes `out_dir` at a time
+        (`pyfuse.io.lock`), and an input file that changes before the commit fails the merge. Returns the
+        report also written to `out_dir/merge_report.json`.
 
         Under torchrun (or in an initialised `torch.distributed` group), the processes split the output
         tensors, contiguous runs balanced by bytes: each reads, merges and writes its own shards of one
