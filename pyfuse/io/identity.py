@@ -20,7 +20,6 @@ import torch
 
 from .hashing import sha256_file
 
-
 _HASH_ELEMENTS = 1 << 24
 
 
