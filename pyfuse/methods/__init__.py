@@ -28,16 +28,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from ..layout import FlatLayout
 from ..ops import DEFAULT_TEMPERATURE
 
+if TYPE_CHECKING:  # annotations only: the engine builds on this package
+    from ..engine.plan import MergePlan
+
 __all__ = [
     "Chunk", "MergeContext", "Method", "Param", "REQUIRED", "StaticMethod",
-    "available_methods", "create_method", "get_method", "register",
+    "available_methods", "create_method", "get_method", "register", "refuse_tasks",
 ]
 
 
@@ -65,16 +68,94 @@ class Param:
 
 
 class Method:
-    """A merging method: a registered `name`, declared `params`, and the validated values in `self.config`."""
+    """A merging method: a registered `name`, declared `params`, and the validated values in `self.config`.
+
+    Every kind answers for itself what the engine, the CLI, the config loader and the demo need to know, so
+    none of them asks which class it holds: the registry metadata (`display_name`, `reference`, `kind`,
+    `needs`, `runs_tasks`, `learns`, `stochastic`), `take_inputs` (the data it is given, checked before any
+    work), `check_inputs(plan)` (against the models' headers), `peak_bytes(plan)` and how it merges
+    (`streams`: chunk by chunk; otherwise `merge_in_memory`).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
+    #: how tables and figures name the method (default: `name`)
+    display_name: ClassVar[str] = ""
+    #: the paper (or implementation) the method follows
+    reference: ClassVar[str] = ""
+    #: "static", "data" (per-model statistics), "task-data" (runs the models on the tasks) or "adaptive"
+    kind: ClassVar[str] = ""
+    #: the statistics kinds a merge needs, one `Statistics` per fine-tuned model (an instance may need fewer)
+    needs: tuple[str, ...] = ()
+    #: runs the model on the tasks' data: takes one `pyfuse.Task` per fine-tuned model and the model
+    runs_tasks: ClassVar[bool] = False
     #: learned at test time from the tasks' unlabeled data (`adaptive.AdaptiveMethod`)
     learns: ClassVar[bool] = False
+    #: the result depends on a seed: the method's own noise, or the data it is learned or measured on
+    stochastic: ClassVar[bool] = False
+    #: merges chunk by chunk on the streaming engine; otherwise the whole model in memory (`merge_in_memory`)
+    streams: ClassVar[bool] = False
+    #: one call of the fused op over a flat buffer of task vectors (`fused_mask`), so LoRA factors stay factored
+    fused: ClassVar[bool] = False
+    #: a distributed merge gives each process's whole-model passes only its own tensors (see `StaticMethod`)
+    split_global_passes: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.config = resolve_params(self.name, self.params, params)
+
+    @classmethod
+    def label(cls) -> str:
+        """The name tables and figures show."""
+        return cls.display_name or cls.name
+
+    @classmethod
+    def inputs_note(cls) -> str:
+        """What the method takes beyond the models, as `pyfuse merge --help` lists it ("" for nothing)."""
+        return ""
+
+    @classmethod
+    def take_inputs(cls, statistics: Any, tasks: Any, model: Any, base: Any) -> tuple[Any, Any, Any]:
+        """The statistics, tasks and model a merge of the engine takes, checked and normalised before any work
+        (statistics files loaded, the model defaulted); raises naming what is missing or extra."""
+        raise ValueError(f"{cls.name!r} is not a static merge (it needs data); use its own entry point")
+
+    def check_inputs(self, plan: MergePlan) -> None:
+        """Check the parameters and inputs against the models' headers (nothing read) and bind to them."""
+        raise NotImplementedError
+
+    def peak_bytes(self, plan: MergePlan) -> int:
+        """The working set of the merge beyond the process's baseline, before the allocator's slack."""
+        raise NotImplementedError
+
+    @property
+    def merges_whole_model(self) -> bool:
+        """Whether the merge needs every tensor at once (so a distributed merge leaves it to rank 0)."""
+        return not self.streams
+
+    def merge_in_memory(self, plan: MergePlan, models: list[Mapping[str, torch.Tensor]],
+                        keys: Sequence[str] | None, progress: bool) -> dict[str, torch.Tensor]:
+        """A non-streaming method's merged tensors (those at `keys`, default all), the inputs read lazily."""
+        raise NotImplementedError
+
+    def fused_mask(self, device: torch.device, numel: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A `fused` method's mask logits `[D]` and the fused op's mask options."""
+        raise NotImplementedError
+
+    def global_passes(self) -> int:
+        """How many passes over the whole model the merge takes before merging; for predictions and reports."""
+        return 0
+
+    def tensor_passes(self) -> int:
+        """At most how many passes over a tensor the merge takes before it is merged; for reports."""
+        return 0
+
+
+def refuse_tasks(name: str, tasks: Any, model: Any) -> None:
+    """Raise if a method that does not run the model is given tasks or a model."""
+    if tasks is not None or model is not None:
+        raise ValueError(f"{name!r} takes no tasks or model; they are for methods that run the models on the "
+                         "tasks' data (regmean++)")
 
 
 def resolve_params(method: str, declared: Mapping[str, Param], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,6 +274,7 @@ TEMPERATURE = Param(DEFAULT_TEMPERATURE, positive, "Concrete temperature T, > 0"
 # The registry
 # ---------------------------------------------------------------------------------------------
 _METHODS: dict[str, type[Method]] = {}
+METHOD_KINDS = ("static", "data", "task-data", "adaptive")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -202,6 +284,9 @@ def register(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__name__} must set a non-empty string `name` to be registered")
     if name in _METHODS and _METHODS[name] is not cls:
         raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
+    if cls.kind not in METHOD_KINDS:
+        raise TypeError(f"{cls.__name__}.kind must be one of {', '.join(METHOD_KINDS)}, got {cls.kind!r}; subclass "
+                        "StaticMethod, data.DataMethod, data.TaskDataMethod or adaptive.AdaptiveMethod")
     for key, spec in cls.params.items():
         if not isinstance(spec, Param):
             raise TypeError(f"{cls.__name__}.params[{key!r}] must be a Param, got {type(spec).__name__}")
@@ -277,11 +362,33 @@ class MergeContext(Protocol):
 class StaticMethod(Method):
     """A data-free merge, computed chunk by chunk (see the module docstring)."""
 
+    kind = "static"
+    streams = True
     #: fp32 chunk-sized temporaries alive at the method's peak, as (per model, constant); for predictions
     temporaries: ClassVar[tuple[int, int]] = (1, 2)
     #: `prepare` sums its passes' partial results with `ctx.sum_over_ranks`, so a distributed merge gives each
     #: process's passes only its own tensors; otherwise every process passes over the whole model
     split_global_passes: ClassVar[bool] = False
+
+    @classmethod
+    def take_inputs(cls, statistics: Any, tasks: Any, model: Any, base: Any) -> tuple[None, None, None]:
+        refuse_tasks(cls.name, tasks, model)
+        if statistics is not None:
+            raise ValueError(f"{cls.name!r} is a static merge; it takes no statistics")
+        return None, None, None
+
+    def check_inputs(self, plan: MergePlan) -> None:
+        self.bind(plan.layout, len(plan.models))
+
+    def peak_bytes(self, plan: MergePlan) -> int:
+        """Per worker, one chunk's deltas and fp32 base and the method's chunk-sized temporaries; the merged
+        chunks waiting to be written; the method's tables."""
+        n = len(plan.models)
+        per_model, constant = self.temporaries
+        chunk = min(plan.chunk_elements, max(shape.numel() for shape in plan.layout.shapes)) * 4
+        in_flight = 2 * plan.workers
+        working = plan.workers * chunk * (n + 1 + per_model * n + constant) + in_flight * chunk
+        return working + self.state_bytes(plan.layout, n, in_flight)
 
     def bind(self, layout: FlatLayout, n: int) -> None:
         """Check the parameters against the layout and the number of models; resolve per-model weights."""
@@ -305,14 +412,6 @@ class StaticMethod(Method):
     def state_bytes(self, layout: FlatLayout, n: int, in_flight: int) -> int:
         """Memory the method holds beyond chunk temporaries (tables, and per-chunk partial results of its
         passes, `in_flight` of which may be waiting at once); for predictions."""
-        return 0
-
-    def global_passes(self) -> int:
-        """How many passes over the whole model `prepare` takes; for predictions and reports."""
-        return 0
-
-    def tensor_passes(self) -> int:
-        """At most how many passes over a tensor `plan` takes before it is merged; for reports."""
         return 0
 
     def chunk_unit(self, shape: torch.Size) -> int:

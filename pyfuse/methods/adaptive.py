@@ -50,7 +50,14 @@ def _steps(default: int, what: str) -> Param:
 class AdaptiveMethod(Method):
     """A merge learned at test time on the tasks' unlabeled batches (`pyfuse.Task`s), one task per vector."""
 
+    kind = "adaptive"
     learns = True
+    runs_tasks = True
+    stochastic = True  # batch order and mask noise
+
+    @classmethod
+    def inputs_note(cls) -> str:
+        return "[adaptive: tasks, --trust-code]"
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -81,6 +88,8 @@ class AdaMerging(AdaptiveMethod):
     """AdaMerging (Yang et al., 2024): coefficients learned by entropy minimisation (Adam `lr`)."""
 
     name = "adamerging"
+    display_name = "AdaMerging"
+    reference = "Yang et al., 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning"
     summary = "task- or layer-wise coefficients learned by entropy minimisation on unlabeled test batches"
     params: ClassVar[dict[str, Param]] = {
         "granularity": GRANULARITY, "steps": _steps(1000, "Adam steps on the coefficients"), "lr": LR,
@@ -98,6 +107,8 @@ class AdaMergingPlusPlus(AdaMerging):
     """AdaMerging++: AdaMerging over the TIES-trimmed, sign-agreeing task vectors (`sparsify.ties_trim`)."""
 
     name = "adamerging++"
+    display_name = "AdaMerging++"
+    reference = "Yang et al., 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning"
     summary = "AdaMerging over the TIES-trimmed, sign-agreeing task vectors"
     params: ClassVar[dict[str, Param]] = {
         "density": Param(0.2, number(0, 1, low_open=True), "fraction of each task vector TIES keeps, in (0, 1]"),
@@ -119,6 +130,8 @@ class ConcreteTaskArithmetic(AdaptiveMethod):
     are learned. The merged model uses the `eval_mask` sample."""
 
     name = "concrete_task_arithmetic"
+    display_name = "Concrete TA"
+    reference = "Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion"
     summary = "task arithmetic (fixed scale) under a shared Concrete mask learned on unlabeled test batches"
     params: ClassVar[dict[str, Param]] = {
         "scale": Param(0.3, number(), "lambda, the fixed coefficient of every task vector"),
@@ -141,6 +154,8 @@ class ConcreteAdaMerging(AdaptiveMethod):
     the authors use `inner_lr=0.1, mask_lr=1e-4` for Flan-T5."""
 
     name = "concrete_adamerging"
+    display_name = "Concrete AM"
+    reference = "Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion"
     summary = "Concrete mask learned by the bi-level loop, then AdaMerging under the fixed mask"
     params: ClassVar[dict[str, Param]] = {
         "granularity": GRANULARITY,

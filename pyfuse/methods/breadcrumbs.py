@@ -41,6 +41,8 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
     """mergekit's Model Breadcrumbs: drop the largest and smallest magnitudes of each task vector, then sum."""
 
     name = "breadcrumbs"
+    display_name = "Breadcrumbs"
+    reference = "Davari & Belilovsky, 2023, Model Breadcrumbs"
     summary = "drop each task vector's `gamma` largest and smallest magnitudes down to `density` per tensor, then sum"
     params = {
         "density": Param(1.0, number(0, 1), "fraction of each tensor's task vector kept, in [0, 1]"),

@@ -37,6 +37,9 @@ class Concrete(StaticMethod):
     """Task arithmetic under a Concrete mask learned elsewhere (e.g. by Concrete TA / AdaMerging)."""
 
     name = "concrete"
+    fused = True
+    display_name = "Concrete mask"
+    reference = "Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion"
     summary = "task arithmetic under a given Concrete mask (logits file) and mask mode"
     params = {
         "logits": Param(None, _logits_input, "mask logits: a safetensors file, a flat [D] tensor or a dict",
@@ -83,6 +86,11 @@ class Concrete(StaticMethod):
     def coefficients(self) -> torch.Tensor:
         """`scaling * weights`, the coefficient of each task vector."""
         return self._coefficients
+
+    def fused_mask(self, device: torch.device, numel: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        p = self.config
+        return self.flat_logits(device), {"seed": p["seed"], "step": p["step"], "temperature": p["temperature"],
+                                          "mask": p["mask"], "rescale": p["rescale"]}
 
     def flat_logits(self, device: torch.device) -> torch.Tensor:
         """The logits of the whole layout, fp32 `[D]` (ones without logits: mask "none" ignores them)."""

@@ -38,6 +38,9 @@ class Dare(StaticMethod):
     """DARE (Yu et al., 2024) followed by Task Arithmetic or TIES; other parameters go to that method."""
 
     name = "dare"
+    stochastic = True
+    display_name = "DARE"
+    reference = "Yu et al., 2024, Language Models are Super Mario"
     summary = "drop task-vector entries at random (rate p), rescale, then merge by `then` (its parameters too)"
     params = {
         "p": Param(0.5, number(0, 1, high_open=True), "drop probability, in [0, 1)"),

@@ -14,8 +14,9 @@ so that a merge reads each tensor when it gets to it and checks shapes from the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,7 +25,10 @@ from ..layout import FlatLayout
 from ..progress import progress_bar
 from ..stats import KINDS, Statistics
 from ..task import Task
-from . import Method
+from . import Method, refuse_tasks
+
+if TYPE_CHECKING:  # annotations only: the engine builds on this package
+    from ..engine.plan import MergePlan
 
 __all__ = ["DataMethod", "SourceTensors", "TaskDataMethod", "as_source", "expected_shape"]
 
@@ -77,7 +81,41 @@ def expected_shape(kind: str, weight: torch.Size, transposed: bool, found: torch
 class DataMethod(Method):
     """A merge that needs per-task `Statistics` of the kinds in `needs` (see the module docstring)."""
 
-    needs: ClassVar[tuple[str, ...]] = ()
+    kind = "data"
+    needs: tuple[str, ...] = ()
+    stochastic = True  # statistics are measured on sampled data
+
+    @classmethod
+    def inputs_note(cls) -> str:
+        return f"[statistics: {', '.join(cls.needs)}]"
+
+    @classmethod
+    def take_inputs(cls, statistics: Any, tasks: Any, model: Any, base: Any) -> tuple[list[Statistics], None, None]:
+        refuse_tasks(cls.name, tasks, model)
+        if statistics is None:
+            raise ValueError(f"{cls.name!r} needs statistics=[...], one per fine-tuned model, with "
+                             f"{', '.join(map(repr, cls.needs))} (see pyfuse.stats.collect_statistics)")
+        if isinstance(statistics, (str, os.PathLike, Statistics)) or not isinstance(statistics, Sequence):
+            raise ValueError(f"{cls.name}: statistics must be a list, one Statistics or file per fine-tuned model")
+        return [st if isinstance(st, Statistics) else Statistics.load(st) for st in statistics], None, None
+
+    def check_inputs(self, plan: MergePlan) -> None:
+        self.check(plan.base, plan.models, plan.statistics)
+
+    def peak_bytes(self, plan: MergePlan) -> int:
+        """The merged model in memory and the per-parameter temporaries (`working_bytes`)."""
+        return plan.output_bytes + self.working_bytes(plan.layout, len(plan.models))
+
+    @property
+    def merges_whole_model(self) -> bool:
+        """Only a method that overrides `merge_model` needs every tensor at once; the others merge by parameter."""
+        return type(self).merge_model is not DataMethod.merge_model
+
+    def merge_in_memory(self, plan: MergePlan, models: list[Mapping[str, torch.Tensor]],
+                        keys: Sequence[str] | None, progress: bool) -> dict[str, torch.Tensor]:
+        for st, model, source in zip(plan.statistics, models, plan.models):
+            st.check_model(model, source.label)
+        return self.merge_model(SourceTensors(plan.base, keys), models, plan.statistics, progress=progress)
 
     def check(self, base: Mapping[str, torch.Tensor] | TensorSource,
               finetuned: Sequence[Mapping[str, torch.Tensor] | TensorSource],
@@ -178,15 +216,54 @@ class DataMethod(Method):
         copies of the largest tensor."""
         return (n + 3) * 8 * max(shape.numel() for shape in layout.shapes)
 
-    def global_passes(self) -> int:
-        """Passes over the whole model (or statistics) `prepare` takes; for reports."""
-        return 0
-
 
 class TaskDataMethod(Method):
     """A merge that runs the models itself on the tasks' data, so it cannot use saved statistics (RegMean++,
     whose Grams depend on the blocks merged before them). It needs the model (an `nn.Module`) and one
     `pyfuse.Task` per fine-tuned model; it merges in memory, in one process."""
+
+    kind = "task-data"
+    runs_tasks = True
+
+    @classmethod
+    def inputs_note(cls) -> str:
+        return "[tasks, --trust-code]"
+
+    @classmethod
+    def take_inputs(cls, statistics: Any, tasks: Any, model: Any, base: Any) -> tuple[None, Any, torch.nn.Module]:
+        if statistics is not None:
+            raise ValueError(f"{cls.name!r} runs the models on the tasks' data itself; give tasks=[...], not "
+                             "statistics")
+        if tasks is None:
+            raise ValueError(f"{cls.name!r} needs tasks=[...], one pyfuse.Task per fine-tuned model, and the model: "
+                             "an nn.Module base, or model=...")
+        if model is None:
+            if not isinstance(base, torch.nn.Module):
+                raise ValueError(f"{cls.name!r} runs the model: give the base as an nn.Module, or model=... (the "
+                                 "architecture, whose values are replaced by the base's)")
+            model = base
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{cls.name!r}: model must be an nn.Module, got {type(model).__name__}")
+        return None, tasks, model
+
+    def check_inputs(self, plan: MergePlan) -> None:
+        self.check_tasks(plan.tasks, len(plan.models))
+        base = plan.base
+        for key, value in plan.model.state_dict().items():
+            if key not in base.specs:
+                raise KeyError(f"{self.name}: the model has a tensor {key!r} that {base.label} lacks")
+            if base.shape(key) != value.shape:
+                raise ValueError(f"{self.name}: tensor {key!r} has shape {list(base.shape(key))} in "
+                                 f"{base.label}, {list(value.shape)} in the model")
+        plan.tasks = list(plan.tasks)
+
+    def peak_bytes(self, plan: MergePlan) -> int:
+        model_bytes = sum(t.numel() * t.element_size() for t in plan.model.state_dict().values())
+        return plan.output_bytes + self.working_bytes(model_bytes)
+
+    def merge_in_memory(self, plan: MergePlan, models: list[Mapping[str, torch.Tensor]],
+                        keys: Sequence[str] | None, progress: bool) -> dict[str, torch.Tensor]:
+        return self.merge(plan.model, models, plan.tasks, base=SourceTensors(plan.base), progress=progress)
 
     def check_tasks(self, tasks: Sequence[Task], n: int) -> None:
         """Raise unless `tasks` is a list of `n` Tasks, one per fine-tuned model, in the same order."""
@@ -209,5 +286,3 @@ class TaskDataMethod(Method):
         """Memory the merge holds beyond its output, for predictions (the tasks' activations not included)."""
         return model_bytes
 
-    def global_passes(self) -> int:
-        return 0

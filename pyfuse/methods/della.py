@@ -45,6 +45,9 @@ class Della(GeneralizedTaskArithmetic):
     """mergekit's DELLA: drop task-vector entries at random, the smaller more often, restore the norm, merge."""
 
     name = "della"
+    stochastic = True
+    display_name = "DELLA"
+    reference = "Deep et al., 2024, DELLA-Merging"
     summary = "drop entries with a probability falling with their magnitude rank in each row, rescale, then TIES"
     params = {
         "density": Param(1.0, number(0, 1), "mean fraction of each task vector kept, in [0, 1]"),

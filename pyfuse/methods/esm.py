@@ -314,6 +314,7 @@ class ESM(DataMethod):
     """Static Essential Subspace Merging (module docstring): `W_0 + alpha * dW`, alpha fixed or searched."""
 
     name = "esm"
+    display_name = "ESM"
     summary = "essential subspace merging: activation-shift PCA per Linear, orthogonalised fusion"
     needs = ("acts",)
     params = {
@@ -399,6 +400,7 @@ class ESMPlusPlus(ESM):
     prototype similarity (module docstring). `self.experts` holds them after a merge."""
 
     name = "esm++"
+    display_name = "ESM++"
     summary = "ESM plus per-task low-rank residual experts, routed by prototype similarity"
     params = {
         **ESM.params,

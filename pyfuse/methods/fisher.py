@@ -28,6 +28,8 @@ class Fisher(DataMethod):
     """Diagonal-Fisher weighted average of the fine-tuned models (see the module docstring)."""
 
     name = "fisher"
+    display_name = "Fisher"
+    reference = "Matena & Raffel, 2022, Merging Models with Fisher-Weighted Averaging"
     summary = "diagonal-Fisher weighted average (needs 'fisher' statistics)"
     needs = ("fisher",)
     params = {

@@ -19,6 +19,8 @@ class MagMax(StaticMethod):
     """MagMax: the largest-magnitude task-vector entry across the models, scaled."""
 
     name = "magmax"
+    display_name = "MagMax"
+    reference = "Marczak et al., 2024, MagMax"
     summary = "per entry, the task-vector value of largest magnitude (later model on ties), times `scaling`"
     params = {
         "scaling": Param(0.5, number(), "the factor on the selected task vector (fusion_bench's scaling_factor)"),

@@ -85,6 +85,8 @@ class MaTS(DataMethod):
     """
 
     name = "mats"
+    display_name = "MaTS"
+    reference = "Tam et al., 2024, Merging by Matching Models in Task Parameter Subspaces"
     summary = "matching models in task subspaces: CG on Fisher / RegMean / K-FAC systems"
     needs = ("fisher", "gram_in", "gram_out")  # the union; an instance needs only its objective's (see __init__)
     params = {

@@ -46,6 +46,8 @@ class ModelStock(StaticMethod):
     """Model Stock with fusion_bench's or mergekit's pooling of the pairwise angles (see the module docstring)."""
 
     name = "model_stock"
+    display_name = "Model Stock"
+    reference = "Jang et al., 2024, Model Stock"
     summary = "base + t * mean task vector, t from the angle between the task vectors (per tensor or row)"
     params = {
         "variant": Param("fusion_bench", choice("fusion_bench", "mergekit"),

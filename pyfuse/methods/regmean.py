@@ -64,6 +64,8 @@ class RegMean(DataMethod):
     """Regression mean of every Linear weight with input Grams; other parameters averaged."""
 
     name = "regmean"
+    display_name = "RegMean"
+    reference = "Jin et al., 2023, Dataless Knowledge Fusion by Merging Weights of Language Models"
     summary = "closed-form regression mean of Linear weights (needs 'gram_in' statistics)"
     needs = ("gram_in",)
     params = {

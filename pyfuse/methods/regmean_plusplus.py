@@ -82,6 +82,7 @@ class RegMeanPlusPlus(TaskDataMethod):
     """RegMean++: block-by-block RegMean with Grams on the merged earlier blocks' outputs (module docstring)."""
 
     name = "regmean++"
+    display_name = "RegMean++"
     summary = "RegMean block by block, Grams on the merged earlier blocks' outputs (needs the models and data)"
     params = {
         "alpha": Param(0.95, number(0, 1), "scale of the Grams' off-diagonal entries (fusion_bench's "

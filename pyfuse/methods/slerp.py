@@ -72,6 +72,7 @@ class Slerp(_Interpolation):
     """SLERP of two models, tensor by tensor (fusion_bench's `SlerpMergeAlgorithm`, mergekit's `slerp`)."""
 
     name = "slerp"
+    display_name = "SLERP"
     summary = "spherical interpolation between the two fine-tuned models, per tensor (t=0: the first)"
     params = {
         "t": Param(0.5, number(), "interpolation factor: 0 gives the first model, 1 the second"),
@@ -102,6 +103,7 @@ class NuSlerp(_Interpolation):
     """mergekit's NuSLERP: SLERP of task vectors (or weights), per tensor or per row, `t` from model weights."""
 
     name = "nuslerp"
+    display_name = "NuSLERP"
     summary = "mergekit's NuSLERP: spherical interpolation of two task vectors (or models), t = w1 / (w0 + w1)"
     params = {
         "weights": Param(None, WEIGHTS.check, "per-model weights (mergekit's per-model `weight`); "

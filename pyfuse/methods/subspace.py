@@ -107,6 +107,8 @@ class TaskSingularVectors(PerMatrix):
     """TSV-M: each task's top `1/T` singular triplets per matrix, orthonormalised together (module docstring)."""
 
     name = "tsv"
+    display_name = "TSV-M"
+    reference = "Gargiulo et al., 2025, Task Singular Vectors"
     summary = "Task Singular Vectors (TSV-M): top 1/T singular vectors of each task, orthonormalised, per matrix"
     params = {
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's scalar `alpha`)"),
@@ -137,6 +139,8 @@ class IsoC(PerMatrix):
     """Iso-C: the summed task vector with its singular values flattened to their mean, per matrix."""
 
     name = "iso_c"
+    display_name = "Iso-C"
+    reference = "Marczak et al., 2025, No Task Left Behind: Isotropic Model Merging"
     summary = "Iso-C: per matrix, the summed task vector with every singular value set to their mean"
     params = {
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's `scaling_factor`)"),
@@ -160,6 +164,8 @@ class IsoCTS(PerMatrix):
     """Iso-CTS: a common subspace of the summed task vectors plus per-task directions, isotropic (docstring)."""
 
     name = "iso_cts"
+    display_name = "Iso-CTS"
+    reference = "Marczak et al., 2025, No Task Left Behind: Isotropic Model Merging"
     summary = "Iso-CTS: common subspace of the sum plus each task's own directions, singular values flattened"
     params = {
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's `scaling_factor`)"),

@@ -44,6 +44,8 @@ class Ties(StaticMethod):
     """TIES-Merging (Yadav et al., 2023), with the paper's whole-model trim or mergekit's per-tensor one."""
 
     name = "ties"
+    display_name = "Ties-Merging"
+    reference = "Yadav et al., 2023, TIES-Merging"
     summary = "trim to the top `density` magnitudes, elect signs, merge the agreeing entries"
     params = {
         "density": Param(0.2, number(0, 1, low_open=True), "fraction of each task vector kept, in (0, 1]"),

@@ -31,6 +31,8 @@ class Wudi(PerMatrix):
     """WUDI: per matrix, Adam on the task vectors' self-interference loss (module docstring)."""
 
     name = "wudi"
+    display_name = "WUDI"
+    reference = "Cheng et al., 2025, Whoever Started the Interference Should End It"
     summary = "WUDI: per matrix, Adam steps on the interference with each task vector's own rows (data-free)"
     params = {
         "iter_num": Param(400, integer(0, 2**31), "Adam steps per matrix"),
