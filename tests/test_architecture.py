@@ -1,0 +1,217 @@
+"""The package's shape, read from its source: no code outside `pyfuse/methods/` asks which kind of method it holds,
+and no module imports itself back through others."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import pyfuse
+from pyfuse.methods import Method
+
+ROOT = Path(pyfuse.__file__).resolve().parent
+REPOSITORY = ROOT.parent
+
+
+def _method_classes() -> set[str]:
+    """The names of every class below `Method` (kinds and registered methods), `Method` itself excepted."""
+    found, todo = set(), [Method]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("pyfuse."):
+                found.add(sub.__name__)
+            todo.append(sub)
+    return found
+
+
+def _names(node: ast.AST) -> list[str]:
+    """The last component of every name an expression spells (`a.b.C` -> C; tuples element by element)."""
+    if isinstance(node, ast.Tuple):
+        return [name for element in node.elts for name in _names(element)]
+    if isinstance(node, ast.Attribute):
+        return [node.attr, *_names(node.value)]
+    if isinstance(node, ast.Name):
+        return [node.id]
+    return []
+
+
+def _is_type_call(node: ast.AST) -> bool:
+    """`type(x)` or an attribute of it (`type(x).merge_model`)."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "type"
+
+
+def kind_tests(source: str, classes: set[str]) -> list[tuple[int, str]]:
+    """(line, code) of every isinstance/issubclass against a method class (directly, or through a module-level
+    tuple of them) and every comparison of `type(...)` with one."""
+    tree = ast.parse(source)
+    aliases = {target.id for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+               and set(_names(node.value)) & classes for target in node.targets if isinstance(target, ast.Name)}
+    suspects = classes | aliases
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2 and set(_names(node.args[1])) & suspects):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_is_type_call(side) for side in sides) and any(set(_names(side)) & suspects for side in sides
+                                                                    if not _is_type_call(side)):
+                found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def _checked_files() -> list[Path]:
+    files = [path for path in ROOT.rglob("*.py") if "methods" not in path.relative_to(ROOT).parts]
+    return files + sorted((REPOSITORY / "benchmarks").glob("*.py"))
+
+
+def test_the_kind_test_finds_every_spelling():
+    """The checker itself: each way of asking a method's class is caught, and asking the method is not."""
+    classes = {"DataMethod", "Concrete", "Average"}
+    source = (
+        "from x import DataMethod, Concrete, Average\n"
+        "_FUSED = (Average, Concrete)\n"
+        "isinstance(m, DataMethod)\n"
+        "issubclass(cls, methods.data.DataMethod)\n"
+        "issubclass(cls, _FUSED)\n"
+        "isinstance(m, (int, Concrete))\n"
+        "type(m).merge_model is not DataMethod.merge_model\n"
+        "type(m) == Average\n"
+        "m.learns and cls.needs and isinstance(m, Method) and isinstance(x, str)\n"
+    )
+    assert [line for line, _ in kind_tests(source, classes)] == [3, 4, 5, 6, 7, 8]
+
+
+def test_no_code_outside_the_methods_asks_a_method_for_its_class():
+    classes = _method_classes()
+    assert {"StaticMethod", "DataMethod", "TaskDataMethod", "AdaptiveMethod", "Ties", "Concrete"} <= classes
+    offences = [f"{path.relative_to(REPOSITORY)}:{line}: {code}" for path in _checked_files()
+                for line, code in kind_tests(path.read_text(encoding="utf-8"), classes)]
+    assert not offences, "ask the method (kind, needs, learns, ...) instead:\n" + "\n".join(offences)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import cycles
+# ---------------------------------------------------------------------------------------------
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_package(name: str) -> bool:
+    return (ROOT.parent / name.replace(".", "/") / "__init__.py").is_file()
+
+
+def _exists(name: str) -> bool:
+    base = ROOT.parent / name.replace(".", "/")
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and isinstance(test, (ast.Name, ast.Attribute)) and \
+        _names(test)[0] == "TYPE_CHECKING"
+
+
+def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, at module level and inside functions alike; those under `if TYPE_CHECKING:` (never
+    executed) left out."""
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        for child in ast.iter_child_nodes(node):
+            if _type_checking_only(child):
+                todo.extend(child.orelse)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append(child)
+            else:
+                todo.append(child)
+    return found
+
+
+def import_graph(files: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the pyfuse modules it imports (`from package import submodule` names the submodule, any
+    other `from package import name` the package)."""
+    graph: dict[str, set[str]] = {}
+    for module, source in files.items():
+        package = module if _is_package(module) else module.rpartition(".")[0]
+        edges = graph.setdefault(module, set())
+        for node in _imports(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    origin = ".".join(anchor + ([node.module] if node.module else []))
+                else:
+                    origin = node.module or ""
+                targets = [f"{origin}.{alias.name}" if _exists(f"{origin}.{alias.name}") else origin
+                           for alias in node.names]
+            edges.update(target for target in targets if target.split(".")[0] == "pyfuse" and target != module
+                         and _exists(target))
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_sees_function_level_imports_and_skips_type_checking():
+    graph = import_graph({
+        "pyfuse.taskvectors": "def f():\n    from .models.lora import x\n",
+        "pyfuse.models.lora": "from ..taskvectors import TaskVectors\n",
+        "pyfuse.layout": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .taskvectors import T\n",
+    })
+    assert graph["pyfuse.taskvectors"] == {"pyfuse.models.lora"}
+    assert graph["pyfuse.layout"] == set()
+    assert cycles(graph) == [["pyfuse.models.lora", "pyfuse.taskvectors"]]
+
+
+def test_the_package_has_no_import_cycles():
+    files = {_module_name(path): path.read_text(encoding="utf-8") for path in ROOT.rglob("*.py")}
+    assert "pyfuse.engine.plan" in files and importlib.util.find_spec("pyfuse.engine") is not None
+    found = cycles(import_graph(files))
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(component) for component in found)
+
+
+@pytest.mark.parametrize("module", ["pyfuse.merge", "pyfuse.config", "pyfuse.methods.adaptive", "pyfuse.methods.data"])
+def test_old_module_paths_still_import(module):
+    assert importlib.import_module(module) is not None
