@@ -109,8 +109,10 @@ def _is_package(name: str) -> bool:
 
 
 def _exists(name: str) -> bool:
+    """Whether `name` is a module of the package: a source file, a package or a compiled extension (pyfuse._C)."""
     base = ROOT.parent / name.replace(".", "/")
-    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+    return (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+            or any(base.parent.glob(f"{base.name}.*.so")) or any(base.parent.glob(f"{base.name}.*.pyd")))
 
 
 def _type_checking_only(node: ast.AST) -> bool:

@@ -19,7 +19,7 @@ from ..adaptive.loop import EVAL_MASKS, INNER_OPTIMIZERS, AdaptiveLoop, MergeRes
 from ..adaptive.merger import EVAL_STEP
 from ..task import Task
 from ..taskvectors import TaskVectors
-from . import TEMPERATURE, Method, Param, boolean, choice, integer, number, register
+from .base import TEMPERATURE, Method, Param, boolean, choice, integer, number, register
 from .sparsify import ties_trim
 
 __all__ = ["AdaptiveMethod", "MergeResult", "RunOptions", "adamerging", "adamerging_pp", "concrete_adamerging",

@@ -1,4 +1,8 @@
-"""Merging methods: a registry of named classes with declared parameters, and the interface static merges share.
+"""The interface every merging method shares: the registry, declared parameters (`Param`) and their checks,
+`Method` and the static-merge interface (`StaticMethod`, `Chunk`, `MergeContext`). `pyfuse.methods` re-exports
+it and registers the built-in methods.
+
+Merging methods: a registry of named classes with declared parameters, and the interface static merges share.
 
 Any method is a `Method` subclass with a `name` and a `params` table (`Param`: default, check, help),
 registered with `@register`; `create_method(name, **params)` validates the parameters with errors that
@@ -419,25 +423,3 @@ class StaticMethod(Method):
         block, even above the engine's chunk size): 1 by default; DELLA ranks within rows, so it asks for
         whole rows."""
         return 1
-
-
-# the built-in methods register themselves on import
-from . import (  # noqa: E402,F401
-    adaptive,
-    breadcrumbs,
-    concrete,
-    dare,
-    della,
-    esm,
-    fisher,
-    linear,
-    magmax,
-    mats,
-    model_stock,
-    regmean,
-    regmean_plusplus,
-    slerp,
-    subspace,
-    ties,
-    wudi,
-)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, boolean, number, register
+from .base import Chunk, MergeContext, Param, boolean, number, register
 from .gta import LAMBDA, MERGEKIT_WEIGHTS, GeneralizedTaskArithmetic
 from .select import histogram_bytes
 from .sparsify import keep_band, magnitude_band

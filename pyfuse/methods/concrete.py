@@ -19,7 +19,19 @@ import torch
 
 from ..io.sources import TensorSource, open_source
 from ..ops import MODES, sample_concrete_mask
-from . import TEMPERATURE, WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, choice, integer, number, register
+from .base import (
+    TEMPERATURE,
+    WEIGHTS,
+    Chunk,
+    MergeContext,
+    Param,
+    StaticMethod,
+    boolean,
+    choice,
+    integer,
+    number,
+    register,
+)
 
 FLAT_KEY = "logits"
 _CHUNK = 1 << 20  # elements of logits read at a time when summing a tensor's mask

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import Chunk, MergeContext, Param, StaticMethod, choice, create_method, integer, number, register
+from .base import Chunk, MergeContext, Param, StaticMethod, choice, create_method, integer, number, register
 from .sparsify import drop_rescale
 
 _THEN = ("task_arithmetic", "ties")

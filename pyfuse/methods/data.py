@@ -25,7 +25,7 @@ from ..layout import FlatLayout
 from ..progress import progress_bar
 from ..stats import KINDS, Statistics
 from ..task import Task
-from . import Method, refuse_tasks
+from .base import Method, refuse_tasks
 
 if TYPE_CHECKING:  # annotations only: the engine builds on this package
     from ..engine.plan import MergePlan

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, boolean, integer, number, register
+from .base import Chunk, MergeContext, Param, boolean, integer, number, register
 from .gta import LAMBDA, MERGEKIT_WEIGHTS, GeneralizedTaskArithmetic
 from .sparsify import task_uniforms
 

@@ -52,7 +52,7 @@ from ..io.atomic import atomic_path
 from ..layout import FlatLayout
 from ..progress import progress_bar
 from ..stats import Statistics
-from . import Param, boolean, integer, number, numbers, register
+from .base import Param, boolean, integer, number, numbers, register
 from .data import DataMethod
 
 __all__ = [

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..stats import Statistics
-from . import WEIGHTS, Param, choice, number, register
+from .base import WEIGHTS, Param, choice, number, register
 from .data import DataMethod
 
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, number
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, number
 from .linear import load_op, weighted_sum
 from .sparsify import consensus_merge, norm_ratio
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..ops import concrete_merge
-from . import WEIGHTS, Chunk, Param, StaticMethod, number, register
+from .base import WEIGHTS, Chunk, Param, StaticMethod, number, register
 
 
 def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, Param, StaticMethod, number, register
+from .base import Chunk, Param, StaticMethod, number, register
 from .sparsify import max_magnitude
 
 

@@ -22,7 +22,7 @@ import torch
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
 from ..stats import Statistics
-from . import Param, choice, integer, number, register
+from .base import Param, choice, integer, number, register
 from .cg import conjugate_gradient
 from .data import DataMethod
 from .regmean import regularize_gram

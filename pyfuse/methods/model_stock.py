@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, StaticMethod, boolean, check_names, choice, register, tensor_names
+from .base import Chunk, MergeContext, Param, StaticMethod, boolean, check_names, choice, register, tensor_names
 from .geometry import CoefficientPlan, segment_grams
 
 _FUSION_BENCH_EPS = 1e-8

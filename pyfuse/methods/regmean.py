@@ -21,7 +21,7 @@ import torch
 
 from ..layout import FlatLayout
 from ..stats import Statistics
-from . import WEIGHTS, Param, number, register
+from .base import WEIGHTS, Param, number, register
 from .data import DataMethod
 
 FLOAT64_MAX_FEATURES = 8192  # [in, in] float64 systems up to 512 MiB each

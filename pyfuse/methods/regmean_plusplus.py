@@ -37,7 +37,7 @@ from ..io.sources import TensorSource
 from ..progress import progress_bar
 from ..stats import _linear_layers
 from ..task import Task
-from . import Param, integer, number, register
+from .base import Param, integer, number, register
 from .data import TaskDataMethod, as_source
 from .regmean import regression_mean
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, number, register
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, number, register
 from .geometry import CoefficientPlan, segment_grams
 
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, check_names, number, register, tensor_names
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, check_names, number, register, tensor_names
 
 EXCLUDE_KEYS = Param((), tensor_names, "matrices merged by the mean task vector instead")
 

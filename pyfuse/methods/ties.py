@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, choice, number, register
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, choice, number, register
 from .select import histogram_bytes
 from .sparsify import disjoint_merge, elect, magnitude_cuts, sign_balance, signed_sides, threshold_rank
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import Param, integer, register
+from .base import Param, integer, register
 from .subspace import EXCLUDE_KEYS, PerMatrix
 
 LEARNING_RATE = 1e-5
