@@ -1,4 +1,5 @@
-"""LoRA adapters (as `peft` saves them) turned into dense task vectors over the base model's own tensor names.
+"""LoRA adapters (as `peft` saves them): read, checked against the base, and their factors over the base model's
+own tensor names (`factored`); `pyfuse.models.lora` turns them into `TaskVectors`, dense or factored.
 
 A LoRA adapter fine-tunes a weight `W` [out, in] as `W + scale * B @ A`, with `A` [r, in], `B` [out, r] and
 `scale = lora_alpha / r` (`lora_alpha / sqrt(r)` with `use_rslora`). Its task vector is that dense delta,
@@ -21,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
 from ..ops.factors import LoraFactors
-from ..progress import progress_bar
-from ..taskvectors import TaskVectors
 from .hub import resolve_model_dir
+from .sources import TensorSource, open_source
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -140,56 +139,15 @@ def load_lora_adapter(adapter, *, adapter_name: str = "default", label: str | No
     return _from_parts(config, {k: v.detach() for k, v in tensors.items()}, label)
 
 
-def lora_deltas(adapter, base=None) -> dict[str, torch.Tensor]:
-    """Dense fp32 task vectors `{base weight name: scale * B @ A}` of one adapter (path, hub id, PeftModel or
-    `LoraAdapter`); checked against `base` (state dict, module or safetensors path) when one is given."""
-    adapter = _as_adapter(adapter)
-    if base is not None:
-        adapter.check(open_source(base, "base model"))
-    return adapter.deltas()
-
-
-def lora_task_models(base, adapters: Sequence) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """The base restricted to the tensors any adapter targets, and per adapter the fine-tuned tensors
-    `base + delta` in the base's dtype over the same names (zero delta where that adapter does not target a name):
-    inputs for `TaskVectors.from_models` or `pyfuse.merge`. Everything is checked before any delta is computed."""
-    source, loaded, names = _prepare(base, adapters)
-    restricted = {name: source.get(name) for name in names}
-    finetuned = []
-    for adapter in loaded:
-        model = dict(restricted)
-        for name in adapter.names:
-            model[name] = (restricted[name].float() + adapter.delta(name)).to(restricted[name].dtype)
-        finetuned.append(model)
-    return restricted, finetuned
-
-
-def lora_task_vectors(base, adapters: Sequence, names: Sequence[str] | None = None,
-                      dtype: torch.dtype = torch.float32, progress: bool = False) -> TaskVectors:
-    """`TaskVectors` whose layout is exactly the tensors the adapters target, with the exact deltas as vectors.
-
-    Every other tensor of the base rides along in `carried`, so `state_dict(flat)` is the whole model. Deltas are
-    computed one tensor at a time into the final buffer, so no dense copy of an adapter is ever held in full.
-    `lora_factored_task_vectors` (`TaskVectors.from_lora`) keeps them as factors instead.
-    """
-    loaded, names, layout, base_flat, carried = _targeted(base, adapters, names)
-    vectors = torch.zeros(len(loaded), layout.numel, dtype=dtype)
-    for index, name in enumerate(progress_bar(layout.names, desc="LoRA task vectors", disable=not progress)):
-        start, end = layout.span(index)
-        for row, adapter in enumerate(loaded):
-            if name in adapter.factors:
-                vectors[row, start:end].copy_(adapter.delta(name).reshape(-1))
-    return TaskVectors(layout, base_flat, vectors, names, carried)
-
-
-def lora_factored_task_vectors(base, adapters: Sequence, names: Sequence[str] | None = None,
-                               dtype: torch.dtype = torch.float32) -> TaskVectors:
-    """`lora_task_vectors` with the task vectors kept as the adapters' factors (`pyfuse.ops.LoraFactors`).
+def factored(base, adapters: Sequence, names: Sequence[str] | None = None, dtype: torch.dtype = torch.float32
+             ) -> tuple[FlatLayout, torch.Tensor, LoraFactors, list[str], dict[str, torch.Tensor]]:
+    """The adapters' task vectors kept as their factors: the layout of the targeted tensors, the base over it
+    (fp32 `[D]`), the `LoraFactors`, the task names and every other base tensor (carried).
 
     Tensor `W` [out, in] gets from each adapter targeting it the term `scale * B @ A` (`A^T`, `B^T` swapped in
     for weights stored transposed, `fan_in_fan_out`); ranks and scales may differ between adapters.
     """
-    loaded, names, layout, base_flat, carried = _targeted(base, adapters, names)
+    loaded, names, layout, base_flat, carried = targeted(base, adapters, names)
     rows, terms = [], []
     for name, shape in zip(layout.names, layout.shapes):
         rows.append(shape[0])
@@ -201,13 +159,13 @@ def lora_factored_task_vectors(base, adapters: Sequence, names: Sequence[str] | 
                 seg.append((task, left, right, adapter.scale))
         terms.append(seg)
     factors = LoraFactors.from_segments(layout.offsets, rows, terms, len(loaded), dtype)
-    return TaskVectors(layout, base_flat, factors, names, carried)
+    return layout, base_flat, factors, names, carried
 
 
-def _targeted(base, adapters: Sequence, names: Sequence[str] | None):
+def targeted(base, adapters: Sequence, names: Sequence[str] | None):
     """The checked adapters, task names, the layout of the targeted tensors, the base over it (fp32 [D]) and
     every other base tensor (carried)."""
-    source, loaded, targeted = _prepare(base, adapters)
+    source, loaded, targeted = prepare(base, adapters)
     names = list(names) if names is not None else [f"task{i}" for i in range(len(loaded))]
     if len(names) != len(loaded) or len(set(names)) != len(names):
         raise ValueError(f"need {len(loaded)} distinct task names, got {names}")
@@ -223,17 +181,17 @@ def _targeted(base, adapters: Sequence, names: Sequence[str] | None):
     return loaded, names, layout, layout.flatten(restricted), carried
 
 
-def _prepare(base, adapters: Sequence) -> tuple[TensorSource, list[LoraAdapter], list[str]]:
+def prepare(base, adapters: Sequence) -> tuple[TensorSource, list[LoraAdapter], list[str]]:
     if not adapters:
         raise ValueError("need at least one LoRA adapter")
     source = open_source(base, "base model")
-    loaded = [_as_adapter(adapter) for adapter in adapters]
+    loaded = [as_adapter(adapter) for adapter in adapters]
     for adapter in loaded:
         adapter.check(source)
     return source, loaded, sorted(set().union(*(adapter.factors for adapter in loaded)))
 
 
-def _as_adapter(adapter) -> LoraAdapter:
+def as_adapter(adapter) -> LoraAdapter:
     return adapter if isinstance(adapter, LoraAdapter) else load_lora_adapter(adapter)
 
 
