@@ -55,8 +55,9 @@ def kind_tests(source: str, classes: set[str]) -> list[tuple[int, str]]:
     suspects = classes | aliases
     found = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass")
-                and len(node.args) == 2 and set(_names(node.args[1])) & suspects):
+        is_check = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+            node.func.id in ("isinstance", "issubclass") and len(node.args) == 2
+        if is_check and set(_names(node.args[1])) & suspects:
             found.append((node.lineno, ast.unparse(node)))
         elif isinstance(node, ast.Compare):
             sides = [node.left, *node.comparators]

@@ -24,8 +24,8 @@ from ..io.sources import open_source
 from ..progress import progress_bar
 from ..taskvectors import TaskVectors
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraAdapter", "LoraAdapterError", "load_lora_adapter", "lora_deltas", "lora_factored_task_vectors",
-           "lora_task_models", "lora_task_vectors"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraAdapter", "LoraAdapterError", "load_lora_adapter", "lora_deltas",
+           "lora_factored_task_vectors", "lora_task_models", "lora_task_vectors"]
 
 
 def lora_deltas(adapter, base=None) -> dict[str, torch.Tensor]:
