@@ -58,7 +58,7 @@ def _accumulate(phases, grad_out, tensors, step, temperature, start, need_logits
     def accumulate(seg_scale, seed_u64, mode_id, ga_out):
         comp_dot, seg_gam = phases.lora_backward_accumulate(
             grad_out, tensors["left"], tensors["right"], tensors["rows"], comp_offsets, coef, tensors["logits"],
-            tensors["offsets"], seed_u64, step, temperature, mode_id, ga_out, need_logits, need_weights,
+            tensors["offsets"], seed_u64, step, temperature, mode_id, ga_out, need_logits, need_weights, start,
         )
         # dL/dw[i, s] = seg_scale[s] * sum of scale_k * comp_dot[k] over task i's components in s
         per_component = comp_scale.to(comp_dot.dtype) * comp_dot
@@ -127,7 +127,8 @@ def lora_concrete_merge(
 ) -> torch.Tensor:
     """`concrete_merge(base, factors.densify(), logits, weights, offsets, ...)` without densifying.
 
-    Same arguments and result as `pyfuse.ops.concrete_merge` (which calls this when given `LoraFactors`);
+    Same arguments and result as `pyfuse.ops.concrete_merge` (which calls this when given `LoraFactors`), `start`
+    included;
     differentiable w.r.t. `logits` and `weights`.
     """
     if not isinstance(factors, LoraFactors):
@@ -137,8 +138,6 @@ def lora_concrete_merge(
                "factors.left": factors.left, "factors.right": factors.right}
     name, offsets = validate_merge(base, logits, weights, offsets, backend, factors.n, tensors)
     check_start(start, logits.numel())
-    if start:
-        raise ValueError(f"start={start}: a shard of factored LoRA task vectors is not supported yet; use start=0")
     _check_factors(factors, offsets, factors.n)
     device = logits.device
     out, _ = _lora_merge_op(
