@@ -4,7 +4,7 @@ from . import _kernels_path, ops
 from ._version import __version__  # noqa: F401  (pyproject reads it from here)
 from .layout import FlatLayout
 from .merge import merge, merge_to_dir
-from .methods.adaptive import (
+from .methods.learned import (
     RunOptions,
     adamerging,
     adamerging_pp,

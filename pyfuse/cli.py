@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .config import MergeConfig
     from .demo import DemoSettings
     from .engine import MergePlan
-    from .methods.adaptive import MergeResult
+    from .methods.learned import MergeResult
 
 _MAIN_EPILOG = """\
 examples:

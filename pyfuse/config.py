@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import Method, available_methods, get_method
-from .methods.adaptive import MergeResult, RunOptions
+from .methods.learned import MergeResult, RunOptions
 from .runner import VECTOR_DTYPES, check_trusted, model_and_tasks, run_adaptive
 
 __all__ = ["ConfigError", "MergeConfig", "check_config", "load_config", "read_yaml", "run_from_config"]

@@ -33,7 +33,7 @@ from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
 from .merge import merge, plan_merge
-from .methods import Method, adaptive, create_method, get_method
+from .methods import Method, create_method, get_method, learned
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
 from .stats import Statistics, collect_statistics
@@ -415,17 +415,17 @@ def _bound(encoder: TextEncoder, tensors: dict[str, torch.Tensor]) -> Callable[.
 
 
 def _adaptive(method: str, ctx: DemoContext, vectors: TaskVectors, tasks: Sequence[Task], seed: int, progress: bool,
-              backend: str) -> adaptive.MergeResult:
+              backend: str) -> learned.MergeResult:
     # the starting accuracy of each schedule is a row of the table already (task arithmetic)
     s, model = ctx.settings, ctx.encoder.module
     options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False)
     if method == "adamerging":
-        return adaptive.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
+        return learned.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
                                    clamp=s.clamp, options=options)
     if method == "concrete_task_arithmetic":
-        return adaptive.concrete_task_arithmetic(model, vectors, tasks, steps=s.steps, mask_lr=s.logits_lr,
+        return learned.concrete_task_arithmetic(model, vectors, tasks, steps=s.steps, mask_lr=s.logits_lr,
                                                  eval_mask=s.eval_mask, seed=seed, options=options)
-    return adaptive.concrete_adamerging(model, vectors, tasks, granularity="layer", meta_steps=s.steps,
+    return learned.concrete_adamerging(model, vectors, tasks, granularity="layer", meta_steps=s.steps,
                                         adamerging_steps=s.steps, inner_lr=s.inner_lr,
                                         inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr,
                                         lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=seed, options=options)

@@ -19,7 +19,7 @@ import torch
 from . import distributed
 from .engine import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .io.atomic import check_output_dir
-from .methods.adaptive import MergeResult, RunOptions
+from .methods.learned import MergeResult, RunOptions
 from .task import Task
 from .taskvectors import TaskVectors
 

@@ -123,12 +123,15 @@ def _type_checking_only(node: ast.AST) -> bool:
 
 
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement, at module level and inside functions alike; those under `if TYPE_CHECKING:` (never
-    executed) left out."""
+    """Every import statement, at module level and inside functions alike; left out: those under
+    `if TYPE_CHECKING:` (never executed) and those in a module's `__getattr__` (PEP 562: a deprecated alias,
+    loaded only when code still uses the old name)."""
     found, todo = [], [tree]
     while todo:
         node = todo.pop()
         for child in ast.iter_child_nodes(node):
+            if node is tree and isinstance(child, ast.FunctionDef) and child.name == "__getattr__":
+                continue
             if _type_checking_only(child):
                 todo.extend(child.orelse)
             elif isinstance(child, (ast.Import, ast.ImportFrom)):
@@ -218,3 +221,38 @@ def test_the_package_has_no_import_cycles():
 @pytest.mark.parametrize("module", ["pyfuse.merge", "pyfuse.config", "pyfuse.methods.adaptive", "pyfuse.methods.data"])
 def test_old_module_paths_still_import(module):
     assert importlib.import_module(module) is not None
+
+
+def test_a_new_method_is_one_file(tmp_path, monkeypatch):
+    """A module dropped into the methods' folder registers its method when the package is imported: the README's
+    "Adding a method" example, as the file it shows."""
+    import sys
+
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Adding a method"):]
+    start = section.index("```python\n") + len("```python\n")
+    source = section[start:section.index("```", start)]
+    package = tmp_path / "pyfuse_scratch" / "methods"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    # the package's own __init__ and base, and the example as one more file beside them
+    (package / "__init__.py").write_text((ROOT / "methods" / "__init__.py").read_text(encoding="utf-8")
+                                         .replace("from .base import", "from pyfuse.methods.base import")
+                                         .replace("_DEPRECATED_ALIASES = (", "_DEPRECATED_ALIASES = ('base', "))
+    (package / "base.py").write_text("from pyfuse.methods.base import *  # noqa\n")
+    (package / "scaled.py").write_text(source.replace("from .base import", "from pyfuse.methods.base import"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from pyfuse.methods import base
+
+    monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))  # the example leaves the registry as it was
+    importlib.import_module("pyfuse_scratch.methods")
+    assert "scaled" in base.available_methods()
+    import torch
+
+    import pyfuse
+
+    models = [{"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([3.0, 5.0])}]
+    merged = pyfuse.merge("scaled", {"w": torch.zeros(2)}, models, scaling=0.5)
+    torch.testing.assert_close(merged["w"], torch.tensor([1.0, 2.0]))  # 0.5 * mean of the task vectors
+    for name in [m for m in sys.modules if m.startswith("pyfuse_scratch")]:
+        del sys.modules[name]

@@ -107,7 +107,7 @@ class MergePlan:
                              if name in set(self.layout.names)})
         return {
             "method": self.method.name,
-            "parameters": jsonable(self.method.config),
+            "parameters": jsonable(self.method.parameters),
             "inputs": [describe_input(source, raw, role) for source, raw, role in
                        zip([self.base, *self.models], self.inputs, ["base"] + ["fine-tuned"] * n)],
             "merged_tensors": len(self.layout),
@@ -145,7 +145,7 @@ class MergePlan:
         paths = [raw for raw in self.inputs if isinstance(raw, (str, os.PathLike))]
         paths += [st.path for st in self.statistics or () if st.path is not None]
         declared = self.method.params
-        paths += [value for key, value in self.method.config.items()
+        paths += [value for key, value in self.method.parameters.items()
                   if key in declared and declared[key].path and isinstance(value, (str, os.PathLike))]
         return [Path(p) for p in paths]
 

@@ -16,7 +16,7 @@ import torch
 from ..distributed import Ranks
 from ..finite import NonFiniteError, check_finite, finite_chunks
 from ..methods import Chunk
-from ..methods.data import SourceTensors
+from ..methods.data_aware import SourceTensors
 from ..progress import progress_bar
 
 if TYPE_CHECKING:  # annotations only: the plan builds on this module

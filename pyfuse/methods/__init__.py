@@ -1,30 +1,14 @@
 """Merging methods: a registry of named classes with declared parameters, each kind answering for itself.
 
-The interface lives in `base` (`Method`, `StaticMethod`, `Param`, the registry); data-aware kinds in `data`,
-adaptive ones in `adaptive`. Importing this package registers every built-in method. A new method is one module
-here (docs/README.md, "Adding a method").
+The interface lives in `base` (`Method`, `StaticMethod`, `Param`, the registry); the data-aware kinds in
+`data_aware`, the methods learned at test time in `learned` (they run the engine in `pyfuse.adaptive`).
+Importing this package registers every built-in method. A new method is one module here (docs/README.md,
+"Adding a method").
 """
 
-# the built-in methods register themselves on import
-from . import (  # noqa: F401
-    adaptive,
-    breadcrumbs,
-    concrete,
-    dare,
-    della,
-    esm,
-    fisher,
-    linear,
-    magmax,
-    mats,
-    model_stock,
-    regmean,
-    regmean_plusplus,
-    slerp,
-    subspace,
-    ties,
-    wudi,
-)
+import importlib
+import pkgutil
+
 from .base import (
     REQUIRED,
     TEMPERATURE,
@@ -56,3 +40,10 @@ __all__ = [
 ]
 __all__ += ["TEMPERATURE", "WEIGHTS", "boolean", "check_names", "choice", "integer", "number", "numbers", "positive",
             "resolve_params", "tensor_names"]
+
+_DEPRECATED_ALIASES = ("adaptive", "data")  # old module names, imported only by whoever still names them
+
+# Every module here registers its methods on import, so a new method is one new file in this folder.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _DEPRECATED_ALIASES:
+        importlib.import_module(f"{__name__}.{_module.name}")

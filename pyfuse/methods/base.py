@@ -10,8 +10,8 @@ name the method and the parameter. Where a new method goes (docs/README.md, "Add
 
 - static (data-free): a `StaticMethod` (below) in its own module here, e.g. `ties.py`; sparsifying methods
   build on the shared core `sparsify.py`;
-- data-aware (per-model statistics): a `data.DataMethod`, e.g. `fisher.py`;
-- adaptive (learned at test time on unlabeled batches): an `adaptive.AdaptiveMethod` in `adaptive.py`,
+- data-aware (per-model statistics): a `data_aware.DataMethod`, e.g. `fisher.py`;
+- adaptive (learned at test time on unlabeled batches): a `learned.AdaptiveMethod` in `learned.py`,
   which hands its settings to the engine in `pyfuse.adaptive`.
 
 Static (data-free) methods subclass `StaticMethod` and merge chunk by chunk, so one piece of code serves
@@ -30,6 +30,7 @@ not change the method's state.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -72,7 +73,7 @@ class Param:
 
 
 class Method:
-    """A merging method: a registered `name`, declared `params`, and the validated values in `self.config`.
+    """A merging method: a registered `name`, declared `params`, and the validated values in `self.parameters`.
 
     Every kind answers for itself what the engine, the CLI, the config loader and the demo need to know, so
     none of them asks which class it holds: the registry metadata (`display_name`, `reference`, `kind`,
@@ -94,7 +95,7 @@ class Method:
     needs: tuple[str, ...] = ()
     #: runs the model on the tasks' data: takes one `pyfuse.Task` per fine-tuned model and the model
     runs_tasks: ClassVar[bool] = False
-    #: learned at test time from the tasks' unlabeled data (`adaptive.AdaptiveMethod`)
+    #: learned at test time from the tasks' unlabeled data (`learned.AdaptiveMethod`)
     learns: ClassVar[bool] = False
     #: the result depends on a seed: the method's own noise, or the data it is learned or measured on
     stochastic: ClassVar[bool] = False
@@ -105,8 +106,14 @@ class Method:
     #: a distributed merge gives each process's whole-model passes only its own tensors (see `StaticMethod`)
     split_global_passes: ClassVar[bool] = False
 
-    def __init__(self, **params: Any) -> None:
-        self.config = resolve_params(self.name, self.params, params)
+    def __init__(self, **parameters: Any) -> None:
+        self.parameters = resolve_params(self.name, self.params, parameters)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Deprecated name of `parameters` (the values); goes in the next release."""
+        warnings.warn(f"{type(self).__name__}.config is now .parameters", DeprecationWarning, stacklevel=2)
+        return self.parameters
 
     @classmethod
     def label(cls) -> str:
@@ -290,7 +297,7 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
     if cls.kind not in METHOD_KINDS:
         raise TypeError(f"{cls.__name__}.kind must be one of {', '.join(METHOD_KINDS)}, got {cls.kind!r}; subclass "
-                        "StaticMethod, data.DataMethod, data.TaskDataMethod or adaptive.AdaptiveMethod")
+                        "StaticMethod, data_aware.DataMethod, data_aware.TaskDataMethod or learned.AdaptiveMethod")
     for key, spec in cls.params.items():
         if not isinstance(spec, Param):
             raise TypeError(f"{cls.__name__}.params[{key!r}] must be a Param, got {type(spec).__name__}")
@@ -396,7 +403,7 @@ class StaticMethod(Method):
 
     def bind(self, layout: FlatLayout, n: int) -> None:
         """Check the parameters against the layout and the number of models; resolve per-model weights."""
-        weights = self.config.get("weights")
+        weights = self.parameters.get("weights")
         if weights is not None and len(weights) != n:
             raise ValueError(f"{self.name}: weights has {len(weights)} entries, expected one per fine-tuned "
                              f"model ({n})")

@@ -61,10 +61,10 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
         return histogram_bytes(2 * n, in_flight)  # the select's tables, for both ends of the band at once
 
     def sparse_plan(self, ctx: MergeContext, index: int) -> tuple[list[float], list[float]] | None:
-        if self.config["density"] >= 1:
+        if self.parameters["density"] >= 1:
             return None
         count = ctx.layout.shapes[index].numel()
-        first, last = band_ranks(count, self.config["density"], self.config["gamma"])
+        first, last = band_ranks(count, self.parameters["density"], self.parameters["gamma"])
         return magnitude_band(lambda fn: ctx.map(lambda chunk: fn(chunk.deltas), index), ctx.n, first, last, count)
 
     def sparsify(self, chunk: Chunk, plan: tuple[list[float], list[float]]) -> torch.Tensor:

@@ -68,14 +68,14 @@ class Concrete(StaticMethod):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        if self.config["logits"] is None and self.config["mask"] != "none":
-            raise ValueError(f"concrete: parameter 'logits' is required with mask={self.config['mask']!r}")
+        if self.parameters["logits"] is None and self.parameters["mask"] != "none":
+            raise ValueError(f"concrete: parameter 'logits' is required with mask={self.parameters['mask']!r}")
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
         self._layout = layout
-        self._coefficients = self.config["scaling"] * self.weights
-        logits = self.config["logits"]
+        self._coefficients = self.parameters["scaling"] * self.weights
+        logits = self.parameters["logits"]
         self._source: TensorSource | None = None
         self._flat = False  # one flat "logits" tensor rather than one per parameter
         if logits is None:
@@ -100,7 +100,7 @@ class Concrete(StaticMethod):
         return self._coefficients
 
     def fused_mask(self, device: torch.device, numel: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        p = self.config
+        p = self.parameters
         return self.flat_logits(device), {"seed": p["seed"], "step": p["step"], "temperature": p["temperature"],
                                           "mask": p["mask"], "rescale": p["rescale"]}
 
@@ -123,14 +123,14 @@ class Concrete(StaticMethod):
         return x
 
     def _mask(self, index: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-        p = self.config
+        p = self.parameters
         start = int(self._layout.offsets[index]) + lo
         return sample_concrete_mask(self._logits(index, lo, hi, device), seed=p["seed"], step=p["step"],
                                     temperature=p["temperature"], mask=p["mask"], start=start)
 
     def plan(self, ctx: MergeContext, index: int) -> float:
         """1 / mean of the tensor's mask (1 without rescaling, 0 for an all-zero mask)."""
-        if not self.config["rescale"]:
+        if not self.parameters["rescale"]:
             return 1.0
         numel = self._layout.shapes[index].numel()
         total = 0.0

@@ -53,18 +53,18 @@ class Dare(StaticMethod):
         super().__init__(**own)
         rest = {key: value for key, value in params.items() if key not in self.params}
         try:
-            self.inner: StaticMethod = create_method(self.config["then"], **rest)
+            self.inner: StaticMethod = create_method(self.parameters["then"], **rest)
         except ValueError as err:
-            raise ValueError(f"dare (then={self.config['then']}): {err}") from None
+            raise ValueError(f"dare (then={self.parameters['then']}): {err}") from None
         self.temporaries = tuple(a + b for a, b in zip(self.inner.temporaries, (1, 2)))
         self.split_global_passes = self.inner.split_global_passes
-        self.config.update(self.inner.config)
+        self.parameters.update(self.inner.parameters)
 
     def drop(self, chunk: Chunk) -> Chunk:
-        p = self.config["p"]
+        p = self.parameters["p"]
         if p == 0:
             return chunk
-        return dataclasses.replace(chunk, deltas=drop_rescale(chunk.deltas, p, self.config["seed"], chunk.start))
+        return dataclasses.replace(chunk, deltas=drop_rescale(chunk.deltas, p, self.parameters["seed"], chunk.start))
 
     def bind(self, layout, n) -> None:
         self.inner.bind(layout, n)

@@ -134,7 +134,7 @@ class DataMethod(Method):
             got = "one Statistics" if isinstance(stats, Statistics) else (
                 f"{len(stats)}" if isinstance(stats, Sequence) else type(stats).__name__)
             raise ValueError(f"{self.name}: needs statistics, one per fine-tuned model ({len(sources)}), got {got}")
-        weights = self.config.get("weights")
+        weights = self.parameters.get("weights")
         if weights is not None and len(weights) != len(sources):
             raise ValueError(f"{self.name}: weights has {len(weights)} entries, expected one per fine-tuned "
                              f"model ({len(sources)})")

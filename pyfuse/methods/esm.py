@@ -53,7 +53,7 @@ from ..layout import FlatLayout
 from ..progress import progress_bar
 from ..stats import Statistics
 from .base import Param, boolean, integer, number, numbers, register
-from .data import DataMethod
+from .data_aware import DataMethod
 
 __all__ = [
     "ESM", "ESMPlusPlus", "EssentialSubspace", "LayerExperts", "RoutedLinear", "esm_delta",
@@ -339,7 +339,7 @@ class ESM(DataMethod):
         """`W_0 + alpha * dW` (module docstring); `stats[t]` holds task t's sampled layer inputs ("acts")."""
         acts = self._check(base, finetuned, stats)
         deltas = self.deltas(base, finetuned, acts, progress)
-        cfg = self.config
+        cfg = self.parameters
         if cfg["objective"] is None:
             alpha, evaluated = cfg["alpha"], []
         else:
@@ -355,7 +355,7 @@ class ESM(DataMethod):
     def deltas(self, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                acts: Mapping[str, list[torch.Tensor]], progress: bool = False) -> dict[str, torch.Tensor]:
         """The merged update `dW` (fp32) of every floating tensor."""
-        cfg = self.config
+        cfg = self.parameters
         out = {}
         for name, b in progress_bar(base.items(), desc=self.name, unit="tensor", disable=not progress, leave=False):
             if not b.is_floating_point():
@@ -412,7 +412,7 @@ class ESMPlusPlus(ESM):
                     stats: list[Statistics], *, progress: bool = False) -> dict[str, torch.Tensor]:
         """The ESM state dict; the experts go to `self.experts` (and to `experts_path` if given)."""
         merged = super().merge_model(base, finetuned, stats, progress=progress)
-        rank = self.config["rank"]
+        rank = self.parameters["rank"]
         self.experts = {}
         for name in self.result["esm"]:
             if name in self.transposed:
@@ -432,10 +432,10 @@ class ESMPlusPlus(ESM):
             prototypes = torch.stack([st.get("acts", name).float().mean(0) for st in stats])
             self.experts[_weight_module(name)] = LayerExperts(
                 prototypes, torch.stack(downs), torch.stack(ups), torch.stack(biases) if biases else None)
-        if self.config["experts_path"] is not None:
-            save_experts(self.config["experts_path"], self.experts, {"rank": rank, "tasks": len(finetuned)})
+        if self.parameters["experts_path"] is not None:
+            save_experts(self.parameters["experts_path"], self.experts, {"rank": rank, "tasks": len(finetuned)})
             logger.info("%s: wrote %d layers of experts to %s", self.name, len(self.experts),
-                        self.config["experts_path"])
+                        self.parameters["experts_path"])
         self.result["experts"] = {"layers": len(self.experts), "rank": rank}
         return merged
 

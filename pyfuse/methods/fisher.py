@@ -20,7 +20,7 @@ import torch
 
 from ..stats import Statistics
 from .base import WEIGHTS, Param, choice, number, register
-from .data import DataMethod
+from .data_aware import DataMethod
 
 
 @register
@@ -43,7 +43,7 @@ class Fisher(DataMethod):
                 stats: Sequence[Statistics]) -> None:
         self._names = set(stats[0].names("fisher"))
         norms = torch.ones(len(stats), dtype=torch.float64)
-        mode = self.config["normalize"]
+        mode = self.parameters["normalize"]
         if mode != "none":
             for i, st in enumerate(stats):
                 total = sum(float(_fisher(st, key).square().sum() if mode == "l2" else _fisher(st, key).sum())
@@ -58,7 +58,7 @@ class Fisher(DataMethod):
                         stats: Sequence[Statistics]) -> torch.Tensor | None:
         if name not in self._names:
             return None
-        eps = self.config["epsilon"]
+        eps = self.parameters["epsilon"]
         numerator = torch.zeros(base.shape, dtype=torch.float64)
         denominator = torch.zeros(base.shape, dtype=torch.float64)
         for c, theta, st in zip(self._coefficients.tolist(), finetuned, stats):
@@ -68,7 +68,7 @@ class Fisher(DataMethod):
         return numerator / denominator
 
     def global_passes(self) -> int:
-        return 0 if self.config["normalize"] == "none" else 1
+        return 0 if self.parameters["normalize"] == "none" else 1
 
 
 def _fisher(stats: Statistics, name: str) -> torch.Tensor:

@@ -97,7 +97,7 @@ class AdaMerging(AdaptiveMethod):
     }
 
     def settings(self) -> Settings:
-        c = self.config
+        c = self.parameters
         return Settings(method=self.name, coefficients=c["granularity"], adapt_steps=c["steps"], lr=c["lr"],
                         init=c["init"], clamp=c["clamp"], density=c.get("density"))
 
@@ -121,7 +121,7 @@ class AdaMergingPlusPlus(AdaMerging):
         task_vectors.require_whole("adamerging_pp (its TIES trim is over the whole model)")
         task_vectors.require_dense("adamerging_pp", "trims the task vectors TIES-style (a top-k of every entry's "
                                    "magnitude over the whole model) and trains over the trimmed [n, D] buffer")
-        return dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, self.config["density"]))
+        return dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, self.parameters["density"]))
 
 
 @register
@@ -140,7 +140,7 @@ class ConcreteTaskArithmetic(AdaptiveMethod):
     }
 
     def settings(self) -> Settings:
-        c = self.config
+        c = self.parameters
         return Settings(method=self.name, coefficients="fixed", meta_steps=c["steps"], init=c["scale"],
                         mask_lr=c["mask_lr"], temperature=c["temperature"], seed=c["seed"],
                         eval_mask=c["eval_mask"], rescale=c["rescale"])
@@ -169,7 +169,7 @@ class ConcreteAdaMerging(AdaptiveMethod):
     }
 
     def settings(self) -> Settings:
-        c = self.config
+        c = self.parameters
         return Settings(method=self.name, coefficients=c["granularity"], meta_steps=c["meta_steps"],
                         inner_steps=c["inner_steps"], adapt_steps=c["adamerging_steps"], init=c["init"],
                         clamp=c["clamp"], inner_lr=c["inner_lr"], inner_optimizer=c["inner_optimizer"],

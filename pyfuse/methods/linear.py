@@ -80,4 +80,4 @@ class TaskArithmetic(_Linear):
     }
 
     def coefficients(self) -> torch.Tensor:
-        return self.config["scaling"] * self.weights
+        return self.parameters["scaling"] * self.weights

@@ -28,4 +28,4 @@ class MagMax(StaticMethod):
     temporaries = (0, 4)
 
     def merge_chunk(self, chunk: Chunk, plan: None) -> torch.Tensor:
-        return torch.add(chunk.base, max_magnitude(chunk.deltas), alpha=self.config["scaling"])
+        return torch.add(chunk.base, max_magnitude(chunk.deltas), alpha=self.parameters["scaling"])

@@ -61,18 +61,18 @@ class ModelStock(StaticMethod):
         super().bind(layout, n)
         if n < 2:
             raise ValueError(f"{self.name}: needs at least two fine-tuned models, got {n}")
-        check_names(self.name, "ignore_keys", self.config["ignore_keys"], layout)
+        check_names(self.name, "ignore_keys", self.parameters["ignore_keys"], layout)
 
     def tensor_passes(self) -> int:
         return 1
 
     def plan(self, ctx: MergeContext, index: int) -> CoefficientPlan | None:
-        if ctx.layout.names[index] in self.config["ignore_keys"]:
+        if ctx.layout.names[index] in self.parameters["ignore_keys"]:
             return None
         shape = ctx.layout.shapes[index]
-        along = "rows" if self.config["filter_wise"] else "all"
+        along = "rows" if self.parameters["filter_wise"] else "all"
         gram = segment_grams(ctx, index, along, lambda chunk: chunk.deltas)
-        ratio = model_stock_ratio(gram, self.config["variant"])
+        ratio = model_stock_ratio(gram, self.parameters["variant"])
         return CoefficientPlan(shape, along, int(ctx.layout.offsets[index]), ratio.float()[:, None])
 
     def merge_chunk(self, chunk: Chunk, plan: CoefficientPlan | None) -> torch.Tensor:

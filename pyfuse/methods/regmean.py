@@ -22,7 +22,7 @@ import torch
 from ..layout import FlatLayout
 from ..stats import Statistics
 from .base import WEIGHTS, Param, number, register
-from .data import DataMethod
+from .data_aware import DataMethod
 
 FLOAT64_MAX_FEATURES = 8192  # [in, in] float64 systems up to 512 MiB each
 
@@ -79,7 +79,7 @@ class RegMean(DataMethod):
             return None
         transposed = name in stats[0].transposed
         grams = (st.get("gram_in", name) for st in stats)
-        return regression_mean(finetuned, grams, (self.weights / self.weights.sum()).tolist(), self.config["alpha"],
+        return regression_mean(finetuned, grams, (self.weights / self.weights.sum()).tolist(), self.parameters["alpha"],
                                transposed)
 
     def working_bytes(self, layout: FlatLayout, n: int) -> int:

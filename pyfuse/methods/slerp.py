@@ -82,13 +82,13 @@ class Slerp(_Interpolation):
     }
 
     def _coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        t, eps = self.config["t"], self.config["epsilon"]
+        t, eps = self.parameters["t"], self.parameters["epsilon"]
         rows = []
         for g in gram.tolist():
             norms = [math.sqrt(g[0][0]), math.sqrt(g[1][1])]
             scale = [norm if norm > eps else 1.0 for norm in norms]
             dot = g[0][1] / (scale[0] * scale[1])
-            if abs(dot) > self.config["DOT_THRESHOLD"]:
+            if abs(dot) > self.parameters["DOT_THRESHOLD"]:
                 rows.append([1 - t, t])
                 continue
             theta = math.acos(dot)
@@ -121,12 +121,12 @@ class NuSlerp(_Interpolation):
         super().bind(layout, n)
         w0, w1 = self.weights.double().tolist()
         self.t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-        self.of_weights = not self.config["task_vectors"]
+        self.of_weights = not self.parameters["task_vectors"]
 
     def _along(self, shape: torch.Size) -> str:
-        if self.config["nuslerp_flatten"]:
+        if self.parameters["nuslerp_flatten"]:
             return "all"
-        return "columns" if self.config["nuslerp_row_wise"] else "rows"
+        return "columns" if self.parameters["nuslerp_row_wise"] else "rows"
 
     def _coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         t = self.t

@@ -52,15 +52,15 @@ class PerMatrix(StaticMethod):
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
-        check_names(self.name, "exclude_keys", self.config["exclude_keys"], layout)
-        self._scaling = self.config.get("scaling", 1.0)
+        check_names(self.name, "exclude_keys", self.parameters["exclude_keys"], layout)
+        self._scaling = self.parameters.get("scaling", 1.0)
         self._mean = self._scaling * self.weights / n
 
     def tensor_passes(self) -> int:
         return 1
 
     def is_matrix(self, layout, index: int) -> bool:
-        return len(layout.shapes[index]) == 2 and layout.names[index] not in self.config["exclude_keys"]
+        return len(layout.shapes[index]) == 2 and layout.names[index] not in self.parameters["exclude_keys"]
 
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
         """The merged task vector `[m, p]` of task vectors `tau` `[T, m, p]` (float64, weighted)."""
@@ -177,7 +177,7 @@ class IsoCTS(PerMatrix):
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
-        fraction = self.config["common_space_fraction"]
+        fraction = self.parameters["common_space_fraction"]
         for index, (name, shape) in enumerate(zip(layout.names, layout.shapes)):
             if self.is_matrix(layout, index) and common_space_size(min(shape), fraction, n) < 0:
                 raise ValueError(
@@ -188,7 +188,7 @@ class IsoCTS(PerMatrix):
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
         tasks, m, p = tau.shape
         k = min(m, p)
-        common = common_space_size(k, self.config["common_space_fraction"], tasks)
+        common = common_space_size(k, self.parameters["common_space_fraction"], tasks)
         per_task = (k - common) // tasks
         u, s, vh = torch.linalg.svd(tau.sum(0), full_matrices=False)
         common_u = u[:, :common]

@@ -46,7 +46,7 @@ class Wudi(PerMatrix):
         first = torch.zeros_like(merged)
         second = torch.zeros_like(merged)
         beta1, beta2 = BETAS
-        for step in range(1, self.config["iter_num"] + 1):
+        for step in range(1, self.parameters["iter_num"] + 1):
             grad = gradient(merged)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
