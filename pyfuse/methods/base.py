@@ -2,11 +2,10 @@
 `Method` and the static-merge interface (`StaticMethod`, `Chunk`, `MergeContext`). `pyfuse.methods` re-exports
 it and registers the built-in methods.
 
-Merging methods: a registry of named classes with declared parameters, and the interface static merges share.
-
-Any method is a `Method` subclass with a `name` and a `params` table (`Param`: default, check, help),
-registered with `@register`; `create_method(name, **params)` validates the parameters with errors that
-name the method and the parameter. Where a new method goes (docs/README.md, "Adding a method"):
+Any method is a `Method` subclass with a `name` and a `params` table, its declared parameters (`Param`:
+default, check, help), registered with `@register`; `create_method(name, **parameters)` checks the values
+against it, with errors that name the method and the parameter, into `method.parameters`. Where a new
+method goes (docs/README.md, "Adding a method"):
 
 - static (data-free): a `StaticMethod` (below) in its own module here, e.g. `ties.py`; sparsifying methods
   build on the shared core `sparsify.py`;
