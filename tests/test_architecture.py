@@ -256,3 +256,36 @@ def test_a_new_method_is_one_file(tmp_path, monkeypatch):
     torch.testing.assert_close(merged["w"], torch.tensor([1.0, 2.0]))  # 0.5 * mean of the task vectors
     for name in [m for m in sys.modules if m.startswith("pyfuse_scratch")]:
         del sys.modules[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Each kind answers for itself
+# ---------------------------------------------------------------------------------------------
+def test_every_registered_method_says_what_it_is():
+    from pyfuse.methods import available_methods, get_method
+    from pyfuse.methods.base import METHOD_KINDS
+
+    for name in available_methods():
+        cls = get_method(name)
+        assert cls.kind in METHOD_KINDS and cls.label(), name
+        assert cls.learns == (cls.kind == "adaptive") and cls.runs_tasks == (cls.kind in ("adaptive", "task-data"))
+        assert bool(cls.needs) == (cls.kind == "data") and cls.streams == (cls.kind == "static"), name
+        assert (cls.inputs_note() == "") == (cls.kind == "static"), name
+
+
+def test_a_configured_method_instance_is_planned_as_it_is():
+    import torch
+
+    from pyfuse.merge import merge, plan_merge
+    from pyfuse.methods import create_method
+
+    base = {"w": torch.zeros(3)}
+    models = [{"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([3.0, 2.0, 1.0])}]
+    method = create_method("task_arithmetic", scaling=0.5)
+    assert plan_merge(method, base, models).method is method
+    torch.testing.assert_close(merge(method, base, models)["w"], merge("task_arithmetic", base, models,
+                                                                     scaling=0.5)["w"])
+    with pytest.raises(ValueError, match="given beside a configured method"):
+        plan_merge(method, base, models, scaling=0.3)
+    with pytest.raises(ValueError, match="is not a static merge"):
+        plan_merge(create_method("adamerging"), base, models)
