@@ -1,10 +1,11 @@
-"""The engine's planning room (`pyfuse.merge`): merges of whole models, in memory or streamed from and to safetensors.
+"""The engine's planning room: a merge of whole models checked from headers alone (`plan_merge`, `MergePlan`).
 
 One engine serves both: models are read a bounded chunk at a time (memory-mapped for files), the method
 merges chunk by chunk in fp32, and the result is either gathered into a state dict (`merge`) or
 written straight into sharded safetensors (`merge_to_dir`), so a streamed merge holds a few chunks, a
 method's small tables and nothing proportional to the model. `plan_merge` checks everything, and
-predicts memory and output size, from the headers alone, before any tensor data is read.
+predicts memory and output size, from the headers alone, before any tensor data is read; what the method
+takes and how it checks it is the method's own answer (`Method.take_inputs`, `check_inputs`, `peak_bytes`).
 
 Data-aware methods (`DataMethod`: fisher, regmean, ...) take `statistics=[...]`, one `Statistics` (or
 saved file) per fine-tuned model. They are checked the same way before any work, then merge in memory
@@ -13,7 +14,6 @@ Methods that run the models on the tasks' data themselves (`TaskDataMethod`: reg
 one `pyfuse.Task` per fine-tuned model, and the model (the base as an `nn.Module`, or `model=`); they too
 merge in memory, in one process (rank 0 under torchrun), and write the same way.
 """
-
 
 from __future__ import annotations
 
