@@ -108,7 +108,6 @@ def workers(count: int) -> Iterator[ThreadPoolExecutor | None]:
         torch.set_num_threads(threads)
 
 
-
 def merged_tensors(job: MergePlan, reader: ChunkReader, progress: bool,
                    outputs: Sequence[int] | None = None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
     """Each output tensor of the plan `job` (or those at `outputs`), in order, as an iterator over its flat chunks

@@ -163,6 +163,7 @@ def _finish_report(job: MergePlan, report: dict[str, Any], everyone: list[tuple[
         report["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                  "ranks": [entry for entry, _, _ in everyone]}
 
+
 def _copy_small_files(job: MergePlan, writer: ShardedWriter) -> None:
     """The base's config, tokenizer and other small files, config.json updated to the output dtype."""
     raw = job.inputs[0]

@@ -30,6 +30,7 @@ from .reference import MODES
 
 __all__ = ["DEFAULT_TEMPERATURE", "MODES", "concrete_merge", "sample_concrete_mask", "sample_uniform"]
 
+
 def _validate(base, task_vectors, logits, weights, offsets, backend_name):
     tensors = {"base": base, "task_vectors": task_vectors, "logits": logits, "weights": weights, "offsets": offsets}
     if isinstance(task_vectors, torch.Tensor) and isinstance(logits, torch.Tensor):
@@ -40,7 +41,6 @@ def _validate(base, task_vectors, logits, weights, offsets, backend_name):
             )
     n = task_vectors.shape[0] if isinstance(task_vectors, torch.Tensor) and task_vectors.dim() == 2 else 0
     return validate_merge(base, logits, weights, offsets, backend_name, n, tensors)
-
 
 
 # ---------------------------------------------------------------------------------------------

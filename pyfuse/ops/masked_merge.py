@@ -109,7 +109,6 @@ def validate_merge(base, logits, weights, offsets, backend_name, n, tensors):
     return resolved, offsets
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The registered ops. Seeds travel through the op schema as signed 64-bit words.
 # ---------------------------------------------------------------------------------------------
