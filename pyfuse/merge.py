@@ -15,7 +15,6 @@ from .engine import (
     plan_merge,
     rss_anon_bytes,
 )
-from .io.hashing import sha256_file  # noqa: F401  (importable from here as before)
 
 __all__ = ["MergePlan", "merge", "merge_to_dir", "parse_dtype", "plan_merge", "rss_anon_bytes"]
 __all__ += ["CHUNK_ELEMENTS", "DEFAULT_SHARD_SIZE", "REPORT_NAME"]
