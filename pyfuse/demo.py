@@ -89,8 +89,15 @@ METHODS = tuple(name for name, row in ROWS.items() if not row.opt_in)
 ALL_METHODS = tuple(ROWS)
 STOCHASTIC = tuple(name for name, row in ROWS.items() if get_method(row.method).stochastic)
 """Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per seed."""
-DATA_METHODS = tuple(name for name, row in ROWS.items() if row.instance().needs)
-"""The rows that need statistics."""
+# The tables this module kept before the registry answered for each method, as views of ROWS in their old shapes
+# (deprecated, for one release): nothing here is written by hand.
+STATIC_METHODS = {name: (row.method, row.parameters) for name, row in ROWS.items()
+                  if get_method(row.method).kind == "static"}
+SLOW_STATIC_METHODS = tuple(name for name in STATIC_METHODS if ROWS[name].opt_in)
+ADAPTIVE_METHODS = tuple(name for name, row in ROWS.items() if get_method(row.method).learns)
+DATA_METHODS = {name: (row.method, row.parameters, row.instance().needs) for name, row in ROWS.items()
+                if row.instance().needs}
+TASK_DATA_METHODS = tuple(name for name, row in ROWS.items() if get_method(row.method).kind == "task-data")
 LABELS = {"individual": "Individual", "pretrained": "Pre-trained",
           **{name: row.label or get_method(row.method).label() for name, row in ROWS.items()}}
 

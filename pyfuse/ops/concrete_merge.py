@@ -21,6 +21,8 @@ from .masked_merge import (
     check_scalars,
     check_start,
     layerwise_weights,
+    masked_backward,  # noqa: F401  (importable from here as before)
+    masked_forward,  # noqa: F401
     register_merge_op,
     to_i64,
     validate_merge,
