@@ -257,8 +257,8 @@ def test_an_input_changed_after_hashing_or_during_the_writes_fails_the_merge(tmp
 
     base, (ft0, ft1), _, states = _models(tmp_path)
     out = tmp_path / "out"
-    merge_module = sys.modules["pyfuse.merge"]
-    hash_file = merge_module.sha256_file
+    write_module = sys.modules["pyfuse.engine.write"]  # where the engine hashes its inputs
+    hash_file = write_module.sha256_file
 
     def overwritten_after_hashing(path):
         digest = hash_file(path)
@@ -266,11 +266,11 @@ def test_an_input_changed_after_hashing_or_during_the_writes_fails_the_merge(tmp
             save_file({k: v + 1 for k, v in states[0].items()} | {"extra": torch.zeros(1)}, ft1)  # ft_b -> ft_c
         return digest
 
-    monkeypatch.setattr(merge_module, "sha256_file", overwritten_after_hashing)
+    monkeypatch.setattr(write_module, "sha256_file", overwritten_after_hashing)
     with pytest.raises(InputChanged, match=f"{ft1}: input changed while this run read it"):
         merge_to_dir("average", base, [ft0, ft1], out, threads=1)
     assert not out.exists() and not _leftovers(out)
-    monkeypatch.setattr(merge_module, "sha256_file", hash_file)
+    monkeypatch.setattr(write_module, "sha256_file", hash_file)
 
     _, _, _, states = _models(tmp_path)
     write_tensor = writer_module.ShardedWriter.write_tensor
@@ -325,7 +325,7 @@ def test_duplicate_keys_anywhere_are_refused_naming_key_and_line(tmp_path, capsy
 def test_run_options_are_checked_before_any_model_loads(tmp_path, value, monkeypatch):
     config = _digits_config(tmp_path)
     config["run"] = {**config["run"], "checkpoint_every": value}
-    monkeypatch.setattr("pyfuse.config.model_and_tasks", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("pyfuse.runner.model_and_tasks", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError, match=f"run: checkpoint_every must be an integer >= 0, got {value!r}"):
         run_from_config(config, tmp_path / "out", trust_code=True)
     config["run"] = {"eval_every": 0}
@@ -445,12 +445,13 @@ def test_the_current_directory_and_those_above_are_refused_up_front(tmp_path, mo
     _models(work)
     (work / "keep.txt").write_text("mine")
     monkeypatch.chdir(work)
-    monkeypatch.setattr(sys.modules["pyfuse.merge"].MergePlan, "write", lambda *a, **k: pytest.fail("the merge ran"))
+    # the engine's write room refuses it before its work starts (`_write`: reading, merging, writing)
+    monkeypatch.setattr("pyfuse.engine.write._write", lambda *a, **k: pytest.fail("the merge ran"))
     target = str(work) if out == "CWD" else out
     assert main(["merge", str(_config(work)), target, "--force", "--no-progress"]) == 1
     assert "it is the current directory or one above it" in capsys.readouterr().err
     config = _digits_config(work, params=STEPS)
-    monkeypatch.setattr("pyfuse.config.model_and_tasks", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("pyfuse.runner.model_and_tasks", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match="the current directory or one above it"):
         run_from_config(config, target, trust_code=True, force=True)
     assert (work / "keep.txt").read_text() == "mine"

@@ -65,14 +65,12 @@ class InputIdentity:
     stamps: list[FileStamp]
 
     @classmethod
-    def of_models(cls, base: Any, models: Sequence[Any], names: Sequence[str]) -> InputIdentity:
-        """Hash the files of `base` and `models` (safetensors paths; in-memory models have no files)."""
-        from .sources import checkpoint_files  # sources imports this module
-
+    def of_files(cls, files_by_role: Mapping[str, Sequence[str | os.PathLike]]) -> InputIdentity:
+        """Hash the files of each role (`pyfuse.io.sources.checkpoint_files` of a model; in-memory ones have none)."""
         files, stamps = {}, []
-        for role, raw in [("base", base), *zip(names, models)]:
+        for role, paths in files_by_role.items():
             entries = []
-            for path in checkpoint_files(raw):
+            for path in paths:
                 stamp = FileStamp.of(path)  # before hashing: a change during the hash shows at the next check
                 entries.append({"file": str(Path(path).resolve()), "bytes": stamp.size, "sha256": sha256_file(path)})
                 stamps.append(stamp)
