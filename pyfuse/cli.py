@@ -108,7 +108,12 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate everything and print the plan, predicted peak memory and output size; "
                              "read no tensor data and write nothing")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
+    parser.add_argument("--device", type=_device_name,
+                        help="where the merge computes: cpu (default), cuda or cuda:N; every method kind takes it "
+                             "(data-aware methods and regmean++ compute on the CPU only and refuse another)")
+    parser.add_argument("--autocast", choices=("bf16", "fp16"),
+                        help="adaptive methods: the model's forward passes under autocast in this precision (the "
+                             "fused merge op keeps its fp32 accumulation)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR if it exists (never when it holds a file the merge reads)")
     parser.add_argument("--allow-nonfinite", action="store_true",
@@ -119,12 +124,21 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                              "it names "
                              "(tasks, architecture); never use it with a config you have not read")
     parser.add_argument("--dtype", help="output dtype (float32, bfloat16, float16); overrides the config")
-    parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads)")
+    parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads); "
+                                                     "adaptive methods: torch's CPU threads for the run")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in the report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--resume", action="store_true",
                         help="adaptive methods: continue from OUT_DIR/checkpoint.pt to the result an uninterrupted "
                              "run gives")
+
+
+def _device_name(value: str) -> str:
+    """cpu, cuda or cuda:N, checked when parsed (whether the device exists is checked before the run)."""
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
 
 
 def _size(nbytes: int | None) -> str:
@@ -176,15 +190,20 @@ def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
     """Adaptive methods learn from data: `pyfuse.config.run_adaptive` runs them."""
     from . import distributed
     from .config import ConfigError, run_adaptive
+    from .device import torch_threads
     from .io.atomic import check_output_dir
 
     if args.dry_run:
         raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config.method.name} needs data")
     check_output_dir(args.out_dir, args.force or args.resume, [args.config])
-    with distributed.group() as ranks:  # under torchrun the ranks split the tasks (pyfuse.adaptive.loop)
+    run = {key: value for key, value in (("device", args.device), ("autocast", args.autocast)) if value is not None}
+    if args.no_progress:
+        run["progress"] = False
+    # under torchrun the ranks split the tasks (pyfuse.adaptive.loop); with CUDA each takes LOCAL_RANK's GPU, NCCL
+    with distributed.group(args.device or config.run.get("device") or "cpu") as ranks, torch_threads(args.threads):
         result = run_adaptive(config, args.out_dir, resume=args.resume, force=args.force,
                               trust_code=args.trust_code, allow_nonfinite=args.allow_nonfinite,
-                              source=str(args.config))
+                              source=str(args.config), **run)
     if ranks is not None and ranks.rank:  # rank 0 prints the summary
         return 0
     print(f"merged with {config.method.name} -> {args.out_dir}")
@@ -197,11 +216,19 @@ def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config, model_and_tasks
+    from .device import resolve_device
     from .io.atomic import check_output_dir
     from .io.writer import ShardedWriter, parse_size
     from .merge import DEFAULT_SHARD_SIZE, plan_merge
+    from .method_kinds import check_device_applies, method_kind, refuse_inapplicable
 
     config = load_config(args.config)
+    kind = method_kind(config.method)
+    refuse_inapplicable({"dtype": args.dtype is not None, "no_hash": args.no_hash, "resume": args.resume,
+                         "autocast": args.autocast is not None}, config.method.name, kind,
+                        lambda option: "--" + option.replace("_", "-"))
+    if args.device is not None:  # before a model is loaded: the device exists, and the method computes there
+        check_device_applies(config.method.name, kind, resolve_device(args.device), "--device")
     if config.adaptive:
         return _run_adaptive(args, config)
     runs = {}
@@ -212,7 +239,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         check_output_dir(args.out_dir, args.force, [args.config])  # before the model and tasks are loaded
         runs["model"], runs["tasks"] = model_and_tasks(config, args.trust_code, str(args.config))
     plan = plan_merge(config.method.name, config.base, config.models, dtype=args.dtype or config.dtype,
-                      device=args.device, threads=args.threads, statistics=config.statistics,
+                      device=args.device or "cpu", threads=args.threads, statistics=config.statistics,
                       allow_nonfinite=args.allow_nonfinite, **runs, **config.parameters)
     # the output location is checked before any tensor data is read, in dry runs too
     target = check_output_dir(args.out_dir, args.force, [args.config, *plan.input_paths()])

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .device import autocast_dtype, resolve_device
 from .methods import Method, available_methods, get_method
 from .methods.adaptive import AdaptiveMethod, MergeResult, RunOptions
 from .methods.data import TaskDataMethod
@@ -208,12 +209,16 @@ def _models(entries: Any, resolve, fail) -> tuple[list, list, list, list]:
 # Running an adaptive config
 # ---------------------------------------------------------------------------------------------
 def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: bool = False, force: bool = False,
-                 trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config") -> MergeResult:
-    """Run a checked adaptive config; outputs go to `out_dir` (see `run_from_config`)."""
+                 trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config",
+                 **run: Any) -> MergeResult:
+    """Run a checked adaptive config; outputs go to `out_dir` (see `run_from_config`). `run` overrides the
+    config's `run` section (`RunOptions` fields, e.g. device="cuda", progress=False)."""
     from .io.atomic import check_output_dir
     from .taskvectors import TaskVectors
 
-    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **config.run)
+    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **{**config.run, **run})
+    device = resolve_device(options.device or "cpu")  # a bad device fails before any model is loaded
+    autocast_dtype(options.autocast)
     check_trusted(config, trust_code, source)
     inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
     ranks = distributed.current()
@@ -228,7 +233,8 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
         shard_of = (ranks.rank, ranks.world_size) if ranks is not None and config.method.loads_shard else None
         task_vectors = TaskVectors.from_models(config.base, config.models, names=config.names,
                                                dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
-                                               allow_nonfinite=allow_nonfinite, shard_of=shard_of)
+                                               allow_nonfinite=allow_nonfinite, shard_of=shard_of,
+                                               device=device)
     if ranks is not None:
         ranks.sync()
     return config.method.run(model, task_vectors, tasks, options)
@@ -256,7 +262,8 @@ def model_and_tasks(config: MergeConfig, trust_code: bool, source: str = "config
 
 
 def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False,
-                    force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False) -> MergeResult:
+                    force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False,
+                    device: str | torch.device | None = None) -> MergeResult:
     """Run the adaptive method a config mapping names (paths as given); outputs go to `out_dir`.
 
     A config names Python callables (`tasks`, `architecture`) that are imported and called: that runs
@@ -267,13 +274,15 @@ def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, re
     `out_dir` receives checkpoint.pt, report.json, mask.safetensors (Concrete methods) and merged/
     (a `from_pretrained`-loadable directory for Hugging Face models, else merged/model.safetensors).
     `resume=True` continues from out_dir/checkpoint.pt (written by an earlier run of the same config).
+    `device` ("cpu", "cuda", "cuda:N") overrides the config's `run.device`: where the run computes.
     """
     name = config.get("method") if isinstance(config, Mapping) else None
     if isinstance(name, str) and name in available_methods() and not issubclass(get_method(name), AdaptiveMethod):
         raise ConfigError(f"config: method {name!r} is not adaptive; run it with pyfuse.merge or `pyfuse merge`")
     checked = check_config(config)
+    overrides = {"device": device} if device is not None else {}
     return run_adaptive(checked, out_dir, resume=resume, force=force, trust_code=trust_code,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, **overrides)
 
 
 def _make_task(name: str, spec: Any, source: str) -> Task:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .device import resolve_device
 from .distributed import Ranks
 from .finite import NonFiniteError, check_finite, finite_chunks
 from .io.atomic import check_output_dir, remove_stale_partials
@@ -38,6 +39,7 @@ from .io.sources import TensorSource, checkpoint_files, open_source
 from .io.writer import ShardedWriter, parse_size, small_files
 from .layout import FlatLayout
 from .memory import PeakRssAnon, rss_anon_bytes
+from .method_kinds import check_device_applies, method_kind
 from .methods import Chunk, StaticMethod, create_method, get_method
 from .methods.data import DataMethod, SourceTensors, TaskDataMethod
 from .progress import progress_bar
@@ -64,15 +66,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise ValueError(f"unsupported output dtype {dtype!r}; choose one of float32, bfloat16, float16")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested, but torch reports no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
-    return device
 
 
 class _Reader:
@@ -510,7 +503,8 @@ def plan_merge(method: str, base, finetuned: Sequence, *, dtype: str | torch.dty
         raise ValueError(f"{method!r} is a static merge; it takes no statistics")
     instance = create_method(method, **params)
     out_dtype = parse_dtype(dtype)
-    device = _device(device)
+    device = resolve_device(device)
+    check_device_applies(method, method_kind(cls), device)
     if isinstance(finetuned, (str, os.PathLike, Mapping)) or not isinstance(finetuned, Sequence) or not finetuned:
         raise ValueError("finetuned must be a non-empty list of models (state dicts, modules or paths)")
     if chunk_elements < 1:

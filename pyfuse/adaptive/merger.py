@@ -168,11 +168,11 @@ class ConcreteMerger(torch.nn.Module):
             )
 
     def export_state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """An independent copy of the merged model's tensors in their original dtypes, ready to save."""
+        """An independent copy of the merged model's tensors in their original dtypes, on the CPU, ready to save."""
         layout = self.task_vectors.layout
         out = {
-            name: view.detach().to(dtype, copy=True)
+            name: view.detach().to(device="cpu", dtype=dtype, copy=True)
             for (name, view), dtype in zip(layout.unflatten(flat).items(), layout.dtypes)
         }
-        out.update({name: t.detach().clone() for name, t in self.task_vectors.carried.items()})
+        out.update({name: t.detach().to("cpu", copy=True) for name, t in self.task_vectors.carried.items()})
         return out
