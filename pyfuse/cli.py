@@ -317,15 +317,21 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
     parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"
                                                    " $PYFUSE_CACHE overrides)")
+    parser.add_argument("--device", type=_device_name, default="cpu",
+                        help="where fine-tuning (and the demo's merges and evaluation) compute: cpu (default), cuda "
+                             "or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _finetune_config(args: argparse.Namespace, quick: bool = False):
     from .demo import QUICK_FINETUNE_STEPS
-    from .finetune import FinetuneConfig
+    from .finetune import FinetuneConfig, native_bf16
 
     steps = args.finetune_steps if args.finetune_steps is not None else (QUICK_FINETUNE_STEPS if quick else None)
-    return FinetuneConfig(mode=args.mode, lr=args.finetune_lr, seed=args.finetune_seed, precision=args.precision,
+    precision = args.precision
+    if precision == "auto":  # native bfloat16 is a property of the device that trains
+        precision = "bf16" if native_bf16(args.device) else "fp32"
+    return FinetuneConfig(mode=args.mode, lr=args.finetune_lr, seed=args.finetune_seed, precision=precision,
                           **({"steps": steps} if steps is not None else {}))
 
 
@@ -367,7 +373,7 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return DemoSettings(tasks=args.tasks, methods=args.methods, finetune=_finetune_config(args, quick=args.quick),
-                        encoder=args.encoder, **overrides)
+                        encoder=args.encoder, device=args.device, **overrides)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -427,7 +433,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     for data in load_embedded_tasks(list(args.tasks) if args.tasks else None):
         task = classifier_task(encoder, data, None)
         result = finetune(encoder, task, config, data_id=data_id(data), cache_dir=args.cache,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, device=args.device)
         rows.append((task.name, f"{'reused' if result.reused else 'trained'}  {result.path}"))
     print(_table(rows))
     return 0

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .task import Task
     from .taskvectors import TaskVectors
 
-__all__ = ["AUTOCAST_DTYPES", "autocast", "place_run", "resolve_device", "to_device", "torch_threads"]
+__all__ = ["AUTOCAST_DTYPES", "autocast", "place_run", "resolve_device", "tasks_on_device", "to_device",
+           "torch_threads"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                    "float16": torch.float16}
@@ -99,10 +100,14 @@ def place_run(model: torch.nn.Module, task_vectors: TaskVectors, tasks: Iterable
     they are drawn. A task's own tensors (a classifier head inside its `logits`) must already be there."""
     device = torch.device(device)
     model.to(device)
-    placed = [dataclasses.replace(task, batches=OnDevice(task.batches, device),
-                                  test_data=None if task.test_data is None else OnDevice(task.test_data, device))
-              for task in tasks]
-    return task_vectors.to(device), placed
+    return task_vectors.to(device), tasks_on_device(tasks, device)
+
+
+def tasks_on_device(tasks: Iterable[Task], device: torch.device) -> list[Task]:
+    """The same tasks with their batches and test data handed out on `device`."""
+    return [dataclasses.replace(task, batches=OnDevice(task.batches, device),
+                                test_data=None if task.test_data is None else OnDevice(task.test_data, device))
+            for task in tasks]
 
 
 @contextlib.contextmanager

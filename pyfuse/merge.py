@@ -17,6 +17,7 @@ merge in memory, in one process (rank 0 under torchrun), and write the same way.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .device import resolve_device
+from .device import resolve_device, torch_threads
 from .distributed import Ranks
 from .finite import NonFiniteError, check_finite, finite_chunks
 from .io.atomic import check_output_dir, remove_stale_partials
@@ -42,6 +43,7 @@ from .memory import PeakRssAnon, rss_anon_bytes
 from .method_kinds import check_device_applies, method_kind
 from .methods import Chunk, StaticMethod, create_method, get_method
 from .methods.data import DataMethod, SourceTensors, TaskDataMethod
+from .ops.profiling import nvtx_range, timed_range
 from .progress import progress_bar
 from .stats import Statistics
 from .task import Task
@@ -107,6 +109,10 @@ class _Reader:
                 yield s, lo, min(lo + step, numel), flats
 
     def _load(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
+        with nvtx_range("engine.read"):
+            return self._read(s, lo, hi, flats)
+
+    def _read(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
         if not self._plan.allow_nonfinite:
             for source, flat in zip((self._plan.base, *self._plan.models), flats):
                 what = f"{source.label}: tensor {self.layout.names[s]!r}"
@@ -266,12 +272,16 @@ class MergePlan:
                                                disable=not progress):
             if name in index:
                 plan = self.method.plan(reader, index[name])
-                chunks = reader.map(lambda chunk, plan=plan, dtype=dtype:
-                                    self.method.merge_chunk(chunk, plan).to(device="cpu", dtype=dtype), index[name])
+                chunks = reader.map(lambda chunk, plan=plan, dtype=dtype: self._merge_chunk(chunk, plan, dtype),
+                                    index[name])
                 yield name, self._checked(name, chunks)
             else:
                 flat = self.base.get(name).reshape(-1)
                 yield name, (flat[lo: lo + self.chunk_elements] for lo in range(0, shape.numel(), self.chunk_elements))
+
+    def _merge_chunk(self, chunk: Chunk, plan: Any, dtype: torch.dtype) -> torch.Tensor:
+        with nvtx_range("engine.merge"):
+            return self.method.merge_chunk(chunk, plan).to(device="cpu", dtype=dtype)
 
     def _checked(self, name: str, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The merged chunks of one tensor, in its output dtype, raising after the last if any was non-finite
@@ -288,17 +298,13 @@ class MergePlan:
         for st, model, source in zip(self.statistics or (), models, self.models):
             st.check_model(model, source.label)
         keys = None if len(entries) == len(self.outputs) else [name for name, _, _ in entries]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.workers)
-        try:
+        with torch_threads(self.workers), nvtx_range("engine.data_merge"):
             if isinstance(self.method, TaskDataMethod):
                 merged = self.method.merge(self.model, models, self.tasks, base=SourceTensors(self.base),
                                            progress=progress)
             else:
                 merged = self.method.merge_model(SourceTensors(self.base, keys), models, self.statistics,
                                                  progress=progress)
-        finally:
-            torch.set_num_threads(threads)
         floating = set(self.layout.names)
         for name, _, dtype in entries:
             flat = (merged.pop(name) if name in merged else self.base.get(name)).reshape(-1).to(dtype)
@@ -314,9 +320,10 @@ class MergePlan:
                 shape, dtype = shapes[name]
                 flat = torch.empty(shape.numel(), dtype=dtype)
                 lo = 0
-                for chunk in chunks:
-                    flat[lo: lo + chunk.numel()].copy_(chunk)
-                    lo += chunk.numel()
+                with nvtx_range(f"engine.tensor:{name}"):
+                    for chunk in chunks:
+                        flat[lo: lo + chunk.numel()].copy_(chunk)
+                        lo += chunk.numel()
                 result[name] = flat.view(shape)
         return result
 
@@ -368,22 +375,19 @@ class MergePlan:
                     writer.join(shared)
             digests = {}
             if hash_inputs:
-                tick = time.perf_counter()
-                files = [path for raw in self.inputs for path in checkpoint_files(raw)][rank::world]
-                digests = dict(zip(map(str, files), (pool.map if pool else map)(sha256_file, files)))
-                timings["hash_s"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            share = (ranks, [self._layout_index[self.outputs[i][0]] for i in own
-                             if self.outputs[i][0] in self._layout_index]) if ranks is not None else None
-            tensors = self._tensors(_Reader(self, progress, pool, share), progress, own)
-            first = next(tensors, None)  # runs the method's global passes, if any
-            timings["prepare_s"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            if first is not None:  # a rank may hold no tensors (more ranks than tensors)
-                writer.write_tensor(*first)
-            for name, chunks in tensors:
-                writer.write_tensor(name, chunks)
-            timings["merge_s"] = time.perf_counter() - tick
+                with timed_range("engine.hash", timings, "hash_s"):
+                    files = [path for raw in self.inputs for path in checkpoint_files(raw)][rank::world]
+                    digests = dict(zip(map(str, files), (pool.map if pool else map)(sha256_file, files)))
+            with timed_range("engine.prepare", timings, "prepare_s"):
+                share = (ranks, [self._layout_index[self.outputs[i][0]] for i in own
+                                 if self.outputs[i][0] in self._layout_index]) if ranks is not None else None
+                tensors = self._tensors(_Reader(self, progress, pool, share), progress, own)
+                first = next(tensors, None)  # runs the method's global passes, if any
+            with timed_range("engine.merge_write", timings, "merge_s"):
+                # a rank may hold no tensors (more ranks than tensors)
+                for name, chunks in itertools.chain([first] if first is not None else [], tensors):
+                    with nvtx_range(f"engine.tensor:{name}"):
+                        writer.write_tensor(name, chunks)
             result = getattr(self.method, "result", None)  # what a data method found: CG residuals, ESM's alpha
             mine = {"rank": rank, "tensors": len(own), "bytes_read": sum(s.bytes_read for s in sources) - read_before,
                     "seconds": time.perf_counter() - started, "peak_rss_anon_bytes": memory.peak}

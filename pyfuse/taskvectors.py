@@ -21,6 +21,7 @@ from .finite import check_finite
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
 from .ops.factors import LoraFactors
+from .ops.profiling import nvtx_range
 from .progress import progress_bar
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -198,11 +199,13 @@ class TaskVectors:
         vectors = torch.empty(len(sources), hi - lo, dtype=dtype, device=device)
         for index in progress_bar(range(first, last), desc="task vectors", disable=not progress):
             key, start, end = layout.names[index], offsets[index] - lo, offsets[index + 1] - lo
-            b = base_flat[start:end]
-            b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite).reshape(-1))
-            for row, source in enumerate(sources):
-                tuned = check_finite(source.get(key), f"{source.label}: tensor {key!r}", allow_nonfinite)
-                vectors[row, start:end].copy_(tuned.reshape(-1).to(device=b.device, dtype=torch.float32) - b)
+            with nvtx_range("taskvectors.read"):
+                b = base_flat[start:end]
+                b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite)
+                        .reshape(-1))
+                for row, source in enumerate(sources):
+                    tuned = check_finite(source.get(key), f"{source.label}: tensor {key!r}", allow_nonfinite)
+                    vectors[row, start:end].copy_(tuned.reshape(-1).to(device=b.device, dtype=torch.float32) - b)
         carried = {key: base_src.get(key).to(device) for key in base_src.keys() if key not in set(layout.names)}
         return cls(layout, base_flat, vectors, names, carried, None if shard_of is None else (first, last))
 
