@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := build/.installed
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test bench lint gpu-check
 
 install:
 	@# torch and torchvision only when missing, pinned to the project's pair (open_clip needs torchvision);
@@ -35,3 +35,11 @@ bench: install
 
 lint:
 	$(PYTHON) -m ruff check .
+
+# On a CUDA machine without network, with its own torch and triton: any wheel carried in wheels/ (e.g. nvtx;
+# benchmarks/gpu_check.py says how to fetch them), the project without dependencies, then the check (under 8
+# minutes; without CUDA it is a dry run at tiny sizes). GPU_CHECK_ARGS passes options, e.g. --json PATH.
+gpu-check:
+	@if ls wheels/*.whl >/dev/null 2>&1; then $(PIP) install --quiet --no-index --no-deps wheels/*.whl; fi
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
