@@ -35,4 +35,4 @@ def register() -> None:
     spec.submodule_search_locations = [checkout]
     module = importlib.util.module_from_spec(spec)
     sys.modules[NAME] = module
-    setattr(sys.modules["pyfuse"], "kernels", module)
+    sys.modules["pyfuse"].kernels = module
