@@ -224,9 +224,9 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     kind = method_kind(config.method)
-    refuse_inapplicable({"dtype": args.dtype is not None, "no_hash": args.no_hash, "resume": args.resume,
-                         "autocast": args.autocast is not None}, config.method.name, kind,
-                        lambda option: "--" + option.replace("_", "-"))
+    given = {"dtype": args.dtype is not None, "no_hash": args.no_hash, "resume": args.resume,
+             "autocast": args.autocast is not None, "trust_code": args.trust_code}
+    refuse_inapplicable(given, config.method.name, kind, lambda option: "--" + option.replace("_", "-"))
     if args.device is not None:  # before a model is loaded: the device exists, and the method computes there
         check_device_applies(config.method.name, kind, resolve_device(args.device), "--device")
     if config.adaptive:

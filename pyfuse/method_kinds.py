@@ -24,6 +24,8 @@ OPTION_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
     "resume": (("adaptive",), "{method} merges in one pass; only adaptive methods checkpoint and resume"),
     "autocast": (("adaptive",), "{method} runs no model forward that reduced precision could speed up; "
                                 "autocast is for the adaptive methods' forward passes"),
+    "trust_code": (("task-data", "adaptive"), "{method} runs no code from the config; only the methods that run "
+                                              "the model on tasks (adaptive ones, regmean++) import its callables"),
 }
 # kinds that compute on the CPU only, and why
 CPU_ONLY: dict[str, str] = {

@@ -40,7 +40,7 @@ def _devices_of(loop: AdaptiveLoop) -> dict[str, set[torch.device]]:
     return {
         "base and carried tensors": {tv.base.device, *(t.device for t in tv.carried.values())},
         "vectors": {v.device for v in vectors},
-        "logits": {m.logits.device}, "coefficients": {m.coefficients.device},
+        "logits": {m.logits.device}, "coefficients": {m.coefficients.device}, "offsets": {m.offsets.device},
         "optimizer state": {t.device for t in state},
         "model": {t.device for t in [*m.model.parameters(), *m.model.buffers()]},
     }
@@ -218,6 +218,7 @@ def static_config(tmp_path):
 @pytest.mark.parametrize("option, message", [
     (["--resume"], "--resume does not apply to task_arithmetic (static)"),
     (["--autocast", "bf16"], "--autocast does not apply to task_arithmetic (static)"),
+    (["--trust-code"], "--trust-code does not apply to task_arithmetic (static)"),
 ])
 def test_static_merges_refuse_what_applies_to_adaptive_methods_only(static_config, tmp_path, capsys, option,
                                                                     message):
@@ -262,7 +263,8 @@ def test_data_aware_and_task_data_methods_refuse_a_device_other_than_the_cpu():
 def test_option_table_refuses_each_inapplicable_option():
     for option, kinds in (("dtype", ("adaptive",)), ("no_hash", ("adaptive",)),
                           ("resume", ("static", "data-aware", "task-data")),
-                          ("autocast", ("static", "data-aware", "task-data"))):
+                          ("autocast", ("static", "data-aware", "task-data")),
+                          ("trust_code", ("static", "data-aware"))):
         for kind in kinds:
             with pytest.raises(ValueError, match=f"{option} does not apply to m \\({kind}\\)"):
                 refuse_inapplicable({option: True}, "m", kind)

@@ -71,7 +71,7 @@ class ConcreteMerger(torch.nn.Module):
         self.shard_sizes = [int(layout.offsets[last] - layout.offsets[first]) for first, last in shards]
         first, last = task_vectors.segments
         # this shard's segment offsets from 0; one tensor for every pass (backends cache tables per offsets)
-        self.offsets = layout.offsets[first:last + 1] - layout.offsets[first]
+        self.offsets = (layout.offsets[first:last + 1] - layout.offsets[first]).to(task_vectors.base.device)
         # Kept out of the module tree: the model's parameters are not the merger's state.
         self.__dict__["model"] = model.eval()
         self.__dict__["task_vectors"] = task_vectors
