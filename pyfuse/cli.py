@@ -378,8 +378,10 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import FIGURE_NAME, REPORT_NAME, run_demo
+    from .device import resolve_device
 
     settings = demo_settings(args)
+    resolve_device(args.device)  # a device torch cannot see fails before the encoder is loaded
     report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
                       log=lambda message: print(message, flush=True))
     print()
@@ -424,8 +426,11 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_finetune(args: argparse.Namespace) -> int:
     from .data.embedded import load_embedded_tasks
     from .demo import classifier_task, data_id
+    from .device import resolve_device
     from .finetune import finetune
     from .models.text_classifier import TextEncoder
+
+    resolve_device(args.device)  # a device torch cannot see fails before the encoder is loaded
 
     config = _finetune_config(args)
     encoder = TextEncoder()

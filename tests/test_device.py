@@ -321,3 +321,20 @@ def test_adaptive_merge_takes_device_autocast_threads_and_no_progress(clip_dirs,
     assert bars_disabled == [True]
     assert main(["merge", config, str(tmp_path / "out2"), "--trust-code"]) == 0  # without: a bar, no placement
     assert bars_disabled == [True, False] and threads_during == [1]
+
+
+def test_demo_and_finetune_check_their_device_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import pyfuse.models.text_classifier as text_classifier
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder was loaded before the device was checked")
+
+    monkeypatch.setattr(text_classifier.TextEncoder, "__init__", no_encoder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--device", "cuda", "--methods", "fisher", "--out", str(tmp_path / "demo")]) == 1
+    assert "--device cuda does not apply to fisher (data-aware)" in capsys.readouterr().err
+    for command in (["demo", "--out", str(tmp_path / "demo")], ["finetune"]):
+        assert main([*command, "--device", "cuda", "--cache", str(tmp_path / "cache")]) == 1
+        assert "torch reports no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "cache").exists()
+    assert DemoSettings(device="cuda").device == "cuda"  # the default methods all run on a GPU
