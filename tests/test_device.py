@@ -226,10 +226,21 @@ def test_static_merges_refuse_what_applies_to_adaptive_methods_only(static_confi
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_static_merge_on_the_explicit_cpu_device(static_config, tmp_path):
+def test_static_merge_on_the_explicit_cpu_device(static_config, tmp_path, monkeypatch):
+    from pyfuse.merge import MergePlan
+
+    seen = []
+    real = MergePlan._merge_chunk
+
+    def merge_chunk(self, chunk, plan, dtype):
+        seen.append((self.device, chunk.base.device, chunk.deltas.device))
+        return real(self, chunk, plan, dtype)
+
+    monkeypatch.setattr(MergePlan, "_merge_chunk", merge_chunk)
     assert main(["merge", static_config, str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["device"] == "cpu"
+    assert seen and set(seen) == {(torch.device("cpu"),) * 3}
 
 
 def test_a_malformed_device_is_refused_by_the_parser(static_config, tmp_path, capsys):
