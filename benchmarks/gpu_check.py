@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -99,9 +100,13 @@ def missing_imports() -> list[str]:
 def provenance(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     import pyfuse
 
-    def version(distribution: str) -> str | None:
+    def version(module: str) -> str | None:
+        try:  # the module's own version first: CUDA machines often carry triton as "pytorch-triton"
+            return str(importlib.import_module(module).__version__)
+        except (ImportError, AttributeError):
+            pass
         try:
-            return importlib.metadata.version(distribution)
+            return importlib.metadata.version(module)
         except importlib.metadata.PackageNotFoundError:
             return None
 
