@@ -61,7 +61,6 @@ from pyfuse.io.sources import TensorSource, open_source
 from pyfuse.merge import plan_merge
 from pyfuse.methods import create_method
 from pyfuse.methods.cg import conjugate_gradient
-from pyfuse.methods.data import DataMethod
 from pyfuse.methods.mats import MaTS, kfac_system, regmean_system, regularize_gram
 from pyfuse.stats import KINDS, Statistics, collect_statistics
 
@@ -265,8 +264,7 @@ def statistics_part(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
 # Part 2: the merges
 # ------------------------------------------------------------------------------------------------
 def _needs(method: str, params: dict[str, Any]) -> tuple[str, ...]:
-    instance = create_method(method, **params)
-    return tuple(instance.needs) if isinstance(instance, DataMethod) else ()
+    return tuple(create_method(method, **params).needs)
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:

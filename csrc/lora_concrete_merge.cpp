@@ -179,8 +179,9 @@ void lora_merge_apply(const at::Tensor& base, const at::Tensor& left, const at::
 
 template <int MODE, typename TF>
 void lora_backward_accumulate_impl(const float* g, const TF* left, const TF* right, const float* coef,
-                                   const float* x, const Noise& nz, float* ga, bool need_ga, bool need_dots,
-                                   const Factored& f, std::vector<double>& part, std::vector<double>& tile_gam) {
+                                   const float* x, const Noise& nz, int64_t start, float* ga, bool need_ga,
+                                   bool need_dots, const Factored& f, std::vector<double>& part,
+                                   std::vector<double>& tile_gam) {
   for_each_tile(static_cast<int64_t>(f.tiles.size()), [&](int64_t t) {
     const RowTile tile = f.tiles[t];
     const int64_t s = tile.seg, K = f.k1[s] - f.k0[s], cols = f.cols[s], tr = tile.row1 - tile.row0;
@@ -190,7 +191,7 @@ void lora_backward_accumulate_impl(const float* g, const TF* left, const TF* rig
     for (int64_t o = 0; o < len; o += kChunk) {
       const int64_t n = std::min(kChunk, len - o);
       float* gmo = gm.data() + o;
-      chunk_mask<MODE>(x + j0 + o, nz, static_cast<uint64_t>(j0 + o), n, gmo);
+      chunk_mask<MODE>(x + j0 + o, nz, static_cast<uint64_t>(start + j0 + o), n, gmo);
       for (int64_t k = 0; k < n; ++k) gmo[k] *= g[j0 + o + k];
     }
     if (K > 0 && (need_ga || need_dots)) {
@@ -224,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> lora_backward_accumulate(
     const at::Tensor& grad_out, const at::Tensor& left, const at::Tensor& right, const at::Tensor& rows,
     const at::Tensor& comp_offsets, const at::Tensor& coef, const at::Tensor& logits, const at::Tensor& offsets,
     uint64_t seed, uint32_t step, double temperature, int64_t mode, at::Tensor ga_out, bool need_ga,
-    bool need_dots) {
+    bool need_dots, int64_t start) {
   const int64_t D = logits.numel();
   check_f32(logits, "logits", D);
   check_f32(grad_out, "grad_out", D);
@@ -243,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> lora_backward_accumulate(
       lora_backward_accumulate_impl<MODE, TF>(
           grad_out.data_ptr<float>(), reinterpret_cast<const TF*>(left.data_ptr()),
           reinterpret_cast<const TF*>(right.data_ptr()), coef.data_ptr<float>(), logits.data_ptr<float>(), nz,
-          ga_out.data_ptr<float>(), need_ga, need_dots, f, part, tile_gam);
+          start, ga_out.data_ptr<float>(), need_ga, need_dots, f, part, tile_gam);
     });
   });
   at::Tensor comp_dot = at::empty({K}, logits.options().dtype(at::kFloat));
@@ -273,10 +274,12 @@ void register_lora(pybind11::module_& m) {
         py::arg("coef"), py::arg("offsets"), py::arg("seg_scale"), py::arg("m_inout"));
   m.def("lora_backward_accumulate", &lora_backward_accumulate,
         "returns (comp_dot [K], seg_gam [S]) and writes ga_out = g * a (factored task vectors); need_ga / "
-        "need_dots false skip ga_out and seg_gam / comp_dot (left zero)",
+        "need_dots false skip ga_out and seg_gam / comp_dot (left zero); the mask's noise is drawn from the global "
+        "index start on",
         py::arg("grad_out"), py::arg("left"), py::arg("right"), py::arg("rows"), py::arg("comp_offsets"),
         py::arg("coef"), py::arg("logits"), py::arg("offsets"), py::arg("seed"), py::arg("step"),
-        py::arg("temperature"), py::arg("mode"), py::arg("ga_out"), py::arg("need_ga"), py::arg("need_dots"));
+        py::arg("temperature"), py::arg("mode"), py::arg("ga_out"), py::arg("need_ga"), py::arg("need_dots"),
+        py::arg("start") = 0);
 }
 
 }  // namespace pyfuse

@@ -90,10 +90,10 @@ def _lora_merge_apply_kernel(
     tl.store(m_ptr + idx, base + m * scale * a, mask=valid)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "noise_start"])
 def _lora_backward_kernel(
     g_ptr, left_ptr, right_ptr, coef_ptr, logits_ptr, ga_ptr, partial_ptr, tiles_ptr, segs_ptr,
-    num_tiles, gam_row, seed_lo, seed_hi, step, temperature,
+    num_tiles, gam_row, seed_lo, seed_hi, step, temperature, noise_start,
     MODE: tl.constexpr, NEED_GA: tl.constexpr, NEED_DOTS: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
 ):
@@ -102,7 +102,7 @@ def _lora_backward_kernel(
         _tile_geometry(tiles_ptr, segs_ptr, BR, BC)
     tiles = tl.cast(num_tiles, tl.int64)
     g = tl.load(g_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, 0, MODE)
+    m = regenerate_mask(logits_ptr, idx, valid, seed_lo, seed_hi, step, temperature, noise_start, MODE)
     gm = tl.where(valid, g * m, 0.0)
     a = tl.zeros([BR, BC], dtype=tl.float32)
     for kb in range(0, num_comps, BK):
@@ -185,7 +185,7 @@ def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_s
 
 def lora_backward_accumulate(
     grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
-    need_ga=True, need_dots=True,
+    need_ga=True, need_dots=True, start=0,
 ):
     mode = _check_mode(mode)
     seed_lo, seed_hi, step_ = seed_args(seed, step)
@@ -200,7 +200,7 @@ def lora_backward_accumulate(
     if table.num_tiles and (need_ga or need_dots):
         _lora_backward_kernel[(table.num_tiles,)](
             _flat(grad_out), left, right, _fp32(coef, device), logits, out.buf, partial, table.tiles, table.segs,
-            table.num_tiles, dot_rows, seed_lo, seed_hi, step_, float(temperature),
+            table.num_tiles, dot_rows, seed_lo, seed_hi, step_, float(temperature), int(start),
             MODE=mode, NEED_GA=bool(need_ga), NEED_DOTS=bool(need_dots), BR=BLOCK_ROWS, BC=BLOCK_COLS,
             BK=BLOCK_COMPS, num_warps=NUM_WARPS,
         )

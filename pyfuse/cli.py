@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import MergeConfig
     from .demo import DemoSettings
+    from .engine import MergePlan
+    from .methods.learned import MergeResult
 
 _MAIN_EPILOG = """\
 examples:
@@ -86,16 +88,12 @@ class Command:
 # ---------------------------------------------------------------------------------------------
 def _method_table() -> str:
     from .methods import available_methods, get_method
-    from .methods.adaptive import AdaptiveMethod
-    from .methods.data import DataMethod, TaskDataMethod
 
     lines = []
     for name in available_methods():
         cls = get_method(name)
-        needs = (f" [statistics: {', '.join(cls.needs)}]" if issubclass(cls, DataMethod) else
-                 " [adaptive: tasks, --trust-code]" if issubclass(cls, AdaptiveMethod) else
-                 " [tasks, --trust-code]" if issubclass(cls, TaskDataMethod) else "")
-        lines.append(f"  {name}: {cls.summary}{needs}")
+        note = cls.inputs_note()
+        lines.append(f"  {name}: {cls.summary}{' ' + note if note else ''}")
         for key, spec in cls.params.items():
             default = "none" if spec.default is None else spec.default
             lines.append(f"      {key} ({default}): {spec.help}")
@@ -186,78 +184,34 @@ def _plan_rows(summary: dict[str, Any], out_dir: Path, shards: int) -> list[tupl
     return rows
 
 
-def _run_adaptive(args: argparse.Namespace, config: MergeConfig) -> int:
-    """Adaptive methods learn from data: `pyfuse.config.run_adaptive` runs them."""
-    from . import distributed
-    from .config import ConfigError, run_adaptive
-    from .device import torch_threads
-    from .io.atomic import check_output_dir
-
-    if args.dry_run:
-        raise ConfigError(f"{args.config}: --dry-run is for the static methods; {config.method.name} needs data")
-    check_output_dir(args.out_dir, args.force or args.resume, [args.config])
-    run = {key: value for key, value in (("device", args.device), ("autocast", args.autocast)) if value is not None}
-    if args.no_progress:
-        run["progress"] = False
-    # under torchrun the ranks split the tasks (pyfuse.adaptive.loop); with CUDA each takes LOCAL_RANK's GPU, NCCL
-    with distributed.group(args.device or config.run.get("device") or "cpu") as ranks, torch_threads(args.threads):
-        result = run_adaptive(config, args.out_dir, resume=args.resume, force=args.force,
-                              trust_code=args.trust_code, allow_nonfinite=args.allow_nonfinite,
-                              source=str(args.config), **run)
-    if ranks is not None and ranks.rank:  # rank 0 prints the summary
-        return 0
+def _print_adaptive(args: argparse.Namespace, config: MergeConfig, result: MergeResult) -> None:
+    """An adaptive run's summary: its final accuracies."""
     print(f"merged with {config.method.name} -> {args.out_dir}")
     rows = [(f"accuracy {task}", f"{acc:.4f}") for task, acc in result.report["final_accuracy"].items()]
     if result.report["final_average"] is not None:
         rows.append(("average", f"{result.report['final_average']:.4f}"))
     print(_table([*rows, ("report", str(args.out_dir / "report.json"))]))
-    return 0
 
 
-def _run_merge(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config, model_and_tasks
-    from .device import resolve_device
+def _print_dry_run(args: argparse.Namespace, plan: MergePlan, shard_size: str | int) -> None:
+    """What a merge would read and write, and its predicted peak memory."""
     from .io.atomic import check_output_dir
     from .io.writer import ShardedWriter, parse_size
-    from .merge import DEFAULT_SHARD_SIZE, plan_merge
-    from .method_kinds import check_device_applies, method_kind, refuse_inapplicable
 
-    config = load_config(args.config)
-    kind = method_kind(config.method)
-    given = {"dtype": args.dtype is not None, "no_hash": args.no_hash, "resume": args.resume,
-             "autocast": args.autocast is not None, "trust_code": args.trust_code}
-    refuse_inapplicable(given, config.method.name, kind, lambda option: "--" + option.replace("_", "-"))
-    if args.device is not None:  # before a model is loaded: the device exists, and the method computes there
-        check_device_applies(config.method.name, kind, resolve_device(args.device), "--device")
-    if config.adaptive:
-        return _run_adaptive(args, config)
-    runs = {}
-    if config.tasks:  # regmean++ runs the model on its tasks: code from the config, a model loaded with weights
-        if args.dry_run:
-            raise ConfigError(f"{args.config}: --dry-run reads no tensor data; {config.method.name} runs the model "
-                              "on its tasks")
-        check_output_dir(args.out_dir, args.force, [args.config])  # before the model and tasks are loaded
-        runs["model"], runs["tasks"] = model_and_tasks(config, args.trust_code, str(args.config))
-    plan = plan_merge(config.method.name, config.base, config.models, dtype=args.dtype or config.dtype,
-                      device=args.device or "cpu", threads=args.threads, statistics=config.statistics,
-                      allow_nonfinite=args.allow_nonfinite, **runs, **config.parameters)
     # the output location is checked before any tensor data is read, in dry runs too
     target = check_output_dir(args.out_dir, args.force, [args.config, *plan.input_paths()])
-    shard_size = config.shard_size or DEFAULT_SHARD_SIZE
     shards = len(ShardedWriter(target, plan.outputs, parse_size(shard_size)).shard_names)
     summary = plan.summary()
-    if args.dry_run:
-        print(f"pyfuse merge --dry-run {args.config}: everything checks out; no tensor data was read")
-        rows = _plan_rows(summary, args.out_dir, shards)
-        rows.append(("peak memory", f"{_size(summary['predicted_peak_rss_anon_bytes'])} anonymous (predicted)"))
-        if args.out_dir.exists():
-            rows.append(("note", f"{args.out_dir} exists and will be replaced (--force)"))
-        print(_table(rows))
-        return 0
-    report = plan.write(args.out_dir, force=args.force, shard_size=shard_size, hash_inputs=not args.no_hash,
-                        progress=not args.no_progress, other_inputs=[args.config])
-    if "distributed" in report and int(os.environ.get("RANK", "0")):  # every rank returns it; rank 0 prints it
-        return 0
+    print(f"pyfuse merge --dry-run {args.config}: everything checks out; no tensor data was read")
+    rows = _plan_rows(summary, args.out_dir, shards)
+    rows.append(("peak memory", f"{_size(summary['predicted_peak_rss_anon_bytes'])} anonymous (predicted)"))
+    if args.out_dir.exists():
+        rows.append(("note", f"{args.out_dir} exists and will be replaced (--force)"))
+    print(_table(rows))
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """A merge's summary from its report: files, time by phase, memory."""
     for path in report["removed_stale_partials"]:
         print(f"removed {path}, left by an earlier run of this merge that did not finish")
     timings = report["timings"]
@@ -272,6 +226,40 @@ def _run_merge(args: argparse.Namespace) -> int:
         *(("upcast", note) for note in report["dtype_upcasts"]),
         ("report", str(args.out_dir / "merge_report.json")),
     ]))
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    """One path for every method: the config hands its method to the runner (`pyfuse.runner`)."""
+    from .config import ConfigError, load_config
+    from .merge import DEFAULT_SHARD_SIZE
+    from .method_kinds import refuse_inapplicable
+    from .runner import plan_config, run_config
+
+    config = load_config(args.config)
+    name, source = config.method.name, str(args.config)
+    given = {"dtype": args.dtype is not None, "no_hash": args.no_hash, "resume": args.resume,
+             "autocast": args.autocast is not None, "trust_code": args.trust_code}
+    refuse_inapplicable(given, name, config.method.kind, lambda option: "--" + option.replace("_", "-"))
+    if args.dry_run:
+        if config.method.learns:
+            raise ConfigError(f"{args.config}: --dry-run is for the static methods; {name} needs data")
+        if config.method.runs_tasks:
+            raise ConfigError(f"{args.config}: --dry-run reads no tensor data; {name} runs the model on its tasks")
+        plan = plan_config(config, args.out_dir, force=args.force, dtype=args.dtype, device=args.device or "cpu",
+                           threads=args.threads, allow_nonfinite=args.allow_nonfinite, source=source,
+                           other_inputs=[args.config])
+        _print_dry_run(args, plan, config.shard_size or DEFAULT_SHARD_SIZE)
+        return 0
+    result = run_config(config, args.out_dir, force=args.force, resume=args.resume, trust_code=args.trust_code,
+                        allow_nonfinite=args.allow_nonfinite, dtype=args.dtype, device=args.device,
+                        autocast=args.autocast, threads=args.threads, hash_inputs=not args.no_hash,
+                        progress=not args.no_progress, source=source, other_inputs=[args.config])
+    if int(os.environ.get("RANK", "0")):  # every rank returns the result; rank 0 prints it
+        return 0
+    if config.method.learns:
+        _print_adaptive(args, config, result)
+    else:
+        _print_report(args, result)
     return 0
 
 

@@ -26,28 +26,23 @@ sections) and resolves relative paths against the config file's directory; error
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import distributed
-from .device import autocast_dtype, resolve_device
 from .methods import Method, available_methods, get_method
-from .methods.adaptive import AdaptiveMethod, MergeResult, RunOptions
-from .methods.data import TaskDataMethod
-from .task import Task
+from .methods.learned import MergeResult, RunOptions
+from .runner import VECTOR_DTYPES, check_trusted, model_and_tasks, run_adaptive
+
+__all__ = ["ConfigError", "MergeConfig", "check_config", "load_config", "read_yaml", "run_from_config"]
+__all__ += ["check_trusted", "model_and_tasks", "run_adaptive"]  # kept importable from here; they run configs
 
 COMMON_KEYS = ("method", "base", "models", "parameters")
 STATIC_KEYS = ("dtype", "shard_size")
 TASK_KEYS = ("tasks", "architecture")  # the model and its tasks: adaptive methods and task-data ones (regmean++)
 ADAPTIVE_KEYS = (*TASK_KEYS, "vector_dtype", "run")
-VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODEL_KEYS = ("path", "name", "weight", "statistics")
 
 
@@ -74,7 +69,7 @@ class MergeConfig:
 
     @property
     def adaptive(self) -> bool:
-        return isinstance(self.method, AdaptiveMethod)
+        return self.method.learns
 
 
 def read_yaml(path: Path) -> Any:
@@ -117,8 +112,7 @@ def check_config(config: Any, source: str = "config", here: Path | None = None) 
         cls = get_method(config["method"])
     except ValueError as err:
         raise fail(str(err)) from None
-    adaptive = issubclass(cls, AdaptiveMethod)
-    runs_tasks = adaptive or issubclass(cls, TaskDataMethod)
+    adaptive, runs_tasks = cls.learns, cls.runs_tasks
     allowed = ADAPTIVE_KEYS if adaptive else STATIC_KEYS + (TASK_KEYS if runs_tasks else ())
     wrong = sorted(set(config) - set(COMMON_KEYS) - set(allowed))
     if wrong:
@@ -205,65 +199,9 @@ def _models(entries: Any, resolve, fail) -> tuple[list, list, list, list]:
     return models, names, weights, statistics
 
 
-# ---------------------------------------------------------------------------------------------
-# Running an adaptive config
-# ---------------------------------------------------------------------------------------------
-def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: bool = False, force: bool = False,
-                 trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config",
-                 **run: Any) -> MergeResult:
-    """Run a checked adaptive config; outputs go to `out_dir` (see `run_from_config`). `run` overrides the
-    config's `run` section (`RunOptions` fields, e.g. device="cuda", progress=False)."""
-    from .io.atomic import check_output_dir
-    from .taskvectors import TaskVectors
-
-    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **{**config.run, **run})
-    device = resolve_device(options.device or "cpu")  # a bad device fails before any model is loaded
-    autocast_dtype(options.autocast)
-    check_trusted(config, trust_code, source)
-    inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
-    ranks = distributed.current()
-    with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
-        check_output_dir(out_dir, force or resume, inputs)
-    if ranks is not None:  # every rank checked before rank 0 writes into out_dir
-        ranks.sync()
-
-    # A rank reads only its shard of the task vectors (so a bad tensor may fail one rank alone: it fails all)
-    with ranks.failing_together() if ranks is not None else contextlib.nullcontext():
-        model, tasks = model_and_tasks(config, trust_code, source)
-        shard_of = (ranks.rank, ranks.world_size) if ranks is not None and config.method.loads_shard else None
-        task_vectors = TaskVectors.from_models(config.base, config.models, names=config.names,
-                                               dtype=VECTOR_DTYPES[config.vector_dtype], progress=options.progress,
-                                               allow_nonfinite=allow_nonfinite, shard_of=shard_of,
-                                               device=device)
-    if ranks is not None:
-        ranks.sync()
-    return config.method.run(model, task_vectors, tasks, options)
-
-
-def check_trusted(config: MergeConfig, trust_code: bool, source: str = "config") -> None:
-    """Raise unless `trust_code`: the config's `tasks` and `architecture` are code that would be run."""
-    code = [f"tasks.{name}" for name in config.tasks] + (["architecture"] if config.architecture else [])
-    if not trust_code:
-        raise PermissionError(f"{source}: {', '.join(code)} name Python callables that would be imported and run; "
-                              "pass --trust-code (trust_code=True) only for a config whose code you trust")
-
-
-def model_and_tasks(config: MergeConfig, trust_code: bool, source: str = "config") -> tuple[torch.nn.Module,
-                                                                                           list[Task]]:
-    """The model (the `architecture` callable's, or transformers.AutoModel's from the base) and one Task per
-    model, in the models' order: the config's code, run only with `trust_code`."""
-    check_trusted(config, trust_code, source)
-    base, architecture = config.base, config.architecture
-    model = _load_callable(architecture, "architecture", source)(base) if architecture else _auto_model(base, source)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{source}: architecture {architecture!r} returned a {type(model).__name__}, not an "
-                        "nn.Module")
-    return model, [_make_task(name, config.tasks[name], source) for name in config.names]
-
-
 def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False,
                     force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False,
-                    device: str | torch.device | None = None) -> MergeResult:
+                    device: str | None = None) -> MergeResult:
     """Run the adaptive method a config mapping names (paths as given); outputs go to `out_dir`.
 
     A config names Python callables (`tasks`, `architecture`) that are imported and called: that runs
@@ -277,54 +215,9 @@ def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, re
     `device` ("cpu", "cuda", "cuda:N") overrides the config's `run.device`: where the run computes.
     """
     name = config.get("method") if isinstance(config, Mapping) else None
-    if isinstance(name, str) and name in available_methods() and not issubclass(get_method(name), AdaptiveMethod):
+    if isinstance(name, str) and name in available_methods() and not get_method(name).learns:
         raise ConfigError(f"config: method {name!r} is not adaptive; run it with pyfuse.merge or `pyfuse merge`")
     checked = check_config(config)
     overrides = {"device": device} if device is not None else {}
     return run_adaptive(checked, out_dir, resume=resume, force=force, trust_code=trust_code,
                         allow_nonfinite=allow_nonfinite, **overrides)
-
-
-def _make_task(name: str, spec: Any, source: str) -> Task:
-    if isinstance(spec, Mapping):
-        if set(spec) - {"factory", "kwargs"} or "factory" not in spec:
-            raise ValueError(f"{source}: task {name!r} must be 'module:function' or "
-                             "{factory: ..., kwargs: {...}}")
-        factory, kwargs = spec["factory"], dict(spec.get("kwargs") or {})
-    else:
-        factory, kwargs = spec, {}
-    task = _load_callable(factory, f"task {name!r}", source)(**kwargs)
-    if not isinstance(task, Task):
-        raise TypeError(f"{source}: task {name!r}: {factory} returned a {type(task).__name__}, not a pyfuse.Task")
-    if task.name != name:
-        raise ValueError(f"{source}: task {name!r}: {factory} returned a task named {task.name!r}")
-    return task
-
-
-def _load_callable(spec: Any, what: str, source: str):
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"{source}: {what} must be a 'module:function' string, got {spec!r}")
-    module_name, attribute = spec.split(":")
-    try:
-        target = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{source}: {what}: cannot import {module_name!r} ({err})") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"{source}: {what}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"{source}: {what}: {spec!r} is not callable")
-    return target
-
-
-def _auto_model(base: Any, source: str) -> torch.nn.Module:
-    from transformers import AutoModel
-
-    try:
-        return AutoModel.from_pretrained(base)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{source}: cannot build the model from base {base!r} with transformers.AutoModel ({err}); "
-            "name an 'architecture' callable"
-        ) from None

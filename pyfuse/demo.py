@@ -35,7 +35,7 @@ from .io.atomic import atomic_path
 from .memory import PeakRssAnon
 from .merge import merge, plan_merge
 from .method_kinds import check_device_applies
-from .methods import adaptive
+from .methods import Method, create_method, get_method, learned
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
 from .stats import Statistics, collect_statistics
@@ -44,47 +44,64 @@ from .taskvectors import TaskVectors
 
 REPORT_NAME = "report.json"
 FIGURE_NAME = "demo.png"
-STATIC_METHODS = {
-    "weight_averaging": ("average", {}),
-    "task_arithmetic": ("task_arithmetic", {"scaling": 0.3}),
-    "ties": ("ties", {"density": 0.2, "scaling": 0.3}),
-    "model_stock": ("model_stock", {}),
-    "tsv": ("tsv", {}),
-    "iso_c": ("iso_c", {}),
-    "iso_cts": ("iso_cts", {}),
-    "wudi": ("wudi", {}),
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """A row of the demo's table: a registered method with the demo's parameters. What the method is (its kind,
+    the statistics it needs, whether it depends on the seed, its display name) the registry says."""
+
+    method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # default: the method's display name
+    opt_in: bool = False  # run only when named (`--methods`)
+
+    def instance(self) -> Method:
+        return create_method(self.method, **self.parameters)
+
+
+ROWS = {  # the default rows first, in the table's order, then the opt-in ones
+    "weight_averaging": DemoRow("average"),
+    "task_arithmetic": DemoRow("task_arithmetic", {"scaling": 0.3}),
+    "ties": DemoRow("ties", {"density": 0.2, "scaling": 0.3}),
+    "model_stock": DemoRow("model_stock"),
+    "tsv": DemoRow("tsv"),
+    "iso_c": DemoRow("iso_c"),
+    "iso_cts": DemoRow("iso_cts"),
     # mergekit's methods at a density that sparsifies (their default, 1, keeps everything): breadcrumbs sums,
     # so lambda is task arithmetic's scaling; DELLA averages the agreeing entries, so lambda stays 1
-    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01, "lambda": 0.3}),
-    "della": ("della", {"density": 0.5, "epsilon": 0.1}),
-    "magmax": ("magmax", {}),
+    "breadcrumbs": DemoRow("breadcrumbs", {"density": 0.9, "gamma": 0.01, "lambda": 0.3}),
+    "della": DemoRow("della", {"density": 0.5, "epsilon": 0.1}),
+    "magmax": DemoRow("magmax"),
+    "adamerging": DemoRow("adamerging", label="AdaMerging (layer-wise)"),
+    "concrete_task_arithmetic": DemoRow("concrete_task_arithmetic"),
+    "concrete_adamerging": DemoRow("concrete_adamerging", label="Concrete AM (layer-wise)"),
+    "fisher": DemoRow("fisher", opt_in=True),
+    "regmean": DemoRow("regmean", opt_in=True),
+    "mats_regmean": DemoRow("mats", {"objective": "regmean"}, "MaTS-RegMean", opt_in=True),
+    "mats_kfac": DemoRow("mats", {"objective": "kfac"}, "MaTS-KFAC", opt_in=True),
+    "esm": DemoRow("esm", opt_in=True),
+    "esm++": DemoRow("esm++", opt_in=True),
+    # runs the models on the training examples the statistics come from
+    "regmean++": DemoRow("regmean++", opt_in=True),
+    "wudi": DemoRow("wudi", opt_in=True),  # 400 Adam steps per matrix take minutes on a CPU
 }
-SLOW_STATIC_METHODS = ("wudi",)  # opt-in (`--methods`): 400 Adam steps per matrix take minutes on a CPU
-ADAPTIVE_METHODS = ("adamerging", "concrete_task_arithmetic", "concrete_adamerging")
-DATA_METHODS = {  # demo name: (registered method, parameters, statistics it needs)
-    "fisher": ("fisher", {}, ("fisher",)),
-    "regmean": ("regmean", {}, ("gram_in",)),
-    "mats_regmean": ("mats", {"objective": "regmean"}, ("gram_in",)),
-    "mats_kfac": ("mats", {"objective": "kfac"}, ("gram_in", "gram_out")),
-    "esm": ("esm", {}, ("acts",)),
-    "esm++": ("esm++", {}, ("acts",)),
-}
-TASK_DATA_METHODS = ("regmean++",)  # run the models on the training examples the statistics come from
-METHODS = (*(m for m in STATIC_METHODS if m not in SLOW_STATIC_METHODS), *ADAPTIVE_METHODS)
-STOCHASTIC = ("della", *ADAPTIVE_METHODS, *DATA_METHODS)
+METHODS = tuple(name for name, row in ROWS.items() if not row.opt_in)
+"""The demo's default rows; the others are opt-in (`--methods`)."""
+ALL_METHODS = tuple(ROWS)
+STOCHASTIC = tuple(name for name, row in ROWS.items() if get_method(row.method).stochastic)
 """Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per seed."""
-"""The demo's default rows; `DATA_METHODS`, `TASK_DATA_METHODS` and `SLOW_STATIC_METHODS` are opt-in (`--methods`)."""
-ALL_METHODS = (*METHODS, *DATA_METHODS, *TASK_DATA_METHODS, *SLOW_STATIC_METHODS)
-LABELS = {
-    "individual": "Individual", "pretrained": "Pre-trained", "weight_averaging": "Weight Averaging",
-    "task_arithmetic": "Task Arithmetic", "ties": "Ties-Merging", "adamerging": "AdaMerging (layer-wise)",
-    "concrete_task_arithmetic": "Concrete TA", "concrete_adamerging": "Concrete AM (layer-wise)",
-    "fisher": "Fisher", "regmean": "RegMean", "mats_regmean": "MaTS-RegMean", "mats_kfac": "MaTS-KFAC",
-    "esm": "ESM", "esm++": "ESM++", "model_stock": "Model Stock", "tsv": "TSV-M", "iso_c": "Iso-C",
-    "iso_cts": "Iso-CTS", "wudi": "WUDI", "breadcrumbs": "Breadcrumbs", "della": "DELLA", "magmax": "MagMax",
-    "regmean++": "RegMean++",
-}
-
+# The tables this module kept before the registry answered for each method, as views of ROWS in their old shapes
+# (deprecated, for one release): nothing here is written by hand.
+STATIC_METHODS = {name: (row.method, row.parameters) for name, row in ROWS.items()
+                  if get_method(row.method).kind == "static"}
+SLOW_STATIC_METHODS = tuple(name for name in STATIC_METHODS if ROWS[name].opt_in)
+ADAPTIVE_METHODS = tuple(name for name, row in ROWS.items() if get_method(row.method).learns)
+DATA_METHODS = {name: (row.method, row.parameters, row.instance().needs) for name, row in ROWS.items()
+                if row.instance().needs}
+TASK_DATA_METHODS = tuple(name for name, row in ROWS.items() if get_method(row.method).kind == "task-data")
+LABELS = {"individual": "Individual", "pretrained": "Pre-trained",
+          **{name: row.label or get_method(row.method).label() for name, row in ROWS.items()}}
 
 LR_MOVEMENT, MASK_MOVEMENT = 0.1, 0.2
 """Total Adam movement of a coefficient and of a mask logit over a schedule (the authors' language setting)."""
@@ -134,9 +151,7 @@ class DemoSettings:
         if unknown:
             raise ValueError(f"unknown demo method {unknown[0]!r}; available: {', '.join(ALL_METHODS)}")
         for method in self.methods:  # before anything is loaded: methods that compute on the CPU only
-            kind = "data-aware" if method in DATA_METHODS else "task-data" if method in TASK_DATA_METHODS else None
-            if kind is not None:
-                check_device_applies(method, kind, torch.device(self.device), "--device")
+            check_device_applies(method, get_method(ROWS[method].method).kind, torch.device(self.device), "--device")
         if not self.methods:
             raise ValueError("choose at least one method")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -243,26 +258,26 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
                backend: str = "auto") -> MethodRun:
     """Merge with one demo method and one seed; evaluate the merged model on every task."""
     tasks = ctx.adaptation(seed)
-    stats = ctx.statistics(seed, progress) if method in DATA_METHODS else None
-    vectors = ctx.task_vectors() if method in ADAPTIVE_METHODS else None  # built once, outside the measured block
+    row = ROWS[method]
+    kind = row.instance()
+    stats = ctx.statistics(seed, progress) if kind.needs else None
+    vectors = ctx.task_vectors() if kind.learns else None  # built once, outside the measured block
     curve = None
     with PeakRssAnon() as memory:
         clock = time.perf_counter()
-        if method in STATIC_METHODS:
-            name, params = STATIC_METHODS[method]
-            if method in STOCHASTIC:
-                params = {**params, "seed": seed}
-            call = _bound(ctx.encoder, merge(name, ctx.base, list(ctx.models.values()), device=ctx.settings.device,
-                                             **params))
-        elif method in DATA_METHODS:
-            call = _data_merge(method, ctx, stats)
-        elif method in TASK_DATA_METHODS:
-            call = _task_data_merge(method, ctx)
-        else:
+        if kind.learns:
             result = _adaptive(method, ctx, vectors, tasks, seed, progress, backend)
             curve = {key: result.report[key] for key in ("entropy", "accuracy", "phases", "eval_mask")}
+        elif kind.needs:
+            call = _data_merge(method, ctx, stats)
+        elif kind.runs_tasks:
+            call = _task_data_merge(method, ctx)
+        else:
+            params = {**row.parameters, "seed": seed} if kind.stochastic else row.parameters
+            call = _bound(ctx.encoder, merge(row.method, ctx.base, list(ctx.models.values()),
+                                             device=ctx.settings.device, **params))
         seconds = time.perf_counter() - clock
-    if method in ADAPTIVE_METHODS:  # the run ends by evaluating its merged model on these tasks: not twice
+    if kind.learns:  # the run ends by evaluating its merged model on these tasks: not twice
         return MethodRun(seed, result.report["final_accuracy"], result.report["final_class_share"],
                          seconds=seconds, peak=memory.peak, extra=memory.extra, curve=curve)
     return evaluate(call, tasks, seed, seconds=seconds, peak=memory.peak, extra=memory.extra)
@@ -334,7 +349,7 @@ def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], model
                 settings: DemoSettings, progress: bool, seed: int) -> list[Statistics]:
     """Each fine-tuned model's statistics on its own task's first training examples (all kinds the chosen
     data-aware methods need, in one pass per task); none when no data-aware method is chosen."""
-    kinds = sorted({kind for m in settings.methods if m in DATA_METHODS for kind in DATA_METHODS[m][2]})
+    kinds = sorted({kind for m in settings.methods for kind in ROWS[m].instance().needs})
     if not kinds:
         return []
     stats = []
@@ -363,15 +378,14 @@ def _task_data_merge(method: str, ctx: DemoContext) -> Callable[..., Any]:
     the data-aware methods' statistics come from."""
     tasks = [Task(t.name, [batch for batch, _ in _statistics_batches(ctx.encoder, t, ctx.settings)], t.logits)
              for t in ctx.tasks]
-    merged = merge(method, ctx.encoder.module, list(ctx.models.values()), tasks=tasks)
+    merged = merge(ROWS[method].method, ctx.encoder.module, list(ctx.models.values()), tasks=tasks)
     return _bound(ctx.encoder, merged)
 
 
 def _data_merge(method: str, ctx: DemoContext, statistics: list[Statistics]) -> Callable[..., Any]:
     """Merge with a data-aware method; returns the merged model's call (ESM++: the routed model)."""
     encoder, settings = ctx.encoder, ctx.settings
-    name, params, _ = DATA_METHODS[method]
-    params = dict(params)
+    name, params = ROWS[method].method, dict(ROWS[method].parameters)
     if name in ("esm", "esm++"):
         start, stop = settings.stats_examples, settings.stats_examples + settings.validation_examples
         validation = [(t, t.labelled_batches(encoder, "train", 32)) for t in (
@@ -420,18 +434,18 @@ def _bound(encoder: TextEncoder, tensors: dict[str, torch.Tensor]) -> Callable[.
 
 
 def _adaptive(method: str, ctx: DemoContext, vectors: TaskVectors, tasks: Sequence[Task], seed: int, progress: bool,
-              backend: str) -> adaptive.MergeResult:
+              backend: str) -> learned.MergeResult:
     # the starting accuracy of each schedule is a row of the table already (task arithmetic)
     s, model = ctx.settings, ctx.encoder.module
     options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False,
                          device=s.device)
     if method == "adamerging":
-        return adaptive.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
+        return learned.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
                                    clamp=s.clamp, options=options)
     if method == "concrete_task_arithmetic":
-        return adaptive.concrete_task_arithmetic(model, vectors, tasks, steps=s.steps, mask_lr=s.logits_lr,
+        return learned.concrete_task_arithmetic(model, vectors, tasks, steps=s.steps, mask_lr=s.logits_lr,
                                                  eval_mask=s.eval_mask, seed=seed, options=options)
-    return adaptive.concrete_adamerging(model, vectors, tasks, granularity="layer", meta_steps=s.steps,
+    return learned.concrete_adamerging(model, vectors, tasks, granularity="layer", meta_steps=s.steps,
                                         adamerging_steps=s.steps, inner_lr=s.inner_lr,
                                         inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr,
                                         lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=seed, options=options)

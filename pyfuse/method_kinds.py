@@ -11,10 +11,12 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["KINDS", "OPTION_KINDS", "check_device_applies", "method_kind", "refuse_inapplicable"]
+from .methods.base import METHOD_KINDS
 
-KINDS = ("static", "data-aware", "task-data", "adaptive")
-WRITES_SHARDS = ("static", "data-aware", "task-data")  # the engine's sharded output and merge_report.json
+__all__ = ["KINDS", "OPTION_KINDS", "check_device_applies", "refuse_inapplicable"]
+
+KINDS = METHOD_KINDS  # what a method's `kind` says: "static", "data" (statistics), "task-data", "adaptive"
+WRITES_SHARDS = ("static", "data", "task-data")  # the engine's sharded output and merge_report.json
 
 # option -> (the kinds it applies to, why not for the others: "{method}" is the method's name)
 OPTION_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -29,24 +31,9 @@ OPTION_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # kinds that compute on the CPU only, and why
 CPU_ONLY: dict[str, str] = {
-    "data-aware": "its per-parameter solves run in float64 on the CPU, reading the statistics as they go",
+    "data": "its per-parameter solves run in float64 on the CPU, reading the statistics as they go",
     "task-data": "it runs the model block by block on the CPU",
 }
-
-
-def method_kind(method: type | object) -> str:
-    """"static", "data-aware", "task-data" or "adaptive" for a registered method (class or instance)."""
-    from .methods.adaptive import AdaptiveMethod
-    from .methods.data import DataMethod, TaskDataMethod
-
-    cls = method if isinstance(method, type) else type(method)
-    if issubclass(cls, AdaptiveMethod):
-        return "adaptive"
-    if issubclass(cls, DataMethod):
-        return "data-aware"
-    if issubclass(cls, TaskDataMethod):
-        return "task-data"
-    return "static"
 
 
 def refuse_inapplicable(given: Mapping[str, bool], method: str, kind: str, spell=lambda option: option) -> None:

@@ -14,17 +14,13 @@ from typing import Any
 
 import torch
 
+from .engine import merge
 from .io.sources import TensorSource
-from .merge import merge
 from .methods import create_method, get_method
-from .methods.concrete import Concrete
-from .methods.linear import Average, TaskArithmetic
 from .ops import concrete_merge
 from .taskvectors import TaskVectors
 
 __all__ = ["merge_task_vectors", "task_sources"]
-
-_FUSED = (Average, TaskArithmetic, Concrete)
 
 
 def merge_task_vectors(task_vectors: TaskVectors, method: str, *, backend: str = "auto", **params: Any
@@ -38,22 +34,14 @@ def merge_task_vectors(task_vectors: TaskVectors, method: str, *, backend: str =
     if not isinstance(task_vectors, TaskVectors):
         raise TypeError(f"task_vectors must be TaskVectors, got {type(task_vectors).__name__}")
     layout = task_vectors.layout
-    if not issubclass(get_method(method), _FUSED):
+    if not get_method(method).fused:
         models = task_sources(task_vectors)
         merged = merge(method, models[0], models[1:], dtype=torch.float32, **params)
         return {**merged, **task_vectors.carried}
     instance = create_method(method, **params)
     instance.bind(layout, task_vectors.n)
     device = task_vectors.base.device
-    numel = layout.numel
-    if isinstance(instance, Concrete):
-        p = instance.config
-        logits = instance.flat_logits(device)
-        options = {"seed": p["seed"], "step": p["step"], "temperature": p["temperature"], "mask": p["mask"],
-                   "rescale": p["rescale"]}
-    else:
-        logits = torch.zeros(numel, device=device)
-        options = {"seed": 0, "mask": "none", "rescale": False}
+    logits, options = instance.fused_mask(device, layout.numel)
     with torch.no_grad():
         flat = concrete_merge(task_vectors.base, task_vectors.vectors, logits, instance.coefficients().to(device),
                               layout.offsets.to(device), backend=backend, **options)

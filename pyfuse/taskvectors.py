@@ -18,6 +18,7 @@ import torch
 
 from .distributed import segment_shards
 from .finite import check_finite
+from .io.lora import factored
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
 from .ops.factors import LoraFactors
@@ -151,9 +152,8 @@ class TaskVectors:
         factors are stored in `dtype` (their scale stays fp32). `pyfuse.models.lora_task_vectors` builds the
         same task vectors dense.
         """
-        from .models.lora import lora_factored_task_vectors  # models build on this module
-
-        return lora_factored_task_vectors(base, adapters, names=names, dtype=dtype)
+        layout, base_flat, factors, names, carried = factored(base, adapters, names, dtype)
+        return cls(layout, base_flat, factors, names, carried)
 
     @classmethod
     def from_models(

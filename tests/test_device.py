@@ -20,7 +20,7 @@ from pyfuse.adaptive.loop import AdaptiveLoop, RunOptions, Settings
 from pyfuse.cli import main
 from pyfuse.demo import DemoSettings
 from pyfuse.device import OnDevice, place_run, resolve_device, to_device
-from pyfuse.method_kinds import check_device_applies, method_kind, refuse_inapplicable
+from pyfuse.method_kinds import check_device_applies, refuse_inapplicable
 from pyfuse.ops.backends import resolve
 
 from .adaptive_helpers import CLIP_TASKS, clip_problem, save_clip_dirs
@@ -227,16 +227,16 @@ def test_static_merges_refuse_what_applies_to_adaptive_methods_only(static_confi
 
 
 def test_static_merge_on_the_explicit_cpu_device(static_config, tmp_path, monkeypatch):
-    from pyfuse.merge import MergePlan
+    import pyfuse.engine.read as engine_read
 
     seen = []
-    real = MergePlan._merge_chunk
+    real = engine_read._merge_chunk
 
-    def merge_chunk(self, chunk, plan, dtype):
-        seen.append((self.device, chunk.base.device, chunk.deltas.device))
-        return real(self, chunk, plan, dtype)
+    def merge_chunk(job, chunk, plan, dtype):
+        seen.append((job.device, chunk.base.device, chunk.deltas.device))
+        return real(job, chunk, plan, dtype)
 
-    monkeypatch.setattr(MergePlan, "_merge_chunk", merge_chunk)
+    monkeypatch.setattr(engine_read, "_merge_chunk", merge_chunk)
     assert main(["merge", static_config, str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["device"] == "cpu"
@@ -258,10 +258,9 @@ def test_cuda_without_a_gpu_fails_before_any_work(static_config, tmp_path, capsy
 def test_data_aware_and_task_data_methods_refuse_a_device_other_than_the_cpu():
     from pyfuse.methods import get_method
 
-    assert method_kind(get_method("regmean")) == "data-aware" and method_kind(get_method("regmean++")) == "task-data"
-    assert method_kind(get_method("ties")) == "static"
-    assert method_kind(get_method("concrete_adamerging")) == "adaptive"
-    for method, kind in (("regmean", "data-aware"), ("regmean++", "task-data")):
+    assert get_method("regmean").kind == "data" and get_method("regmean++").kind == "task-data"
+    for method in ("regmean", "regmean++"):
+        kind = get_method(method).kind
         with pytest.raises(ValueError, match=re.escape(f"--device cuda does not apply to {method} ({kind})")):
             check_device_applies(method, kind, torch.device("cuda"), "--device")
         check_device_applies(method, kind, torch.device("cpu"), "--device")
@@ -273,9 +272,9 @@ def test_data_aware_and_task_data_methods_refuse_a_device_other_than_the_cpu():
 
 def test_option_table_refuses_each_inapplicable_option():
     for option, kinds in (("dtype", ("adaptive",)), ("no_hash", ("adaptive",)),
-                          ("resume", ("static", "data-aware", "task-data")),
-                          ("autocast", ("static", "data-aware", "task-data")),
-                          ("trust_code", ("static", "data-aware"))):
+                          ("resume", ("static", "data", "task-data")),
+                          ("autocast", ("static", "data", "task-data")),
+                          ("trust_code", ("static", "data"))):
         for kind in kinds:
             with pytest.raises(ValueError, match=f"{option} does not apply to m \\({kind}\\)"):
                 refuse_inapplicable({option: True}, "m", kind)
@@ -343,7 +342,7 @@ def test_demo_and_finetune_check_their_device_before_loading_anything(tmp_path, 
     monkeypatch.setattr(text_classifier.TextEncoder, "__init__", no_encoder)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["demo", "--device", "cuda", "--methods", "fisher", "--out", str(tmp_path / "demo")]) == 1
-    assert "--device cuda does not apply to fisher (data-aware)" in capsys.readouterr().err
+    assert "--device cuda does not apply to fisher (data)" in capsys.readouterr().err
     for command in (["demo", "--out", str(tmp_path / "demo")], ["finetune"]):
         assert main([*command, "--device", "cuda", "--cache", str(tmp_path / "cache")]) == 1
         assert "torch reports no CUDA device" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 import pyfuse
+from pyfuse.engine.distributed import rank_starts
 from pyfuse.merge import plan_merge
 
 from .dist_helpers import merge_jobs, rank_threads, run_ranks
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
 
     # a NaN in a tensor that only rank 1 reads (the output tensors are split in order, balanced by bytes)
     plan = plan_merge("task_arithmetic", llama["base"], llama["finetuned"])
-    starts = plan._rank_starts(2)
+    starts = rank_starts(plan, 2)
     poisoned_name = plan.outputs[starts[2] - 1][0]
     poisoned = load_dir(dirs[1])
     poisoned[poisoned_name] = poisoned[poisoned_name].clone()

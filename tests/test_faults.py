@@ -27,7 +27,7 @@ from .adaptive_helpers import DIGIT_TASKS, digits_models
 from .merge_helpers import load_dir
 from .stats_helpers import TokenMLP, mlp_batches, mlp_logits, perturbed
 
-merge_module = importlib.import_module("pyfuse.merge")  # `pyfuse.merge` is also the function
+write_module = importlib.import_module("pyfuse.engine.write")  # where the engine hashes its inputs
 
 RUN = {"progress": False, "backend": "reference", "checkpoint_every": 0}
 
@@ -344,7 +344,7 @@ def test_11_the_output_location_is_checked_first_in_both_modes(tmp_path, capsys,
     _models(tmp_path)
     (tmp_path / "a-file").write_text("")
     hashed = []
-    monkeypatch.setattr(merge_module, "sha256_file", lambda path: hashed.append(path) or "0")
+    monkeypatch.setattr(write_module, "sha256_file", lambda path: hashed.append(path) or "0")
     for mode in ([], ["--dry-run"]):
         assert main(["merge", str(_config(tmp_path)), str(tmp_path / "a-file" / "out"), *mode]) == 1
         assert "a-file is not a directory" in capsys.readouterr().err

@@ -217,3 +217,24 @@ def test_one_gradient_alone_equals_it_taken_with_the_other(backend):
     torch.testing.assert_close(x.grad, gx, rtol=0, atol=0)
     torch.testing.assert_close(w.grad, gw, rtol=0, atol=0)
     assert gw.abs().sum() > 0 and gx.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["relaxed", "hard"])
+def test_start_draws_the_noise_at_the_global_indices_like_the_dense_op(backend, mask):
+    # A shard of a longer model: with start, the factored op is the dense op with the same start (whose result is
+    # that slice of the whole model's merge, tests/test_concrete_merge.py), forward and both gradients.
+    base, factors, logits, weights, offsets = make_factored(**SMALL)
+    dense = factors.densify(torch.float32)
+    g = torch.randn(base.numel(), generator=torch.Generator().manual_seed(8))
+    start = 2**33 + 12345
+    kw = {"seed": 9, "step": 4, "mask": mask, "backend": backend}
+    out, gx, gw = run(base, factors, logits, weights, offsets, g, start=start, **kw)
+    ref_out, ref_gx, ref_gw = run(base, dense, logits, weights, offsets, g, start=start, **kw)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-5)
+    unshifted, _, _ = run(base, factors, logits, weights, offsets, g, **kw)
+    assert not torch.equal(out, unshifted)  # the noise moved with start
+    with pytest.raises(ValueError, match="start must be an integer"):
+        lora_concrete_merge(base, factors, logits, weights, offsets, seed=1, start=-1)

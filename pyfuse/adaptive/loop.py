@@ -1,5 +1,5 @@
 """The engine of test-time adaptive merging; the methods that run it (AdaMerging, AdaMerging++, Concrete Task
-Arithmetic, Concrete AdaMerging) are registered in `pyfuse.methods.adaptive` (docs/adaptive-methods.md).
+Arithmetic, Concrete AdaMerging) are registered in `pyfuse.methods.learned` (docs/adaptive-methods.md).
 
 A run has up to two phases over one global step count:
 - "meta" (Algorithm 1): per outer step t, the relaxed mask is sampled with t as the Philox counter; if the

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-from ..task import Task
-
-if TYPE_CHECKING:
-    from ..models.clip import ClipClassifier
 
 Preprocess = Callable[[Sequence[Any]], torch.Tensor]
 """`preprocess(images) -> [B, 3, H, W]` pixel values of a list of PIL images."""
@@ -192,19 +188,13 @@ class ImageBatches:
         return [image for image, _ in pairs], [int(label) for _, label in pairs]
 
 
-def clip_task(clip: ClipClassifier, task: str | VisionTaskSpec, source: str | os.PathLike | None = None, *,
-              batch_size: int = 16, test_batch_size: int = 64, test_limit: int | None = None, seed: int = 0,
-              progress: bool = False) -> Task:
-    """A `pyfuse.Task` of one of the paper's tasks for a CLIP classifier (`pyfuse.models.clip.ClipClassifier`).
+def __getattr__(name: str) -> Any:
+    """`clip_task`, now `pyfuse.models.clip.clip_task` (tasks are built in `pyfuse.models`, as T5's `glue_task`);
+    this deprecated alias goes in the next release."""
+    if name == "clip_task":
+        warnings.warn("pyfuse.data.vision.clip_task is now pyfuse.models.clip.clip_task", DeprecationWarning,
+                      stacklevel=2)
+        from ..models.clip import clip_task  # deprecated alias: loaded only when the old name is used
 
-    Its batches are the test split's images, unlabeled and shuffled once with `seed` (test-time adaptation, as
-    the paper does); its test data the same split in order, labelled (the first `test_limit` images if given).
-    """
-    spec = get_spec(task)
-    dataset = load_split(spec, source)
-    columns = {"image_column": spec.image_column, "label_column": spec.label_column}
-    batches = ImageBatches(dataset, clip.preprocess, batch_size=batch_size, labelled=False, shuffle=True,
-                           seed=seed, **columns)
-    test = ImageBatches(dataset, clip.preprocess, batch_size=test_batch_size, limit=test_limit, **columns)
-    return clip.task(spec.name, class_names(dataset, spec.label_column), spec.templates, batches,
-                     test_data=test, progress=progress)
+        return clip_task
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,189 +1,20 @@
-"""Adaptive (test-time) methods: registered like every other method, they learn merge coefficients and/or a
-Concrete mask from the tasks' unlabeled data by entropy minimisation (docs/adaptive-methods.md).
+"""Deprecated: `pyfuse.methods.learned` (renamed so that `pyfuse.adaptive`, the engine, is the only "adaptive"
+module); this alias goes in the next release."""
 
-A method is an `AdaptiveMethod` with a `params` table; `settings()` turns its validated parameters into the
-engine's `Settings` and `run(model, task_vectors, tasks, options)` hands them to `pyfuse.adaptive`'s loop.
-The functions `adamerging`, `adamerging_pp`, `concrete_task_arithmetic` and `concrete_adamerging` are the
-Python entries: `adamerging(model, task_vectors, tasks, steps=500, options=RunOptions(...))`.
-"""
+import warnings
 
-from __future__ import annotations
+from .learned import (  # noqa: F401
+    AdaMerging,
+    AdaMergingPlusPlus,
+    AdaptiveMethod,
+    ConcreteAdaMerging,
+    ConcreteTaskArithmetic,
+    MergeResult,
+    RunOptions,
+    adamerging,
+    adamerging_pp,
+    concrete_adamerging,
+    concrete_task_arithmetic,
+)
 
-import dataclasses
-from collections.abc import Sequence
-from typing import Any, ClassVar
-
-import torch
-
-from ..adaptive.loop import EVAL_MASKS, INNER_OPTIMIZERS, AdaptiveLoop, MergeResult, RunOptions, Settings
-from ..adaptive.merger import EVAL_STEP
-from ..task import Task
-from ..taskvectors import TaskVectors
-from . import TEMPERATURE, Method, Param, boolean, choice, integer, number, register
-from .sparsify import ties_trim
-
-__all__ = ["AdaptiveMethod", "MergeResult", "RunOptions", "adamerging", "adamerging_pp", "concrete_adamerging",
-           "concrete_task_arithmetic"]
-
-
-def _granularity(value: Any) -> str:
-    if value not in ("task", "layer"):
-        raise ValueError(f"must be 'task' (one coefficient per task) or 'layer', got {value!r}")
-    return value
-
-
-# parameters several methods share, each declared once
-GRANULARITY = Param("layer", _granularity, "task: one coefficient per task; layer: one per task and tensor")
-LR = Param(1e-3, number(0), "Adam learning rate of the coefficients")
-INIT = Param(0.3, number(), "initial (and reset) value of every coefficient")
-CLAMP = Param(False, boolean, "clamp the coefficients to [0, 1] inside the merge (AdaMerging's code)")
-MASK_LR = Param(1e-3, number(0), "Adam learning rate of the mask logits")
-EVAL_MASK = Param("relaxed", choice(*EVAL_MASKS), "the mask sample the merged model uses: relaxed | hard | threshold")
-RESCALE = Param(True, boolean, "divide the mask by its mean over each tensor")
-SEED = Param(0, integer(0, 2**64), "Philox key of the mask noise")
-
-
-def _steps(default: int, what: str) -> Param:
-    return Param(default, integer(0, EVAL_STEP), what)
-
-
-class AdaptiveMethod(Method):
-    """A merge learned at test time on the tasks' unlabeled batches (`pyfuse.Task`s), one task per vector."""
-
-    learns = True
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        try:  # the engine's checks across parameters, before any model is loaded
-            self.settings()
-        except ValueError as err:
-            raise ValueError(f"{self.name}: {err}") from None
-
-    def settings(self) -> Settings:
-        """The engine's settings for these parameters."""
-        raise NotImplementedError
-
-    # Whether a rank of a distributed run may load only its shard of the task vectors (`pyfuse.config`); not
-    # when `vectors` needs the whole model.
-    loads_shard: ClassVar[bool] = True
-
-    def vectors(self, task_vectors: TaskVectors) -> TaskVectors:
-        """The task vectors the loop merges; the given ones by default."""
-        return task_vectors
-
-    def run(self, model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task],
-            options: RunOptions | None = None) -> MergeResult:
-        return AdaptiveLoop(model, self.vectors(task_vectors), tasks, self.settings(), options).run()
-
-
-@register
-class AdaMerging(AdaptiveMethod):
-    """AdaMerging (Yang et al., 2024): coefficients learned by entropy minimisation (Adam `lr`)."""
-
-    name = "adamerging"
-    summary = "task- or layer-wise coefficients learned by entropy minimisation on unlabeled test batches"
-    params: ClassVar[dict[str, Param]] = {
-        "granularity": GRANULARITY, "steps": _steps(1000, "Adam steps on the coefficients"), "lr": LR,
-        "init": INIT, "clamp": CLAMP,
-    }
-
-    def settings(self) -> Settings:
-        c = self.config
-        return Settings(method=self.name, coefficients=c["granularity"], adapt_steps=c["steps"], lr=c["lr"],
-                        init=c["init"], clamp=c["clamp"], density=c.get("density"))
-
-
-@register
-class AdaMergingPlusPlus(AdaMerging):
-    """AdaMerging++: AdaMerging over the TIES-trimmed, sign-agreeing task vectors (`sparsify.ties_trim`)."""
-
-    name = "adamerging++"
-    summary = "AdaMerging over the TIES-trimmed, sign-agreeing task vectors"
-    params: ClassVar[dict[str, Param]] = {
-        "density": Param(0.2, number(0, 1, low_open=True), "fraction of each task vector TIES keeps, in (0, 1]"),
-        **AdaMerging.params,
-    }
-
-    loads_shard = False
-
-    def vectors(self, task_vectors: TaskVectors) -> TaskVectors:
-        task_vectors.require_whole("adamerging_pp (its TIES trim is over the whole model)")
-        task_vectors.require_dense("adamerging_pp", "trims the task vectors TIES-style (a top-k of every entry's "
-                                   "magnitude over the whole model) and trains over the trimmed [n, D] buffer")
-        return dataclasses.replace(task_vectors, vectors=ties_trim(task_vectors.vectors, self.config["density"]))
-
-
-@register
-class ConcreteTaskArithmetic(AdaptiveMethod):
-    """Concrete Task Arithmetic (Algorithms 1 and 2): task arithmetic with `scale` fixed; only the mask logits
-    are learned. The merged model uses the `eval_mask` sample."""
-
-    name = "concrete_task_arithmetic"
-    summary = "task arithmetic (fixed scale) under a shared Concrete mask learned on unlabeled test batches"
-    params: ClassVar[dict[str, Param]] = {
-        "scale": Param(0.3, number(), "lambda, the fixed coefficient of every task vector"),
-        "steps": _steps(2000, "Adam steps on the mask logits"), "mask_lr": MASK_LR, "temperature": TEMPERATURE,
-        "eval_mask": EVAL_MASK, "rescale": RESCALE, "seed": SEED,
-    }
-
-    def settings(self) -> Settings:
-        c = self.config
-        return Settings(method=self.name, coefficients="fixed", meta_steps=c["steps"], init=c["scale"],
-                        mask_lr=c["mask_lr"], temperature=c["temperature"], seed=c["seed"],
-                        eval_mask=c["eval_mask"], rescale=c["rescale"])
-
-
-@register
-class ConcreteAdaMerging(AdaptiveMethod):
-    """Concrete AdaMerging (Algorithms 1 and 3): learn the shared mask with the bi-level loop (inner steps on
-    the coefficients, `inner_optimizer` at `inner_lr`; outer steps on the logits, Adam `mask_lr`), then fix the
-    `eval_mask` sample and run AdaMerging (Adam `lr`) for `adamerging_steps`. The defaults are the CLIP ones;
-    the authors use `inner_lr=0.1, mask_lr=1e-4` for Flan-T5."""
-
-    name = "concrete_adamerging"
-    summary = "Concrete mask learned by the bi-level loop, then AdaMerging under the fixed mask"
-    params: ClassVar[dict[str, Param]] = {
-        "granularity": GRANULARITY,
-        "meta_steps": _steps(2000, "outer steps of the bi-level loop (mask logits)"),
-        "adamerging_steps": _steps(1000, "AdaMerging steps under the fixed mask"),
-        "inner_steps": Param(1, integer(1, 2**31), "inner steps on the coefficients per outer step"),
-        "inner_lr": Param(1.0, number(0), "learning rate of the inner steps"),
-        "inner_optimizer": Param("adam", choice(*INNER_OPTIMIZERS), "optimizer of the inner steps: adam | sgd"),
-        "mask_lr": MASK_LR, "lr": LR, "init": INIT, "clamp": CLAMP, "temperature": TEMPERATURE,
-        "eval_mask": EVAL_MASK, "rescale": RESCALE, "seed": SEED,
-    }
-
-    def settings(self) -> Settings:
-        c = self.config
-        return Settings(method=self.name, coefficients=c["granularity"], meta_steps=c["meta_steps"],
-                        inner_steps=c["inner_steps"], adapt_steps=c["adamerging_steps"], init=c["init"],
-                        clamp=c["clamp"], inner_lr=c["inner_lr"], inner_optimizer=c["inner_optimizer"],
-                        mask_lr=c["mask_lr"], lr=c["lr"], temperature=c["temperature"], seed=c["seed"],
-                        eval_mask=c["eval_mask"], rescale=c["rescale"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The Python entries: keyword parameters as in each class's `params` table
-# ---------------------------------------------------------------------------------------------
-def adamerging(model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-               options: RunOptions | None = None, **params: Any) -> MergeResult:
-    """AdaMerging; parameters (granularity, steps, lr, init, clamp) as in `AdaMerging.params`."""
-    return AdaMerging(**params).run(model, task_vectors, tasks, options)
-
-
-def adamerging_pp(model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-                  options: RunOptions | None = None, **params: Any) -> MergeResult:
-    """AdaMerging++; parameters (density and AdaMerging's) as in `AdaMergingPlusPlus.params`."""
-    return AdaMergingPlusPlus(**params).run(model, task_vectors, tasks, options)
-
-
-def concrete_task_arithmetic(model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-                             options: RunOptions | None = None, **params: Any) -> MergeResult:
-    """Concrete Task Arithmetic; parameters as in `ConcreteTaskArithmetic.params`."""
-    return ConcreteTaskArithmetic(**params).run(model, task_vectors, tasks, options)
-
-
-def concrete_adamerging(model: torch.nn.Module, task_vectors: TaskVectors, tasks: Sequence[Task], *,
-                        options: RunOptions | None = None, **params: Any) -> MergeResult:
-    """Concrete AdaMerging; parameters as in `ConcreteAdaMerging.params`."""
-    return ConcreteAdaMerging(**params).run(model, task_vectors, tasks, options)
+warnings.warn("pyfuse.methods.adaptive is now pyfuse.methods.learned", DeprecationWarning, stacklevel=2)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, boolean, number, register
+from .base import Chunk, MergeContext, Param, boolean, number, register
 from .gta import LAMBDA, MERGEKIT_WEIGHTS, GeneralizedTaskArithmetic
 from .select import histogram_bytes
 from .sparsify import keep_band, magnitude_band
@@ -41,6 +41,8 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
     """mergekit's Model Breadcrumbs: drop the largest and smallest magnitudes of each task vector, then sum."""
 
     name = "breadcrumbs"
+    display_name = "Breadcrumbs"
+    reference = "Davari & Belilovsky, 2023, Model Breadcrumbs"
     summary = "drop each task vector's `gamma` largest and smallest magnitudes down to `density` per tensor, then sum"
     params = {
         "density": Param(1.0, number(0, 1), "fraction of each tensor's task vector kept, in [0, 1]"),
@@ -59,10 +61,10 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
         return histogram_bytes(2 * n, in_flight)  # the select's tables, for both ends of the band at once
 
     def sparse_plan(self, ctx: MergeContext, index: int) -> tuple[list[float], list[float]] | None:
-        if self.config["density"] >= 1:
+        if self.parameters["density"] >= 1:
             return None
         count = ctx.layout.shapes[index].numel()
-        first, last = band_ranks(count, self.config["density"], self.config["gamma"])
+        first, last = band_ranks(count, self.parameters["density"], self.parameters["gamma"])
         return magnitude_band(lambda fn: ctx.map(lambda chunk: fn(chunk.deltas), index), ctx.n, first, last, count)
 
     def sparsify(self, chunk: Chunk, plan: tuple[list[float], list[float]]) -> torch.Tensor:

@@ -19,7 +19,19 @@ import torch
 
 from ..io.sources import TensorSource, open_source
 from ..ops import MODES, sample_concrete_mask
-from . import TEMPERATURE, WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, choice, integer, number, register
+from .base import (
+    TEMPERATURE,
+    WEIGHTS,
+    Chunk,
+    MergeContext,
+    Param,
+    StaticMethod,
+    boolean,
+    choice,
+    integer,
+    number,
+    register,
+)
 
 FLAT_KEY = "logits"
 _CHUNK = 1 << 20  # elements of logits read at a time when summing a tensor's mask
@@ -37,6 +49,9 @@ class Concrete(StaticMethod):
     """Task arithmetic under a Concrete mask learned elsewhere (e.g. by Concrete TA / AdaMerging)."""
 
     name = "concrete"
+    fused = True
+    display_name = "Concrete mask"
+    reference = "Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion"
     summary = "task arithmetic under a given Concrete mask (logits file) and mask mode"
     params = {
         "logits": Param(None, _logits_input, "mask logits: a safetensors file, a flat [D] tensor or a dict",
@@ -53,14 +68,14 @@ class Concrete(StaticMethod):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        if self.config["logits"] is None and self.config["mask"] != "none":
-            raise ValueError(f"concrete: parameter 'logits' is required with mask={self.config['mask']!r}")
+        if self.parameters["logits"] is None and self.parameters["mask"] != "none":
+            raise ValueError(f"concrete: parameter 'logits' is required with mask={self.parameters['mask']!r}")
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
         self._layout = layout
-        self._coefficients = self.config["scaling"] * self.weights
-        logits = self.config["logits"]
+        self._coefficients = self.parameters["scaling"] * self.weights
+        logits = self.parameters["logits"]
         self._source: TensorSource | None = None
         self._flat = False  # one flat "logits" tensor rather than one per parameter
         if logits is None:
@@ -84,6 +99,11 @@ class Concrete(StaticMethod):
         """`scaling * weights`, the coefficient of each task vector."""
         return self._coefficients
 
+    def fused_mask(self, device: torch.device, numel: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        p = self.parameters
+        return self.flat_logits(device), {"seed": p["seed"], "step": p["step"], "temperature": p["temperature"],
+                                          "mask": p["mask"], "rescale": p["rescale"]}
+
     def flat_logits(self, device: torch.device) -> torch.Tensor:
         """The logits of the whole layout, fp32 `[D]` (ones without logits: mask "none" ignores them)."""
         return torch.cat([self._logits(s, 0, shape.numel(), device) for s, shape in enumerate(self._layout.shapes)])
@@ -103,14 +123,14 @@ class Concrete(StaticMethod):
         return x
 
     def _mask(self, index: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-        p = self.config
+        p = self.parameters
         start = int(self._layout.offsets[index]) + lo
         return sample_concrete_mask(self._logits(index, lo, hi, device), seed=p["seed"], step=p["step"],
                                     temperature=p["temperature"], mask=p["mask"], start=start)
 
     def plan(self, ctx: MergeContext, index: int) -> float:
         """1 / mean of the tensor's mask (1 without rescaling, 0 for an all-zero mask)."""
-        if not self.config["rescale"]:
+        if not self.parameters["rescale"]:
             return 1.0
         numel = self._layout.shapes[index].numel()
         total = 0.0

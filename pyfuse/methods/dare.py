@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import Chunk, MergeContext, Param, StaticMethod, choice, create_method, integer, number, register
+from .base import Chunk, MergeContext, Param, StaticMethod, choice, create_method, integer, number, register
 from .sparsify import drop_rescale
 
 _THEN = ("task_arithmetic", "ties")
@@ -38,6 +38,9 @@ class Dare(StaticMethod):
     """DARE (Yu et al., 2024) followed by Task Arithmetic or TIES; other parameters go to that method."""
 
     name = "dare"
+    stochastic = True
+    display_name = "DARE"
+    reference = "Yu et al., 2024, Language Models are Super Mario"
     summary = "drop task-vector entries at random (rate p), rescale, then merge by `then` (its parameters too)"
     params = {
         "p": Param(0.5, number(0, 1, high_open=True), "drop probability, in [0, 1)"),
@@ -50,18 +53,18 @@ class Dare(StaticMethod):
         super().__init__(**own)
         rest = {key: value for key, value in params.items() if key not in self.params}
         try:
-            self.inner: StaticMethod = create_method(self.config["then"], **rest)
+            self.inner: StaticMethod = create_method(self.parameters["then"], **rest)
         except ValueError as err:
-            raise ValueError(f"dare (then={self.config['then']}): {err}") from None
+            raise ValueError(f"dare (then={self.parameters['then']}): {err}") from None
         self.temporaries = tuple(a + b for a, b in zip(self.inner.temporaries, (1, 2)))
         self.split_global_passes = self.inner.split_global_passes
-        self.config.update(self.inner.config)
+        self.parameters.update(self.inner.parameters)
 
     def drop(self, chunk: Chunk) -> Chunk:
-        p = self.config["p"]
+        p = self.parameters["p"]
         if p == 0:
             return chunk
-        return dataclasses.replace(chunk, deltas=drop_rescale(chunk.deltas, p, self.config["seed"], chunk.start))
+        return dataclasses.replace(chunk, deltas=drop_rescale(chunk.deltas, p, self.parameters["seed"], chunk.start))
 
     def bind(self, layout, n) -> None:
         self.inner.bind(layout, n)

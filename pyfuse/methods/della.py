@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, boolean, integer, number, register
+from .base import Chunk, MergeContext, Param, boolean, integer, number, register
 from .gta import LAMBDA, MERGEKIT_WEIGHTS, GeneralizedTaskArithmetic
 from .sparsify import task_uniforms
 
@@ -45,6 +45,9 @@ class Della(GeneralizedTaskArithmetic):
     """mergekit's DELLA: drop task-vector entries at random, the smaller more often, restore the norm, merge."""
 
     name = "della"
+    stochastic = True
+    display_name = "DELLA"
+    reference = "Deep et al., 2024, DELLA-Merging"
     summary = "drop entries with a probability falling with their magnitude rank in each row, rescale, then TIES"
     params = {
         "density": Param(1.0, number(0, 1), "mean fraction of each task vector kept, in [0, 1]"),
@@ -61,9 +64,9 @@ class Della(GeneralizedTaskArithmetic):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        if self.config["normalize"] is None:
-            self.config["normalize"] = self.config["consensus"]
-        density, epsilon = self.config["density"], self.config["epsilon"]
+        if self.parameters["normalize"] is None:
+            self.parameters["normalize"] = self.parameters["consensus"]
+        density, epsilon = self.parameters["density"], self.parameters["epsilon"]
         if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
             raise ValueError(f"della: epsilon {epsilon!r} puts density -/+ epsilon outside (0, 1) "
                              f"(density {density!r})")
@@ -73,14 +76,14 @@ class Della(GeneralizedTaskArithmetic):
         return length * trailing
 
     def sparse_plan(self, ctx: MergeContext, index: int) -> tuple[int, int] | None:
-        return None if self.config["density"] >= 1 else row_shape(ctx.layout.shapes[index])
+        return None if self.parameters["density"] >= 1 else row_shape(ctx.layout.shapes[index])
 
     def sparsify(self, chunk: Chunk, plan: tuple[int, int]) -> torch.Tensor:
-        density = self.config["density"]
+        density = self.parameters["density"]
         if density <= 0:
             return torch.zeros_like(chunk.deltas)
         length, trailing = plan
         blocks = chunk.deltas.view(chunk.deltas.shape[0], -1, length, trailing)
-        probs = keep_probabilities(blocks.abs(), length, density, self.config["epsilon"])
-        dropped = task_uniforms(chunk.deltas, self.config["seed"], chunk.start) >= probs.view_as(chunk.deltas)
+        probs = keep_probabilities(blocks.abs(), length, density, self.parameters["epsilon"])
+        dropped = task_uniforms(chunk.deltas, self.parameters["seed"], chunk.start) >= probs.view_as(chunk.deltas)
         return chunk.deltas.masked_fill(dropped, 0.0)

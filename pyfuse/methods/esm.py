@@ -52,8 +52,8 @@ from ..io.atomic import atomic_path
 from ..layout import FlatLayout
 from ..progress import progress_bar
 from ..stats import Statistics
-from . import Param, boolean, integer, number, numbers, register
-from .data import DataMethod
+from .base import Param, boolean, integer, number, numbers, register
+from .data_aware import DataMethod
 
 __all__ = [
     "ESM", "ESMPlusPlus", "EssentialSubspace", "LayerExperts", "RoutedLinear", "esm_delta",
@@ -314,6 +314,7 @@ class ESM(DataMethod):
     """Static Essential Subspace Merging (module docstring): `W_0 + alpha * dW`, alpha fixed or searched."""
 
     name = "esm"
+    display_name = "ESM"
     summary = "essential subspace merging: activation-shift PCA per Linear, orthogonalised fusion"
     needs = ("acts",)
     params = {
@@ -338,7 +339,7 @@ class ESM(DataMethod):
         """`W_0 + alpha * dW` (module docstring); `stats[t]` holds task t's sampled layer inputs ("acts")."""
         acts = self._check(base, finetuned, stats)
         deltas = self.deltas(base, finetuned, acts, progress)
-        cfg = self.config
+        cfg = self.parameters
         if cfg["objective"] is None:
             alpha, evaluated = cfg["alpha"], []
         else:
@@ -354,7 +355,7 @@ class ESM(DataMethod):
     def deltas(self, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                acts: Mapping[str, list[torch.Tensor]], progress: bool = False) -> dict[str, torch.Tensor]:
         """The merged update `dW` (fp32) of every floating tensor."""
-        cfg = self.config
+        cfg = self.parameters
         out = {}
         for name, b in progress_bar(base.items(), desc=self.name, unit="tensor", disable=not progress, leave=False):
             if not b.is_floating_point():
@@ -399,6 +400,7 @@ class ESMPlusPlus(ESM):
     prototype similarity (module docstring). `self.experts` holds them after a merge."""
 
     name = "esm++"
+    display_name = "ESM++"
     summary = "ESM plus per-task low-rank residual experts, routed by prototype similarity"
     params = {
         **ESM.params,
@@ -410,7 +412,7 @@ class ESMPlusPlus(ESM):
                     stats: list[Statistics], *, progress: bool = False) -> dict[str, torch.Tensor]:
         """The ESM state dict; the experts go to `self.experts` (and to `experts_path` if given)."""
         merged = super().merge_model(base, finetuned, stats, progress=progress)
-        rank = self.config["rank"]
+        rank = self.parameters["rank"]
         self.experts = {}
         for name in self.result["esm"]:
             if name in self.transposed:
@@ -430,10 +432,10 @@ class ESMPlusPlus(ESM):
             prototypes = torch.stack([st.get("acts", name).float().mean(0) for st in stats])
             self.experts[_weight_module(name)] = LayerExperts(
                 prototypes, torch.stack(downs), torch.stack(ups), torch.stack(biases) if biases else None)
-        if self.config["experts_path"] is not None:
-            save_experts(self.config["experts_path"], self.experts, {"rank": rank, "tasks": len(finetuned)})
+        if self.parameters["experts_path"] is not None:
+            save_experts(self.parameters["experts_path"], self.experts, {"rank": rank, "tasks": len(finetuned)})
             logger.info("%s: wrote %d layers of experts to %s", self.name, len(self.experts),
-                        self.config["experts_path"])
+                        self.parameters["experts_path"])
         self.result["experts"] = {"layers": len(self.experts), "rank": rank}
         return merged
 

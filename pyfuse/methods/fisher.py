@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..stats import Statistics
-from . import WEIGHTS, Param, choice, number, register
-from .data import DataMethod
+from .base import WEIGHTS, Param, choice, number, register
+from .data_aware import DataMethod
 
 
 @register
@@ -28,6 +28,8 @@ class Fisher(DataMethod):
     """Diagonal-Fisher weighted average of the fine-tuned models (see the module docstring)."""
 
     name = "fisher"
+    display_name = "Fisher"
+    reference = "Matena & Raffel, 2022, Merging Models with Fisher-Weighted Averaging"
     summary = "diagonal-Fisher weighted average (needs 'fisher' statistics)"
     needs = ("fisher",)
     params = {
@@ -41,7 +43,7 @@ class Fisher(DataMethod):
                 stats: Sequence[Statistics]) -> None:
         self._names = set(stats[0].names("fisher"))
         norms = torch.ones(len(stats), dtype=torch.float64)
-        mode = self.config["normalize"]
+        mode = self.parameters["normalize"]
         if mode != "none":
             for i, st in enumerate(stats):
                 total = sum(float(_fisher(st, key).square().sum() if mode == "l2" else _fisher(st, key).sum())
@@ -56,7 +58,7 @@ class Fisher(DataMethod):
                         stats: Sequence[Statistics]) -> torch.Tensor | None:
         if name not in self._names:
             return None
-        eps = self.config["epsilon"]
+        eps = self.parameters["epsilon"]
         numerator = torch.zeros(base.shape, dtype=torch.float64)
         denominator = torch.zeros(base.shape, dtype=torch.float64)
         for c, theta, st in zip(self._coefficients.tolist(), finetuned, stats):
@@ -66,7 +68,7 @@ class Fisher(DataMethod):
         return numerator / denominator
 
     def global_passes(self) -> int:
-        return 0 if self.config["normalize"] == "none" else 1
+        return 0 if self.parameters["normalize"] == "none" else 1
 
 
 def _fisher(stats: Statistics, name: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Chunk, MergeContext
+from .base import Chunk, MergeContext
 
 ALONG = ("all", "rows", "columns")
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, number
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, number
 from .linear import load_op, weighted_sum
 from .sparsify import consensus_merge, norm_ratio
 
@@ -39,8 +39,8 @@ class GeneralizedTaskArithmetic(StaticMethod):
         super().bind(layout, n)
         self._unit_weights = bool((self.weights == 1).all())
         total = float(self.weights.sum())
-        self._linear_divisor = total if self.config["normalize"] and abs(total) >= 1e-8 else 1.0
-        if not self.config["consensus"]:
+        self._linear_divisor = total if self.parameters["normalize"] and abs(total) >= 1e-8 else 1.0
+        if not self.parameters["consensus"]:
             load_op()
 
     def sparsify(self, chunk: Chunk, plan: Any) -> torch.Tensor:
@@ -53,13 +53,13 @@ class GeneralizedTaskArithmetic(StaticMethod):
 
     def tensor_passes(self) -> int:
         """The select's passes, and one for the norms when rescaling; none when nothing is sparsified."""
-        if self.config["density"] >= 1:
+        if self.parameters["density"] >= 1:
             return 0
-        return self.select_passes + int(self.config["rescale"])
+        return self.select_passes + int(self.parameters["rescale"])
 
     def plan(self, ctx: MergeContext, index: int) -> tuple[Any, list[float] | None]:
         sparse = self.sparse_plan(ctx, index)
-        if sparse is None or not self.config["rescale"]:
+        if sparse is None or not self.parameters["rescale"]:
             return sparse, None
 
         def norms(chunk: Chunk) -> torch.Tensor:
@@ -74,10 +74,10 @@ class GeneralizedTaskArithmetic(StaticMethod):
         rows = chunk.deltas if sparse is None else self.sparsify(chunk, sparse)
         if ratios is not None:
             rows = rows * torch.tensor(ratios, device=rows.device).unsqueeze(1)
-        if not self.config["consensus"]:
-            coefficients = self.weights * (self.config["lambda"] / self._linear_divisor)
+        if not self.parameters["consensus"]:
+            coefficients = self.weights * (self.parameters["lambda"] / self._linear_divisor)
             return weighted_sum(chunk.base, rows, coefficients)
-        merged = consensus_merge(rows, self.weights.tolist(), normalize=self.config["normalize"],
+        merged = consensus_merge(rows, self.weights.tolist(), normalize=self.parameters["normalize"],
                                  unit_weights=self._unit_weights)
-        return torch.add(chunk.base, merged, alpha=self.config["lambda"])
+        return torch.add(chunk.base, merged, alpha=self.parameters["lambda"])
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..ops import concrete_merge
-from . import WEIGHTS, Chunk, Param, StaticMethod, number, register
+from .base import WEIGHTS, Chunk, Param, StaticMethod, number, register
 
 
 def weighted_sum(base: torch.Tensor, deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -27,6 +29,11 @@ def load_op() -> None:
 
 class _Linear(StaticMethod):
     temporaries = (1, 3)
+    fused = True
+
+    def fused_mask(self, device: torch.device, numel: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """No mask: the fused op with mask "none" is the weighted sum."""
+        return torch.zeros(numel, device=device), {"seed": 0, "mask": "none", "rescale": False}
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
@@ -44,6 +51,7 @@ class Average(_Linear):
     """The mean of the fine-tuned models, weighted by `weights` if given: `b + sum_i (w_i / sum w) tau_i`."""
 
     name = "average"
+    display_name = "Weight Averaging"
     summary = "mean of the fine-tuned models (optionally weighted)"
     params = {"weights": WEIGHTS}
 
@@ -63,6 +71,8 @@ class TaskArithmetic(_Linear):
     """Task Arithmetic: `b + scaling * sum_i w_i tau_i`."""
 
     name = "task_arithmetic"
+    display_name = "Task Arithmetic"
+    reference = "Ilharco et al., 2023, Editing Models with Task Arithmetic"
     summary = "base + scaling * sum of the task vectors"
     params = {
         "scaling": Param(0.3, number(), "lambda, the factor on the summed task vectors"),
@@ -70,4 +80,4 @@ class TaskArithmetic(_Linear):
     }
 
     def coefficients(self) -> torch.Tensor:
-        return self.config["scaling"] * self.weights
+        return self.parameters["scaling"] * self.weights

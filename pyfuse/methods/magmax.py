@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, Param, StaticMethod, number, register
+from .base import Chunk, Param, StaticMethod, number, register
 from .sparsify import max_magnitude
 
 
@@ -19,6 +19,8 @@ class MagMax(StaticMethod):
     """MagMax: the largest-magnitude task-vector entry across the models, scaled."""
 
     name = "magmax"
+    display_name = "MagMax"
+    reference = "Marczak et al., 2024, MagMax"
     summary = "per entry, the task-vector value of largest magnitude (later model on ties), times `scaling`"
     params = {
         "scaling": Param(0.5, number(), "the factor on the selected task vector (fusion_bench's scaling_factor)"),
@@ -26,4 +28,4 @@ class MagMax(StaticMethod):
     temporaries = (0, 4)
 
     def merge_chunk(self, chunk: Chunk, plan: None) -> torch.Tensor:
-        return torch.add(chunk.base, max_magnitude(chunk.deltas), alpha=self.config["scaling"])
+        return torch.add(chunk.base, max_magnitude(chunk.deltas), alpha=self.parameters["scaling"])

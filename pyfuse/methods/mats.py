@@ -22,9 +22,9 @@ import torch
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
 from ..stats import Statistics
-from . import Param, choice, integer, number, register
+from .base import Param, choice, integer, number, register
 from .cg import conjugate_gradient
-from .data import DataMethod
+from .data_aware import DataMethod
 from .regmean import regularize_gram
 
 __all__ = ["MaTS", "diagonal_fisher_system", "kfac_system", "regmean_system", "regularize_gram"]
@@ -85,6 +85,8 @@ class MaTS(DataMethod):
     """
 
     name = "mats"
+    display_name = "MaTS"
+    reference = "Tam et al., 2024, Merging by Matching Models in Task Parameter Subspaces"
     summary = "matching models in task subspaces: CG on Fisher / RegMean / K-FAC systems"
     needs = ("fisher", "gram_in", "gram_out")  # the union; an instance needs only its objective's (see __init__)
     params = {
@@ -101,9 +103,9 @@ class MaTS(DataMethod):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        if (self.config["init"] == "model") != (self.config["init_model"] is not None):
+        if (self.parameters["init"] == "model") != (self.parameters["init_model"] is not None):
             raise ValueError(f"{self.name}: init_model is required with init 'model' and only used with it")
-        self.needs = _NEEDS[self.config["objective"]]
+        self.needs = _NEEDS[self.parameters["objective"]]
         self.result: dict[str, Any] = {}
         self._init: TensorSource | None = None
 
@@ -111,8 +113,8 @@ class MaTS(DataMethod):
         """`DataMethod.check`, and the starting model's tensors against the base's layout."""
         layout = super().check(base, finetuned, stats)
         self._init = None
-        if self.config["init"] == "model":
-            init = open_source(self.config["init_model"], "init_model")
+        if self.parameters["init"] == "model":
+            init = open_source(self.parameters["init_model"], "init_model")
             for name, shape in zip(layout.names, layout.shapes):
                 if name not in init.specs or init.shape(name) != shape:
                     got = list(init.shape(name)) if name in init.specs else "missing"
@@ -122,14 +124,14 @@ class MaTS(DataMethod):
 
     def prepare(self, base, finetuned, stats) -> None:
         self._solvable = set(stats[0].names(self.needs[0]))  # check() made every model cover the same names
-        self.result = {"objective": self.config["objective"], "init": self.config["init"], "solved": {}}
+        self.result = {"objective": self.parameters["objective"], "init": self.parameters["init"], "solved": {}}
 
     def merge_parameter(self, name: str, base: torch.Tensor, finetuned: list[torch.Tensor],
                         stats: Sequence[Statistics]) -> torch.Tensor | None:
         """The CG solution for a parameter with statistics (float64), None (averaged) for the others."""
         if name not in self._solvable:
             return None
-        cfg = self.config
+        cfg = self.parameters
         thetas = [t.double() for t in finetuned]
         x0 = self._initial(name, base, thetas)
         if cfg["objective"] == "diagonal_fisher":
@@ -158,7 +160,7 @@ class MaTS(DataMethod):
 
     def working_bytes(self, layout: FlatLayout, n: int) -> int:
         """`DataMethod`'s estimate plus every model's float64 statistics of the largest parameter."""
-        objective = self.config["objective"]
+        objective = self.parameters["objective"]
         if objective == "diagonal_fisher":
             held = max(shape.numel() for shape in layout.shapes)
         else:  # either side may be `in` (Conv1D storage): count the larger for a regmean Gram
@@ -170,13 +172,13 @@ class MaTS(DataMethod):
         return stats.get(kind, name).to(device=like.device, dtype=torch.float64)
 
     def _gram(self, stats: Statistics, kind: str, name: str, like: torch.Tensor) -> torch.Tensor:
-        return regularize_gram(self._stat(stats, kind, name, like), self.config["regularization"])
+        return regularize_gram(self._stat(stats, kind, name, like), self.parameters["regularization"])
 
     def _initial(self, name: str, base: torch.Tensor, thetas: list[torch.Tensor]) -> torch.Tensor:
         """CG's starting point for one parameter, float64."""
         if self._init is not None:
             return self._init.get(name).to(device=base.device, dtype=torch.float64)
-        if self.config["init"] == "average":
+        if self.parameters["init"] == "average":
             return self.average(base, thetas)
         b = base.double()
-        return b + self.config["init_scaling"] * sum(t - b for t in thetas)
+        return b + self.parameters["init_scaling"] * sum(t - b for t in thetas)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Chunk, MergeContext, Param, StaticMethod, boolean, check_names, choice, register, tensor_names
+from .base import Chunk, MergeContext, Param, StaticMethod, boolean, check_names, choice, register, tensor_names
 from .geometry import CoefficientPlan, segment_grams
 
 _FUSION_BENCH_EPS = 1e-8
@@ -46,6 +46,8 @@ class ModelStock(StaticMethod):
     """Model Stock with fusion_bench's or mergekit's pooling of the pairwise angles (see the module docstring)."""
 
     name = "model_stock"
+    display_name = "Model Stock"
+    reference = "Jang et al., 2024, Model Stock"
     summary = "base + t * mean task vector, t from the angle between the task vectors (per tensor or row)"
     params = {
         "variant": Param("fusion_bench", choice("fusion_bench", "mergekit"),
@@ -59,18 +61,18 @@ class ModelStock(StaticMethod):
         super().bind(layout, n)
         if n < 2:
             raise ValueError(f"{self.name}: needs at least two fine-tuned models, got {n}")
-        check_names(self.name, "ignore_keys", self.config["ignore_keys"], layout)
+        check_names(self.name, "ignore_keys", self.parameters["ignore_keys"], layout)
 
     def tensor_passes(self) -> int:
         return 1
 
     def plan(self, ctx: MergeContext, index: int) -> CoefficientPlan | None:
-        if ctx.layout.names[index] in self.config["ignore_keys"]:
+        if ctx.layout.names[index] in self.parameters["ignore_keys"]:
             return None
         shape = ctx.layout.shapes[index]
-        along = "rows" if self.config["filter_wise"] else "all"
+        along = "rows" if self.parameters["filter_wise"] else "all"
         gram = segment_grams(ctx, index, along, lambda chunk: chunk.deltas)
-        ratio = model_stock_ratio(gram, self.config["variant"])
+        ratio = model_stock_ratio(gram, self.parameters["variant"])
         return CoefficientPlan(shape, along, int(ctx.layout.offsets[index]), ratio.float()[:, None])
 
     def merge_chunk(self, chunk: Chunk, plan: CoefficientPlan | None) -> torch.Tensor:

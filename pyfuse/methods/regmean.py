@@ -21,8 +21,8 @@ import torch
 
 from ..layout import FlatLayout
 from ..stats import Statistics
-from . import WEIGHTS, Param, number, register
-from .data import DataMethod
+from .base import WEIGHTS, Param, number, register
+from .data_aware import DataMethod
 
 FLOAT64_MAX_FEATURES = 8192  # [in, in] float64 systems up to 512 MiB each
 
@@ -64,6 +64,8 @@ class RegMean(DataMethod):
     """Regression mean of every Linear weight with input Grams; other parameters averaged."""
 
     name = "regmean"
+    display_name = "RegMean"
+    reference = "Jin et al., 2023, Dataless Knowledge Fusion by Merging Weights of Language Models"
     summary = "closed-form regression mean of Linear weights (needs 'gram_in' statistics)"
     needs = ("gram_in",)
     params = {
@@ -77,7 +79,7 @@ class RegMean(DataMethod):
             return None
         transposed = name in stats[0].transposed
         grams = (st.get("gram_in", name) for st in stats)
-        return regression_mean(finetuned, grams, (self.weights / self.weights.sum()).tolist(), self.config["alpha"],
+        return regression_mean(finetuned, grams, (self.weights / self.weights.sum()).tolist(), self.parameters["alpha"],
                                transposed)
 
     def working_bytes(self, layout: FlatLayout, n: int) -> int:

@@ -37,8 +37,8 @@ from ..io.sources import TensorSource
 from ..progress import progress_bar
 from ..stats import _linear_layers
 from ..task import Task
-from . import Param, integer, number, register
-from .data import TaskDataMethod, as_source
+from .base import Param, integer, number, register
+from .data_aware import TaskDataMethod, as_source
 from .regmean import regression_mean
 
 
@@ -82,6 +82,7 @@ class RegMeanPlusPlus(TaskDataMethod):
     """RegMean++: block-by-block RegMean with Grams on the merged earlier blocks' outputs (module docstring)."""
 
     name = "regmean++"
+    display_name = "RegMean++"
     summary = "RegMean block by block, Grams on the merged earlier blocks' outputs (needs the models and data)"
     params = {
         "alpha": Param(0.95, number(0, 1), "scale of the Grams' off-diagonal entries (fusion_bench's "
@@ -120,7 +121,7 @@ class RegMeanPlusPlus(TaskDataMethod):
                 if state.shape(key) != value.shape:
                     raise ValueError(f"regmean++: fine-tuned model {i + 1}: tensor {key!r} has shape "
                                      f"{list(state.shape(key))}, expected {list(value.shape)}")
-        prefix, blocks = find_blocks(work, self.config["blocks"])
+        prefix, blocks = find_blocks(work, self.parameters["blocks"])
         with torch.no_grad():
             self._merge_before(work, blocks[0], states, tasks[0])
             inputs = [self._first_inputs(work, blocks[0], task) for task in tasks]
@@ -166,7 +167,7 @@ class RegMeanPlusPlus(TaskDataMethod):
         examples = 0
         try:
             for batch in task.batches:
-                if examples >= self.config["num_regmean_examples"]:
+                if examples >= self.parameters["num_regmean_examples"]:
                     break
                 _run_until_first_block(work, task, batch)
                 examples += captured[-1][0][0].shape[0] if captured[-1][0] else _first_tensor(captured[-1][1])
@@ -201,14 +202,14 @@ class RegMeanPlusPlus(TaskDataMethod):
     def _merge_block(self, block: torch.nn.Module, states: list[Mapping[str, torch.Tensor]],
                      grams: list[dict[str, torch.Tensor]]) -> None:
         transposed = {layer.key: layer.transposed for layer in _linear_layers(block)}
-        excluded = self.config["exclude_param_names_regex"]
+        excluded = self.parameters["exclude_param_names_regex"]
         coefficients = [1 / len(states)] * len(states)
         for key, value in block.state_dict(keep_vars=True).items():
             if not value.is_floating_point() or any(re.match(pattern, key) for pattern in excluded):
                 continue
             values = [state[key] for state in states]
             if key in transposed and key in grams[0]:
-                merged = regression_mean(values, (g[key] for g in grams), coefficients, self.config["alpha"],
+                merged = regression_mean(values, (g[key] for g in grams), coefficients, self.parameters["alpha"],
                                          transposed[key])
             else:
                 merged = torch.stack([v.double() for v in values]).mean(0)

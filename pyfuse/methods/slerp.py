@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, number, register
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, boolean, number, register
 from .geometry import CoefficientPlan, segment_grams
 
 
@@ -72,6 +72,7 @@ class Slerp(_Interpolation):
     """SLERP of two models, tensor by tensor (fusion_bench's `SlerpMergeAlgorithm`, mergekit's `slerp`)."""
 
     name = "slerp"
+    display_name = "SLERP"
     summary = "spherical interpolation between the two fine-tuned models, per tensor (t=0: the first)"
     params = {
         "t": Param(0.5, number(), "interpolation factor: 0 gives the first model, 1 the second"),
@@ -81,13 +82,13 @@ class Slerp(_Interpolation):
     }
 
     def _coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        t, eps = self.config["t"], self.config["epsilon"]
+        t, eps = self.parameters["t"], self.parameters["epsilon"]
         rows = []
         for g in gram.tolist():
             norms = [math.sqrt(g[0][0]), math.sqrt(g[1][1])]
             scale = [norm if norm > eps else 1.0 for norm in norms]
             dot = g[0][1] / (scale[0] * scale[1])
-            if abs(dot) > self.config["DOT_THRESHOLD"]:
+            if abs(dot) > self.parameters["DOT_THRESHOLD"]:
                 rows.append([1 - t, t])
                 continue
             theta = math.acos(dot)
@@ -102,6 +103,7 @@ class NuSlerp(_Interpolation):
     """mergekit's NuSLERP: SLERP of task vectors (or weights), per tensor or per row, `t` from model weights."""
 
     name = "nuslerp"
+    display_name = "NuSLERP"
     summary = "mergekit's NuSLERP: spherical interpolation of two task vectors (or models), t = w1 / (w0 + w1)"
     params = {
         "weights": Param(None, WEIGHTS.check, "per-model weights (mergekit's per-model `weight`); "
@@ -119,12 +121,12 @@ class NuSlerp(_Interpolation):
         super().bind(layout, n)
         w0, w1 = self.weights.double().tolist()
         self.t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-        self.of_weights = not self.config["task_vectors"]
+        self.of_weights = not self.parameters["task_vectors"]
 
     def _along(self, shape: torch.Size) -> str:
-        if self.config["nuslerp_flatten"]:
+        if self.parameters["nuslerp_flatten"]:
             return "all"
-        return "columns" if self.config["nuslerp_row_wise"] else "rows"
+        return "columns" if self.parameters["nuslerp_row_wise"] else "rows"
 
     def _coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         t = self.t

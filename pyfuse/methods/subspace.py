@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, check_names, number, register, tensor_names
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, check_names, number, register, tensor_names
 
 EXCLUDE_KEYS = Param((), tensor_names, "matrices merged by the mean task vector instead")
 
@@ -52,15 +52,15 @@ class PerMatrix(StaticMethod):
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
-        check_names(self.name, "exclude_keys", self.config["exclude_keys"], layout)
-        self._scaling = self.config.get("scaling", 1.0)
+        check_names(self.name, "exclude_keys", self.parameters["exclude_keys"], layout)
+        self._scaling = self.parameters.get("scaling", 1.0)
         self._mean = self._scaling * self.weights / n
 
     def tensor_passes(self) -> int:
         return 1
 
     def is_matrix(self, layout, index: int) -> bool:
-        return len(layout.shapes[index]) == 2 and layout.names[index] not in self.config["exclude_keys"]
+        return len(layout.shapes[index]) == 2 and layout.names[index] not in self.parameters["exclude_keys"]
 
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
         """The merged task vector `[m, p]` of task vectors `tau` `[T, m, p]` (float64, weighted)."""
@@ -107,6 +107,8 @@ class TaskSingularVectors(PerMatrix):
     """TSV-M: each task's top `1/T` singular triplets per matrix, orthonormalised together (module docstring)."""
 
     name = "tsv"
+    display_name = "TSV-M"
+    reference = "Gargiulo et al., 2025, Task Singular Vectors"
     summary = "Task Singular Vectors (TSV-M): top 1/T singular vectors of each task, orthonormalised, per matrix"
     params = {
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's scalar `alpha`)"),
@@ -137,6 +139,8 @@ class IsoC(PerMatrix):
     """Iso-C: the summed task vector with its singular values flattened to their mean, per matrix."""
 
     name = "iso_c"
+    display_name = "Iso-C"
+    reference = "Marczak et al., 2025, No Task Left Behind: Isotropic Model Merging"
     summary = "Iso-C: per matrix, the summed task vector with every singular value set to their mean"
     params = {
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's `scaling_factor`)"),
@@ -160,6 +164,8 @@ class IsoCTS(PerMatrix):
     """Iso-CTS: a common subspace of the summed task vectors plus per-task directions, isotropic (docstring)."""
 
     name = "iso_cts"
+    display_name = "Iso-CTS"
+    reference = "Marczak et al., 2025, No Task Left Behind: Isotropic Model Merging"
     summary = "Iso-CTS: common subspace of the sum plus each task's own directions, singular values flattened"
     params = {
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's `scaling_factor`)"),
@@ -171,7 +177,7 @@ class IsoCTS(PerMatrix):
 
     def bind(self, layout, n) -> None:
         super().bind(layout, n)
-        fraction = self.config["common_space_fraction"]
+        fraction = self.parameters["common_space_fraction"]
         for index, (name, shape) in enumerate(zip(layout.names, layout.shapes)):
             if self.is_matrix(layout, index) and common_space_size(min(shape), fraction, n) < 0:
                 raise ValueError(
@@ -182,7 +188,7 @@ class IsoCTS(PerMatrix):
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
         tasks, m, p = tau.shape
         k = min(m, p)
-        common = common_space_size(k, self.config["common_space_fraction"], tasks)
+        common = common_space_size(k, self.parameters["common_space_fraction"], tasks)
         per_task = (k - common) // tasks
         u, s, vh = torch.linalg.svd(tau.sum(0), full_matrices=False)
         common_u = u[:, :common]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, choice, number, register
+from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, choice, number, register
 from .select import histogram_bytes
 from .sparsify import disjoint_merge, elect, magnitude_cuts, sign_balance, signed_sides, threshold_rank
 
@@ -44,6 +44,8 @@ class Ties(StaticMethod):
     """TIES-Merging (Yadav et al., 2023), with the paper's whole-model trim or mergekit's per-tensor one."""
 
     name = "ties"
+    display_name = "Ties-Merging"
+    reference = "Yadav et al., 2023, TIES-Merging"
     summary = "trim to the top `density` magnitudes, elect signs, merge the agreeing entries"
     params = {
         "density": Param(0.2, number(0, 1, low_open=True), "fraction of each task vector kept, in (0, 1]"),
@@ -59,8 +61,8 @@ class Ties(StaticMethod):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        if self.config["merge_func"] is None:
-            self.config["merge_func"] = "mean" if self.config["trim"] == "tensor" else "sum"
+        if self.parameters["merge_func"] is None:
+            self.parameters["merge_func"] = "mean" if self.parameters["trim"] == "tensor" else "sum"
         self._global: tuple[list[float], float] | None = None
 
     def bind(self, layout, n) -> None:
@@ -68,15 +70,15 @@ class Ties(StaticMethod):
         self._unit_weights = bool((self.weights == 1).all())
 
     def global_passes(self) -> int:
-        return 3 if self.config["trim"] == "global" else 0
+        return 3 if self.parameters["trim"] == "global" else 0
 
     def state_bytes(self, layout, n, in_flight) -> int:
         return histogram_bytes(n, in_flight)
 
     def prepare(self, ctx: MergeContext) -> None:
-        if self.config["trim"] != "global":
+        if self.parameters["trim"] != "global":
             return
-        rank = threshold_rank(ctx.layout.numel, self.config["density"], "global")
+        rank = threshold_rank(ctx.layout.numel, self.parameters["density"], "global")
         cuts = _cuts(ctx, None, rank, desc="ties: thresholds")
 
         def balance(chunk: Chunk) -> int:
@@ -87,11 +89,11 @@ class Ties(StaticMethod):
         self._global = (cuts, float((total > 0) - (total < 0)))
 
     def plan(self, ctx: MergeContext, index: int) -> tuple[list[float], float]:
-        if self.config["trim"] == "global":
+        if self.parameters["trim"] == "global":
             if self._global is None:
                 raise RuntimeError("ties: prepare() must run before plan() with trim='global'")
             return self._global
-        rank = threshold_rank(ctx.layout.shapes[index].numel(), self.config["density"], "tensor")
+        rank = threshold_rank(ctx.layout.shapes[index].numel(), self.parameters["density"], "tensor")
         return _cuts(ctx, index, rank), 1.0
 
     def _sides(self, chunk: Chunk, cuts: list[float], counts: bool = False, peaks: bool = False):
@@ -99,7 +101,7 @@ class Ties(StaticMethod):
 
     def merge_chunk(self, chunk: Chunk, plan: tuple[list[float], float]) -> torch.Tensor:
         cuts, zero_sign = plan
-        merge_func = self.config["merge_func"]
+        merge_func = self.parameters["merge_func"]
         pos, neg, pos_w, neg_w = self._sides(chunk, cuts, counts=merge_func == "mean")
         if merge_func == "max":
             # the elected sign needs the sums; the merge needs the largest magnitudes
@@ -112,4 +114,4 @@ class Ties(StaticMethod):
                                 unit_weights=self._unit_weights)
         if merge_func == "max" and zero_sign == 0:
             merged.mul_(total.sign_().abs_())  # s stays 0 when the whole model is balanced: max * s = 0
-        return torch.add(chunk.base, merged, alpha=self.config["scaling"])
+        return torch.add(chunk.base, merged, alpha=self.parameters["scaling"])

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import Param, integer, register
+from .base import Param, integer, register
 from .subspace import EXCLUDE_KEYS, PerMatrix
 
 LEARNING_RATE = 1e-5
@@ -31,6 +31,8 @@ class Wudi(PerMatrix):
     """WUDI: per matrix, Adam on the task vectors' self-interference loss (module docstring)."""
 
     name = "wudi"
+    display_name = "WUDI"
+    reference = "Cheng et al., 2025, Whoever Started the Interference Should End It"
     summary = "WUDI: per matrix, Adam steps on the interference with each task vector's own rows (data-free)"
     params = {
         "iter_num": Param(400, integer(0, 2**31), "Adam steps per matrix"),
@@ -44,7 +46,7 @@ class Wudi(PerMatrix):
         first = torch.zeros_like(merged)
         second = torch.zeros_like(merged)
         beta1, beta2 = BETAS
-        for step in range(1, self.config["iter_num"] + 1):
+        for step in range(1, self.parameters["iter_num"] + 1):
             grad = gradient(merged)
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -1,6 +1,6 @@
 """Model adapters: they load models and turn them into forward functions and tasks; they never merge."""
 
-from .clip import ClipClassifier, HFClip, OpenClip, map_checkpoint_keys
+from .clip import ClipClassifier, HFClip, OpenClip, clip_task, map_checkpoint_keys
 from .hub import ModelNotFoundError, resolve_model_dir
 from .lora import (
     LoraAdapter,
@@ -15,7 +15,7 @@ from .t5 import LabelWordScorer, evaluate_glue, glue_task, glue_task_vectors, lo
 from .text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder, class_logits
 
 __all__ = [
-    "DEFAULT_ENCODER", "ClipClassifier", "HFClip", "LabelWordScorer", "LoraAdapter", "LoraAdapterError",
+    "DEFAULT_ENCODER", "ClipClassifier", "HFClip", "clip_task", "LabelWordScorer", "LoraAdapter", "LoraAdapterError",
     "ModelNotFoundError", "OpenClip", "TextClassifierTask", "TextEncoder", "class_logits", "evaluate_glue",
     "glue_task", "glue_task_vectors", "load_flan_t5", "load_lora_adapter", "lora_deltas",
     "lora_factored_task_vectors", "lora_task_models", "lora_task_vectors", "map_checkpoint_keys", "paper_adapter_id",

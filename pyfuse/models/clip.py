@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.vision import ImageBatches, VisionTaskSpec, class_names, get_spec, load_split
 from ..io.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorSource, open_source
 from ..progress import progress_bar
 from ..task import ModelCall, Task
@@ -270,3 +271,21 @@ def _file_source(path: Path, label: str) -> TensorSource:
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{label}: holds a {type(loaded).__name__}, not a state dict")
     return open_source(loaded, label)
+
+
+def clip_task(clip: ClipClassifier, task: str | VisionTaskSpec, source: str | os.PathLike | None = None, *,
+              batch_size: int = 16, test_batch_size: int = 64, test_limit: int | None = None, seed: int = 0,
+              progress: bool = False) -> Task:
+    """A `pyfuse.Task` of one of the paper's tasks (`pyfuse.data.vision`) for a CLIP classifier.
+
+    Its batches are the test split's images, unlabeled and shuffled once with `seed` (test-time adaptation, as
+    the paper does); its test data the same split in order, labelled (the first `test_limit` images if given).
+    """
+    spec = get_spec(task)
+    dataset = load_split(spec, source)
+    columns = {"image_column": spec.image_column, "label_column": spec.label_column}
+    batches = ImageBatches(dataset, clip.preprocess, batch_size=batch_size, labelled=False, shuffle=True,
+                           seed=seed, **columns)
+    test = ImageBatches(dataset, clip.preprocess, batch_size=test_batch_size, limit=test_limit, **columns)
+    return clip.task(spec.name, class_names(dataset, spec.label_column), spec.templates, batches,
+                     test_data=test, progress=progress)

@@ -199,11 +199,11 @@ def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_s
 
 def lora_backward_accumulate(
     grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
-    need_ga=True, need_dots=True,
+    need_ga=True, need_dots=True, start=0,
 ):
     return _ext().lora_backward_accumulate(
         grad_out, left, right, rows, comp_offsets, coef, logits, offsets, int(seed), int(step), float(temperature),
-        int(mode), ga_out, bool(need_ga), bool(need_dots),
+        int(mode), ga_out, bool(need_ga), bool(need_dots), int(start),
     )
 
 

@@ -4,7 +4,7 @@
 
 exactly `concrete_merge` on the densified task vectors (`LoraFactors.densify()`): the same mask (the same
 Philox stream by flat position, phase `mask_sums`), the same per-segment rescale and the same fused backward
-(`masked_forward` / `masked_backward` of `pyfuse.ops.concrete_merge`). Only the two phases that read the task
+(`masked_forward` / `masked_backward` of `pyfuse.ops.masked_merge`). Only the two phases that read the task
 vectors differ: they form `a_s = (L_s * c) @ R_s` tile by tile (see `pyfuse.ops.reference` for their meaning),
 so no dense task vector exists at any time. The weight gradient comes out per component and is summed into
 `[n, S]` here, once for every backend.
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
-from .concrete_merge import (
-    _check_scalars,
-    _to_i64,
+from .factors import LoraFactors
+from .masked_merge import (
+    DEFAULT_TEMPERATURE,
+    check_scalars,
+    check_start,
     layerwise_weights,
-    masked_backward,
-    masked_forward,
+    register_merge_op,
+    to_i64,
     validate_merge,
 )
-from .factors import LoraFactors
 
 __all__ = ["lora_concrete_merge"]
 
@@ -40,70 +40,25 @@ def _component_weights(weights, comp_task, comp_offsets, comp_scale):
     return weights[comp_task, _component_segments(comp_offsets)] * comp_scale.to(weights.dtype)
 
 
-@torch.library.custom_op("pyfuse::lora_concrete_merge", mutates_args=())
-def _lora_merge_op(
-    base: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
-    rows: torch.Tensor,
-    comp_offsets: torch.Tensor,
-    comp_task: torch.Tensor,
-    comp_scale: torch.Tensor,
-    logits: torch.Tensor,
-    weights: torch.Tensor,
-    offsets: torch.Tensor,
-    seed: int,
-    step: int,
-    temperature: float,
-    mode: str,
-    rescale: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    phases = backends.phases(backend)
-    coef = _component_weights(weights, comp_task, comp_offsets, comp_scale)
+def _apply(phases, tensors):
+    coef = _component_weights(tensors["weights"], tensors["comp_task"], tensors["comp_offsets"], tensors["comp_scale"])
 
     def apply(seg_scale, out):
-        phases.lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, out)
+        phases.lora_merge_apply(tensors["base"], tensors["left"], tensors["right"], tensors["rows"],
+                                tensors["comp_offsets"], coef, tensors["offsets"], seg_scale, out)
 
-    return masked_forward(_NAME, phases, logits, offsets, seed, step, temperature, mode, rescale, apply)
-
-
-@_lora_merge_op.register_fake
-def _(base, left, right, rows, comp_offsets, comp_task, comp_scale, logits, weights, offsets, seed, step,
-      temperature, mode, rescale, backend):
-    return logits.new_empty(logits.shape), logits.new_empty(offsets.shape[0] - 1)
+    return apply
 
 
-@torch.library.custom_op("pyfuse::lora_concrete_merge_backward", mutates_args=())
-def _lora_merge_backward_op(
-    grad_out: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
-    rows: torch.Tensor,
-    comp_offsets: torch.Tensor,
-    comp_task: torch.Tensor,
-    comp_scale: torch.Tensor,
-    logits: torch.Tensor,
-    weights: torch.Tensor,
-    offsets: torch.Tensor,
-    seg_sum: torch.Tensor,
-    seed: int,
-    step: int,
-    temperature: float,
-    mode: str,
-    rescale: bool,
-    backend: str,
-    need_logits: bool,
-    need_weights: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    phases = backends.phases(backend)
-    grad_out = grad_out.to(logits.dtype).contiguous()
+def _accumulate(phases, grad_out, tensors, step, temperature, start, need_logits, need_weights):
+    weights, comp_task, comp_offsets, comp_scale = (tensors[key] for key in ("weights", "comp_task", "comp_offsets",
+                                                                             "comp_scale"))
     coef = _component_weights(weights, comp_task, comp_offsets, comp_scale)
 
     def accumulate(seg_scale, seed_u64, mode_id, ga_out):
         comp_dot, seg_gam = phases.lora_backward_accumulate(
-            grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed_u64, step, temperature, mode_id,
-            ga_out, need_logits, need_weights,
+            grad_out, tensors["left"], tensors["right"], tensors["rows"], comp_offsets, coef, tensors["logits"],
+            tensors["offsets"], seed_u64, step, temperature, mode_id, ga_out, need_logits, need_weights, start,
         )
         # dL/dw[i, s] = seg_scale[s] * sum of scale_k * comp_dot[k] over task i's components in s
         per_component = comp_scale.to(comp_dot.dtype) * comp_dot
@@ -112,34 +67,13 @@ def _lora_merge_backward_op(
         )
         return grad_weights * seg_scale, seg_gam
 
-    return masked_backward(_NAME, phases, logits, offsets, seg_sum, seed, step, temperature, mode, rescale,
-                           need_logits, accumulate)
+    return accumulate
 
 
-@_lora_merge_backward_op.register_fake
-def _(grad_out, left, right, rows, comp_offsets, comp_task, comp_scale, logits, weights, offsets, seg_sum, seed,
-      step, temperature, mode, rescale, backend, need_logits, need_weights):
-    return logits.new_empty(logits.shape), weights.new_empty(weights.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    (base, left, right, rows, comp_offsets, comp_task, comp_scale, logits, weights, offsets,
-     seed, step, temperature, mode, rescale, backend) = inputs
-    ctx.save_for_backward(left, right, rows, comp_offsets, comp_task, comp_scale, logits, weights, offsets, output[1])
-    ctx.args = (seed, step, temperature, mode, rescale, backend)
-    ctx.weights_dtype = weights.dtype
-
-
-def _backward(ctx, grad_out, _grad_seg_sum):
-    # Each backward product costs as much as the forward one here, so only the wanted gradients are formed.
-    need_logits, need_weights = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
-    grad_logits, grad_weights = _lora_merge_backward_op(grad_out, *ctx.saved_tensors, *ctx.args, need_logits,
-                                                        need_weights)
-    grads = (grad_logits if need_logits else None, grad_weights.to(ctx.weights_dtype) if need_weights else None)
-    return (None,) * 7 + grads + (None,) * 7
-
-
-_lora_merge_op.register_autograd(_backward, setup_context=_setup_context)
+# Each backward product costs as much as the forward one here, so only the wanted gradients are formed.
+_FACTORS = ("left", "right", "rows", "comp_offsets", "comp_task", "comp_scale")
+_lora_merge_op = register_merge_op(_NAME, ("base", *_FACTORS, "logits", "weights", "offsets"),
+                                   (*_FACTORS, "logits", "weights", "offsets"), _apply, _accumulate)
 
 
 def _check_factors(factors: LoraFactors, offsets: torch.Tensor, n_weights: int) -> None:
@@ -185,22 +119,25 @@ def lora_concrete_merge(
     *,
     seed: int,
     step: int = 0,
-    temperature: float = 0.5,
+    start: int = 0,
+    temperature: float = DEFAULT_TEMPERATURE,
     mask: str = "relaxed",
     rescale: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """`concrete_merge(base, factors.densify(), logits, weights, offsets, ...)` without densifying.
 
-    Same arguments and result as `pyfuse.ops.concrete_merge` (which calls this when given `LoraFactors`);
+    Same arguments and result as `pyfuse.ops.concrete_merge` (which calls this when given `LoraFactors`), `start`
+    included;
     differentiable w.r.t. `logits` and `weights`.
     """
     if not isinstance(factors, LoraFactors):
         raise TypeError(f"factors must be LoraFactors, got {type(factors).__name__}")
-    _check_scalars(seed, step, temperature, mask)
+    check_scalars(seed, step, temperature, mask)
     tensors = {"base": base, "logits": logits, "weights": weights, "offsets": offsets,
                "factors.left": factors.left, "factors.right": factors.right}
     name, offsets = validate_merge(base, logits, weights, offsets, backend, factors.n, tensors)
+    check_start(start, logits.numel())
     _check_factors(factors, offsets, factors.n)
     device = logits.device
     out, _ = _lora_merge_op(
@@ -214,8 +151,9 @@ def lora_concrete_merge(
         logits.contiguous(),
         layerwise_weights(weights, offsets.numel() - 1, logits.dtype),
         offsets,
-        _to_i64(seed),
+        to_i64(seed),
         step,
+        start,
         float(temperature),
         mask,
         bool(rescale),

@@ -115,10 +115,11 @@ def uniform(seed, step, start, count, device=None):
 # - `lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_scale, m_inout) -> None`
 #       in place: m_inout[j] <- base[j] + m_inout[j] * seg_scale[s] * a_j.
 # - `lora_backward_accumulate(grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step,
-#       temperature, mode, ga_out, need_ga, need_dots) -> (comp_dot [K], seg_gam [S])`
-#       regenerates m; comp_dot[k] = sum_{j in s} g_j m_j L_s[row_j, k] R_s[k, col_j] (the unscaled weight
-#       gradient of component k; zeros without `need_dots`), seg_gam[s] = sum_j g_j a_j m_j and ga_out[j] =
-#       g_j a_j (zeros and ga_out untouched without `need_ga`: the logits need them, the weights do not).
+#       temperature, mode, ga_out, need_ga, need_dots, start) -> (comp_dot [K], seg_gam [S])`
+#       regenerates m (its noise drawn from the global index `start` on); comp_dot[k] = sum_{j in s} g_j m_j
+#       L_s[row_j, k] R_s[k, col_j] (the unscaled weight gradient of component k; zeros without `need_dots`),
+#       seg_gam[s] = sum_j g_j a_j m_j and ga_out[j] = g_j a_j (zeros and ga_out untouched without `need_ga`: the
+#       logits need them, the weights do not).
 # ---------------------------------------------------------------------------------------------
 def lora_segments(left, right, rows, comp_offsets, offsets):
     """(s, lo, hi, L_s, R_s, k0, k1) for every segment: its flat range, factor views and component range."""
@@ -147,10 +148,10 @@ def lora_merge_apply(base, left, right, rows, comp_offsets, coef, offsets, seg_s
 
 def lora_backward_accumulate(
     grad_out, left, right, rows, comp_offsets, coef, logits, offsets, seed, step, temperature, mode, ga_out,
-    need_ga=True, need_dots=True,
+    need_ga=True, need_dots=True, start=0,
 ):
     dtype = logits.dtype
-    m = concrete_mask(logits, seed, step, temperature, mode)
+    m = concrete_mask(logits, seed, step, temperature, mode, start)
     g = grad_out.to(dtype)
     comp_dot = torch.zeros(coef.numel(), dtype=dtype, device=logits.device)
     seg_gam = torch.zeros(offsets.numel() - 1, dtype=dtype, device=logits.device)
