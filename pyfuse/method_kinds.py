@@ -1,4 +1,4 @@
-"""The four kinds of merge method, and which run options each takes.
+"""Which run options each kind of merge method takes (the kind is the method's own answer, `Method.kind`).
 
 An option that does not apply to a method's kind is refused, naming the option and the method, before any
 work: it is never silently ignored. The table is the one place that says what applies where; `pyfuse merge`
@@ -11,11 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .methods.base import METHOD_KINDS
+__all__ = ["OPTION_KINDS", "check_device_applies", "refuse_inapplicable"]
 
-__all__ = ["KINDS", "OPTION_KINDS", "check_device_applies", "refuse_inapplicable"]
-
-KINDS = METHOD_KINDS  # what a method's `kind` says: "static", "data" (statistics), "task-data", "adaptive"
+# kinds (`pyfuse.methods.base.METHOD_KINDS`): "static", "data" (statistics), "task-data", "adaptive"
 WRITES_SHARDS = ("static", "data", "task-data")  # the engine's sharded output and merge_report.json
 
 # option -> (the kinds it applies to, why not for the others: "{method}" is the method's name)
