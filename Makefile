@@ -10,7 +10,7 @@ STAMP := build/.installed
 CONSTRAINTS ?= constraints.txt
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lock bench lint
+.PHONY: install demo test lock bench lint gpu-check
 
 install:
 	@# torch and torchvision only when missing, pinned to the project's pair (open_clip needs torchvision):
@@ -54,3 +54,13 @@ bench: install
 
 lint:
 	$(PYTHON) -m ruff check .
+
+# On a CUDA machine without network, with its own torch and triton: any wheel carried in wheels/ (e.g. nvtx;
+# benchmarks/gpu_check.py says how to fetch them), the project without dependencies, then the check (under 8
+# minutes; without CUDA it is a dry run at tiny sizes). GPU_CHECK_ARGS passes options, e.g. --json PATH.
+gpu-check:
+	@if ls wheels/*.whl >/dev/null 2>&1; then $(PIP) install --quiet --no-index --no-deps wheels/*.whl; fi
+	@# the script imports pyfuse from this checkout either way; a failed install costs only the prebuilt extension
+	$(PIP) install --quiet --no-deps --no-build-isolation -e . || \
+		echo "make gpu-check: the install failed; running from the checkout (the C++ backend builds on first use)"
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -63,7 +63,8 @@ def eager_run(shapes, offsets, base, tv, logits, weights, grad, backward):
     outs = []
     for s, shape in enumerate(shapes):
         lo, hi = bounds[s], bounds[s + 1]
-        m = torch.distributions.RelaxedBernoulli(torch.tensor(0.5), logits=x[lo:hi].view(shape)).rsample()
+        m = torch.distributions.RelaxedBernoulli(torch.tensor(0.5, device=x.device),
+                                                 logits=x[lo:hi].view(shape)).rsample()
         m = m / m.mean()
         merged = base[lo:hi].view(shape)
         for i in range(tv.shape[0]):

@@ -107,7 +107,12 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate everything and print the plan, predicted peak memory and output size; "
                              "read no tensor data and write nothing")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
+    parser.add_argument("--device", type=_device_name,
+                        help="where the merge computes: cpu (default), cuda or cuda:N; every method kind takes it "
+                             "(data-aware methods and regmean++ compute on the CPU only and refuse another)")
+    parser.add_argument("--autocast", choices=("bf16", "fp16"),
+                        help="adaptive methods: the model's forward passes under autocast in this precision (the "
+                             "fused merge op keeps its fp32 accumulation)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR if it exists (never when it holds a file the merge reads)")
     parser.add_argument("--allow-nonfinite", action="store_true",
@@ -118,12 +123,21 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                              "it names "
                              "(tasks, architecture); never use it with a config you have not read")
     parser.add_argument("--dtype", help="output dtype (float32, bfloat16, float16); overrides the config")
-    parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads)")
+    parser.add_argument("--threads", type=int, help="chunks merged at once (default: torch's CPU threads); "
+                                                     "adaptive methods: torch's CPU threads for the run")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in the report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--resume", action="store_true",
                         help="adaptive methods: continue from OUT_DIR/checkpoint.pt to the result an uninterrupted "
                              "run gives")
+
+
+def _device_name(value: str) -> str:
+    """cpu, cuda or cuda:N, checked when parsed (whether the device exists is checked before the run)."""
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
 
 
 def _size(nbytes: int | None) -> str:
@@ -219,24 +233,28 @@ def _run_merge(args: argparse.Namespace) -> int:
     """One path for every method: the config hands its method to the runner (`pyfuse.runner`)."""
     from .config import ConfigError, load_config
     from .merge import DEFAULT_SHARD_SIZE
+    from .method_kinds import refuse_inapplicable
     from .runner import plan_config, run_config
 
     config = load_config(args.config)
     name, source = config.method.name, str(args.config)
+    given = {"dtype": args.dtype is not None, "no_hash": args.no_hash, "resume": args.resume,
+             "autocast": args.autocast is not None, "trust_code": args.trust_code}
+    refuse_inapplicable(given, name, config.method.kind, lambda option: "--" + option.replace("_", "-"))
     if args.dry_run:
         if config.method.learns:
             raise ConfigError(f"{args.config}: --dry-run is for the static methods; {name} needs data")
         if config.method.runs_tasks:
             raise ConfigError(f"{args.config}: --dry-run reads no tensor data; {name} runs the model on its tasks")
-        plan = plan_config(config, args.out_dir, force=args.force, dtype=args.dtype, device=args.device,
+        plan = plan_config(config, args.out_dir, force=args.force, dtype=args.dtype, device=args.device or "cpu",
                            threads=args.threads, allow_nonfinite=args.allow_nonfinite, source=source,
                            other_inputs=[args.config])
         _print_dry_run(args, plan, config.shard_size or DEFAULT_SHARD_SIZE)
         return 0
     result = run_config(config, args.out_dir, force=args.force, resume=args.resume, trust_code=args.trust_code,
                         allow_nonfinite=args.allow_nonfinite, dtype=args.dtype, device=args.device,
-                        threads=args.threads, hash_inputs=not args.no_hash, progress=not args.no_progress,
-                        source=source, other_inputs=[args.config])
+                        autocast=args.autocast, threads=args.threads, hash_inputs=not args.no_hash,
+                        progress=not args.no_progress, source=source, other_inputs=[args.config])
     if int(os.environ.get("RANK", "0")):  # every rank returns the result; rank 0 prints it
         return 0
     if config.method.learns:
@@ -288,15 +306,21 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
     parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"
                                                    " $PYFUSE_CACHE overrides)")
+    parser.add_argument("--device", type=_device_name, default="cpu",
+                        help="where fine-tuning (and the demo's merges and evaluation) compute: cpu (default), cuda "
+                             "or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _finetune_config(args: argparse.Namespace, quick: bool = False):
     from .demo import QUICK_FINETUNE_STEPS
-    from .finetune import FinetuneConfig
+    from .finetune import FinetuneConfig, native_bf16
 
     steps = args.finetune_steps if args.finetune_steps is not None else (QUICK_FINETUNE_STEPS if quick else None)
-    return FinetuneConfig(mode=args.mode, lr=args.finetune_lr, seed=args.finetune_seed, precision=args.precision,
+    precision = args.precision
+    if precision == "auto":  # native bfloat16 is a property of the device that trains
+        precision = "bf16" if native_bf16(args.device) else "fp32"
+    return FinetuneConfig(mode=args.mode, lr=args.finetune_lr, seed=args.finetune_seed, precision=precision,
                           **({"steps": steps} if steps is not None else {}))
 
 
@@ -338,13 +362,15 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return DemoSettings(tasks=args.tasks, methods=args.methods, finetune=_finetune_config(args, quick=args.quick),
-                        encoder=args.encoder, **overrides)
+                        encoder=args.encoder, device=args.device, **overrides)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import FIGURE_NAME, REPORT_NAME, run_demo
+    from .device import resolve_device
 
     settings = demo_settings(args)
+    resolve_device(args.device)  # a device torch cannot see fails before the encoder is loaded
     report = run_demo(settings, args.out, cache_dir=args.cache, progress=not args.no_progress, backend=args.backend,
                       log=lambda message: print(message, flush=True))
     print()
@@ -389,8 +415,11 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_finetune(args: argparse.Namespace) -> int:
     from .data.embedded import load_embedded_tasks
     from .demo import classifier_task, data_id
+    from .device import resolve_device
     from .finetune import finetune
     from .models.text_classifier import TextEncoder
+
+    resolve_device(args.device)  # a device torch cannot see fails before the encoder is loaded
 
     config = _finetune_config(args)
     encoder = TextEncoder()
@@ -398,7 +427,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     for data in load_embedded_tasks(list(args.tasks) if args.tasks else None):
         task = classifier_task(encoder, data, None)
         result = finetune(encoder, task, config, data_id=data_id(data), cache_dir=args.cache,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, device=args.device)
         rows.append((task.name, f"{'reused' if result.reused else 'trained'}  {result.path}"))
     print(_table(rows))
     return 0

@@ -208,7 +208,8 @@ def _models(entries: Any, resolve, fail) -> tuple[list, list, list, list]:
 
 
 def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, resume: bool = False,
-                    force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False) -> MergeResult:
+                    force: bool = False, trust_code: bool = False, allow_nonfinite: bool = False,
+                    device: str | None = None) -> MergeResult:
     """Run the adaptive method a config mapping names (paths as given); outputs go to `out_dir`.
 
     A config names Python callables (`tasks`, `architecture`) that are imported and called: that runs
@@ -219,10 +220,12 @@ def run_from_config(config: Mapping[str, Any], out_dir: str | os.PathLike, *, re
     `out_dir` receives checkpoint.pt, report.json, mask.safetensors (Concrete methods) and merged/
     (a `from_pretrained`-loadable directory for Hugging Face models, else merged/model.safetensors).
     `resume=True` continues from out_dir/checkpoint.pt (written by an earlier run of the same config).
+    `device` ("cpu", "cuda", "cuda:N") overrides the config's `run.device`: where the run computes.
     """
     name = config.get("method") if isinstance(config, Mapping) else None
     if isinstance(name, str) and name in available_methods() and not get_method(name).learns:
         raise ConfigError(f"config: method {name!r} is not adaptive; run it with pyfuse.merge or `pyfuse merge`")
     checked = check_config(config)
+    overrides = {"device": device} if device is not None else {}
     return run_adaptive(checked, out_dir, resume=resume, force=force, trust_code=trust_code,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, **overrides)

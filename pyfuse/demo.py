@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from .adaptive import RunOptions, Task
+from .device import resolve_device, tasks_on_device, to_device
 from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
 from .merge import merge, plan_merge
+from .method_kinds import check_device_applies
 from .methods import Method, create_method, get_method, learned
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
@@ -142,11 +144,14 @@ class DemoSettings:
     encoder: str = DEFAULT_ENCODER
     max_length: int = 48
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown demo method {unknown[0]!r}; available: {', '.join(ALL_METHODS)}")
+        for method in self.methods:  # before anything is loaded: methods that compute on the CPU only
+            check_device_applies(method, get_method(ROWS[method].method).kind, torch.device(self.device), "--device")
         if not self.methods:
             raise ValueError("choose at least one method")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -191,13 +196,16 @@ class DemoContext:
     def task_vectors(self) -> TaskVectors:
         """The fine-tuned models' task vectors over the base (built on first use, then kept)."""
         if self._vectors is None:
-            self._vectors = TaskVectors.from_models(self.base, list(self.models.values()), names=list(self.models))
+            self._vectors = TaskVectors.from_models(self.base, list(self.models.values()), names=list(self.models),
+                                                    device=self.settings.device)
         return self._vectors
 
     def adaptation(self, seed: int) -> list[Task]:
         """Every task's adaptation `Task`: its unlabeled test batches in the order `seed` shuffles them, and
-        the labelled test data (the same for every seed)."""
-        return [t.adaptation_task(self.encoder, batch_size=self.settings.batch_size, seed=seed) for t in self.tasks]
+        the labelled test data (the same for every seed); batches, test data and heads on the demo's device."""
+        device = torch.device(self.settings.device)
+        return tasks_on_device([dataclasses.replace(t, head=t.head.to(device)).adaptation_task(
+            self.encoder, batch_size=self.settings.batch_size, seed=seed) for t in self.tasks], device)
 
     def statistics(self, seed: int, progress: bool) -> list[Statistics]:
         if seed not in self._statistics:
@@ -231,11 +239,12 @@ def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None 
     finetuned: dict[str, FinetuneResult] = {}
     for task, source in zip(tasks, data):
         finetuned[task.name] = finetune(encoder, task, settings.finetune, data_id=data_id(source),
-                                        cache_dir=cache_dir, progress=progress)
+                                        cache_dir=cache_dir, progress=progress, device=settings.device)
     reused = sum(r.reused for r in finetuned.values())
     log(f"fine-tuned models: {reused} reused from the cache, {len(tasks) - reused} trained")
     models = {name: load_finetuned(encoder, result) for name, result in finetuned.items()}
     base = {name: encoder.state_dict()[name] for name in next(iter(models.values()))}
+    encoder.module.to(resolve_device(settings.device))  # after `base` was taken: the merges read it on the CPU
     return DemoContext(settings, encoder, data, tasks, finetuned, models, base)
 
 
@@ -265,7 +274,8 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
             call = _task_data_merge(method, ctx)
         else:
             params = {**row.parameters, "seed": seed} if kind.stochastic else row.parameters
-            call = _bound(ctx.encoder, merge(row.method, ctx.base, list(ctx.models.values()), **params))
+            call = _bound(ctx.encoder, merge(row.method, ctx.base, list(ctx.models.values()),
+                                             device=ctx.settings.device, **params))
         seconds = time.perf_counter() - clock
     if kind.learns:  # the run ends by evaluating its merged model on these tasks: not twice
         return MethodRun(seed, result.report["final_accuracy"], result.report["final_class_share"],
@@ -415,6 +425,8 @@ def data_id(data: Any) -> str:
 
 
 def _bound(encoder: TextEncoder, tensors: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    tensors = to_device(tensors, next(encoder.module.parameters()).device)
+
     def call(*args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(encoder.module, tensors, args, kwargs)
 
@@ -425,7 +437,8 @@ def _adaptive(method: str, ctx: DemoContext, vectors: TaskVectors, tasks: Sequen
               backend: str) -> learned.MergeResult:
     # the starting accuracy of each schedule is a row of the table already (task arithmetic)
     s, model = ctx.settings, ctx.encoder.module
-    options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False)
+    options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False,
+                         device=s.device)
     if method == "adamerging":
         return learned.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
                                    clamp=s.clamp, options=options)

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .device import resolve_device, to_device
 from .io.atomic import atomic_dir
 from .io.hashing import sha256_file
 from .models.hub import WEIGHT_FILES
 from .models.text_classifier import TextClassifierTask, TextEncoder, class_logits
+from .ops.profiling import nvtx_range
 from .progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -124,13 +126,17 @@ def cache_key(encoder: TextEncoder, task: TextClassifierTask, config: FinetuneCo
 
 
 def finetune(encoder: TextEncoder, task: TextClassifierTask, config: FinetuneConfig, *, data_id: str,
-             cache_dir: str | os.PathLike | None = None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `encoder` on `task` (or reuse the cached result of the same inputs).
+             cache_dir: str | os.PathLike | None = None, progress: bool = True,
+             device: str | torch.device = "cpu") -> FinetuneResult:
+    """Fine-tune `encoder` on `task` (or reuse the cached result of the same inputs) on `device`.
 
     The encoder's module is left as it was: training runs on a copy. The result directory holds either
     `model.safetensors` (the whole fine-tuned encoder) or a peft adapter, and `finetune.json` (inputs,
-    loss curve, time); it appears atomically, so an interrupted run leaves nothing half-written.
+    loss curve, time); it appears atomically, so an interrupted run leaves nothing half-written. The device
+    is not part of the cache key: a model trained on a GPU serves a CPU run and the other way round (their
+    float32 sums differ in rounding only).
     """
+    device = resolve_device(device)
     key = cache_key(encoder, task, config, data_id)
     directory = Path(cache_dir or default_cache_dir()) / "finetuned" / f"{task.name}-{config.mode}-{key[:16]}"
     meta_path = directory / META_NAME
@@ -139,11 +145,13 @@ def finetune(encoder: TextEncoder, task: TextClassifierTask, config: FinetuneCon
         if meta.get("key") == key:
             return FinetuneResult(directory, config.mode, True, meta)
     started = time.perf_counter()
-    model = _trainable_copy(encoder, config)
-    losses = _train(model, encoder, task, config, progress)
+    model = _trainable_copy(encoder, config).to(device)
+    with nvtx_range(f"finetune:{task.name}"):
+        losses = _train(model, encoder, task, config, progress)
     with atomic_dir(directory) as tmp:
         if config.mode == "full":
-            save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, str(tmp / FULL_WEIGHTS))
+            save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()},
+                      str(tmp / FULL_WEIGHTS))
         else:
             model.save_pretrained(tmp)
         meta = {"key": key, "task": task.name, "mode": config.mode, "config": dataclasses.asdict(config),
@@ -184,7 +192,8 @@ def _train(model: torch.nn.Module, encoder: TextEncoder, task: TextClassifierTas
     torch.manual_seed(config.seed)
     texts, labels = task.train
     parameters = [p for p in model.parameters() if p.requires_grad]
-    device = parameters[0].device.type
+    device = parameters[0].device
+    head = task.head.to(device)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = int(config.warmup * config.steps)
 
@@ -205,17 +214,20 @@ def _train(model: torch.nn.Module, encoder: TextEncoder, task: TextClassifierTas
             rng.shuffle(epoch)
             order.extend(epoch)
         chunk, order = order[:config.batch_size], order[config.batch_size:]
-        batch = encoder.tokenize([texts[i] for i in chunk])
-        target = torch.tensor([int(labels[i]) for i in chunk])
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            scores = class_logits(model, batch, task.head)
+        batch = to_device(encoder.tokenize([texts[i] for i in chunk]), device)
+        target = torch.tensor([int(labels[i]) for i in chunk], device=device)
+        with nvtx_range("finetune.forward"), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            scores = class_logits(model, batch, head)
         loss = torch.nn.functional.cross_entropy(scores.float(), target)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"fine-tuning {task.name!r}: the loss became {loss.item()}; lower the lr")
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        with nvtx_range("finetune.backward"):
+            loss.backward()
+        with nvtx_range("finetune.optimizer"):
+            optimizer.step()
+            scheduler.step()
         losses.append(round(loss.item(), 5))
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

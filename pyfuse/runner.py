@@ -18,11 +18,13 @@ import torch
 
 from . import distributed
 from .architecture import check_architecture
+from .device import autocast_dtype, resolve_device, torch_threads
 from .engine import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .io.atomic import check_output_dir, remove_replaced
 from .io.identity import InputIdentity
 from .io.lock import claimed_output_dir
 from .io.sources import checkpoint_files
+from .method_kinds import check_device_applies
 from .methods.learned import MergeResult, RunOptions
 from .task import Task
 from .taskvectors import TaskVectors
@@ -37,20 +39,26 @@ VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def run_config(config: MergeConfig, out_dir: str | os.PathLike, *, force: bool = False, resume: bool = False,
                trust_code: bool = False, allow_nonfinite: bool = False, dtype: str | None = None,
-               device: str = "cpu", threads: int | None = None, hash_inputs: bool = True, progress: bool = True,
-               source: str = "config", other_inputs: Sequence[str | os.PathLike] = ()
-               ) -> dict[str, Any] | MergeResult:
+               device: str | None = None, autocast: str | None = None, threads: int | None = None,
+               hash_inputs: bool = True, progress: bool = True, source: str = "config",
+               other_inputs: Sequence[str | os.PathLike] = ()) -> dict[str, Any] | MergeResult:
     """Run a checked config into `out_dir`: the merge report of the engine, or an adaptive method's result.
 
     `other_inputs` (e.g. the config file) may never be inside `out_dir`. `resume` continues an adaptive run;
-    `dtype`, `device`, `threads` and `hash_inputs` are the engine's (`pyfuse.merge.plan_merge`).
+    `dtype`, `device`, `threads` and `hash_inputs` are the engine's (`pyfuse.merge.plan_merge`). An adaptive
+    method takes `device` and `autocast` over its config's `run` section, runs on `threads` torch threads, and
+    `progress=False` turns its bars off; under torchrun with CUDA each rank takes LOCAL_RANK's GPU and NCCL.
     """
     if config.method.learns:
         check_output_dir(out_dir, True, other_inputs)  # an input inside it; existence: run_adaptive's, locked
-        with distributed.group():  # under torchrun the ranks split the tasks (pyfuse.adaptive.loop)
+        run = {key: value for key, value in (("device", device), ("autocast", autocast)) if value is not None}
+        if not progress:
+            run["progress"] = False
+        # under torchrun the ranks split the tasks (pyfuse.adaptive.loop)
+        with distributed.group(device or config.run.get("device") or "cpu"), torch_threads(threads):
             return run_adaptive(config, out_dir, resume=resume, force=force, trust_code=trust_code,
-                                allow_nonfinite=allow_nonfinite, source=source)
-    plan = plan_config(config, out_dir, force=force, trust_code=trust_code, dtype=dtype, device=device,
+                                allow_nonfinite=allow_nonfinite, source=source, **run)
+    plan = plan_config(config, out_dir, force=force, trust_code=trust_code, dtype=dtype, device=device or "cpu",
                        threads=threads, allow_nonfinite=allow_nonfinite, source=source, other_inputs=other_inputs)
     return plan.write(out_dir, force=force, shard_size=config.shard_size or DEFAULT_SHARD_SIZE,
                       hash_inputs=hash_inputs, progress=progress, other_inputs=other_inputs)
@@ -62,6 +70,8 @@ def plan_config(config: MergeConfig, out_dir: str | os.PathLike, *, force: bool 
                 other_inputs: Sequence[str | os.PathLike] = ()) -> MergePlan:
     """The engine's plan of a config's merge (checked from headers alone). A method that runs the model on its
     tasks gets them loaded first (the config's code, run only with `trust_code`), once `out_dir` is checked."""
+    # before a model is loaded: the device exists, and the method computes there
+    check_device_applies(config.method.name, config.method.kind, resolve_device(device))
     runs = {}
     if config.method.runs_tasks:
         check_output_dir(out_dir, force, other_inputs)  # before the model and tasks are loaded
@@ -71,9 +81,13 @@ def plan_config(config: MergeConfig, out_dir: str | os.PathLike, *, force: bool 
 
 
 def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: bool = False, force: bool = False,
-                 trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config") -> MergeResult:
-    """Run a checked adaptive config; outputs go to `out_dir` (see `pyfuse.config.run_from_config`)."""
-    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **config.run)
+                 trust_code: bool = False, allow_nonfinite: bool = False, source: str = "config",
+                 **run: Any) -> MergeResult:
+    """Run a checked adaptive config; outputs go to `out_dir` (see `pyfuse.config.run_from_config`). `run` overrides
+    the config's `run` section (`RunOptions` fields, e.g. device="cuda", progress=False)."""
+    options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **{**config.run, **run})
+    device = resolve_device(options.device or "cpu")  # a bad device fails before any model is loaded
+    autocast_dtype(options.autocast)
     check_trusted(config, trust_code, source)
     inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
     ranks = distributed.current()
@@ -96,7 +110,7 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
             task_vectors = TaskVectors.from_models(config.base, config.models, names=config.names,
                                                    dtype=VECTOR_DTYPES[config.vector_dtype],
                                                    progress=options.progress, allow_nonfinite=allow_nonfinite,
-                                                   shard_of=shard_of)
+                                                   shard_of=shard_of, device=device)
             if force and not resume and writes:  # as a static merge replaces it: nothing earlier stays beside
                 remove_replaced(target)
         if ranks is not None:

@@ -32,6 +32,7 @@ import torch
 
 from .io.atomic import atomic_path
 from .io.sources import TensorSource, open_source
+from .ops.profiling import nvtx_range
 from .progress import progress_bar
 from .task import ModelCall, Task
 
@@ -360,8 +361,8 @@ def collect_statistics(
                 break
             mask = token_mask_fn(batch).bool() if token_mask_fn is not None else None
             state["mask"] = mask
-            with torch.set_grad_enabled(gradients):
-                logits = logits_fn(model, batch)
+            with nvtx_range(f"stats.forward:{name}"), torch.set_grad_enabled(gradients):
+                logits = logits_fn(model, batch)  # gram_in and acts accumulate in the forward hooks
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
                 raise ValueError(f"task {name!r}: the logits must be a [B, C] tensor, got "
                                  f"{list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
@@ -370,9 +371,11 @@ def collect_statistics(
             if gradients:
                 log_p = _label_log_probs(logits, labels, label_fn, batch, generator, name)
                 if "fisher" in kinds:
-                    _accumulate_fisher(log_p, params, fisher)
+                    with nvtx_range(f"stats.fisher:{name}"):
+                        _accumulate_fisher(log_p, params, fisher)
                 if "gram_out" in kinds:
-                    _accumulate_gram_out(log_p, layers)
+                    with nvtx_range(f"stats.gram_out:{name}"):
+                        _accumulate_gram_out(log_p, layers)
     finally:
         for handle in handles:
             handle.remove()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .device import OnDevice, to_device
 from .io.identity import new_digest, update_digest
 
 ModelCall = Callable[..., Any]
@@ -57,11 +58,16 @@ class BatchStream:
         self.drawn = 0
         self.data = new_digest()  # of every batch handed out, in order: what a resumed run must draw again
         self._iterator: Iterator | None = None
+        # Batches handed out on a device are fingerprinted as the task produced them, on the host: hashing
+        # them on the device would copy every batch back (and a stand-in device holds no data at all).
+        batches = task.batches
+        self._produced, self._device = ((batches.items, batches.device) if isinstance(batches, OnDevice)
+                                        else (batches, None))
 
     def next(self) -> Any:
         batch = self._next()
         update_digest(self.data, batch)
-        return batch
+        return batch if self._device is None else to_device(batch, self._device)
 
     def _next(self) -> Any:
         if self._iterator is not None:
@@ -69,7 +75,7 @@ class BatchStream:
             if batch is not _END:
                 self.drawn += 1
                 return batch
-        self._iterator = iter(self.task.batches)
+        self._iterator = iter(self._produced)
         batch = next(self._iterator, _END)
         if batch is _END:
             raise ValueError(
@@ -82,7 +88,7 @@ class BatchStream:
     def skip_to(self, drawn: int) -> None:
         """Draw (and drop) batches until `drawn` have been handed out in total."""
         while self.drawn < drawn:
-            self.next()
+            update_digest(self.data, self._next())  # fingerprinted like a batch handed out, never moved
 
 
 _END = object()

@@ -22,6 +22,7 @@ from .io.lora import factored
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
 from .ops.factors import LoraFactors
+from .ops.profiling import nvtx_range
 from .progress import progress_bar
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,6 +80,16 @@ class TaskVectors:
         lo, hi = int(self.layout.offsets[first]), int(self.layout.offsets[last])
         return TaskVectors(self.layout, self.base[lo:hi].clone(), self.vectors[:, lo:hi].clone(), list(self.names),
                            dict(self.carried), (first, last))
+
+    def to(self, device: torch.device | str) -> TaskVectors:
+        """The same task vectors with base, vectors (or factors) and carried tensors on `device` (itself when
+        they are all there already)."""
+        device = torch.device(device)
+        tensors = [self.base, *self.carried.values()]
+        if all(t.device == device for t in tensors) and self.vectors.device == device:
+            return self
+        return TaskVectors(self.layout, self.base.to(device), self.vectors.to(device), list(self.names),
+                           {key: t.to(device) for key, t in self.carried.items()}, self.shard)
 
     def require_whole(self, what: str) -> None:
         """Raise, naming `what`, if these task vectors are a shard."""
@@ -154,6 +165,7 @@ class TaskVectors:
         progress: bool = False,
         allow_nonfinite: bool = False,
         shard_of: tuple[int, int] | None = None,
+        device: torch.device | str = "cpu",
     ) -> TaskVectors:
         """Build from a base and n fine-tuned models (state dicts, modules or safetensors paths).
 
@@ -161,7 +173,9 @@ class TaskVectors:
         are read one at a time, so peak memory stays near the size of the final buffers. Floating dtypes
         may differ (a bf16 fine-tune of an fp32 base): differences are taken in fp32. NaN or inf in any
         tensor raises, naming the model and the tensor, unless `allow_nonfinite`. With `shard_of` = (rank,
-        world size), only that rank's segments (`pyfuse.distributed.segment_shards`) are read and held.
+        world size), only that rank's segments (`pyfuse.distributed.segment_shards`) are read and held. The
+        buffers are allocated on `device` and filled one tensor at a time, so a GPU run never holds them on the
+        CPU.
         """
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"task vectors are stored as one of {_STORAGE_DTYPES}, got {dtype}")
@@ -181,16 +195,18 @@ class TaskVectors:
             first, last = segment_shards(layout.sizes, world_size)[rank]
         offsets = layout.offsets.tolist()
         lo, hi = offsets[first], offsets[last]
-        base_flat = torch.empty(hi - lo, dtype=torch.float32)
-        vectors = torch.empty(len(sources), hi - lo, dtype=dtype)
+        base_flat = torch.empty(hi - lo, dtype=torch.float32, device=device)
+        vectors = torch.empty(len(sources), hi - lo, dtype=dtype, device=device)
         for index in progress_bar(range(first, last), desc="task vectors", disable=not progress):
             key, start, end = layout.names[index], offsets[index] - lo, offsets[index + 1] - lo
-            b = base_flat[start:end]
-            b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite).reshape(-1))
-            for row, source in enumerate(sources):
-                tuned = check_finite(source.get(key), f"{source.label}: tensor {key!r}", allow_nonfinite)
-                vectors[row, start:end].copy_(tuned.reshape(-1).float() - b)
-        carried = {key: base_src.get(key) for key in base_src.keys() if key not in set(layout.names)}
+            with nvtx_range("taskvectors.read"):
+                b = base_flat[start:end]
+                b.copy_(check_finite(base_src.get(key), f"{base_src.label}: tensor {key!r}", allow_nonfinite)
+                        .reshape(-1))
+                for row, source in enumerate(sources):
+                    tuned = check_finite(source.get(key), f"{source.label}: tensor {key!r}", allow_nonfinite)
+                    vectors[row, start:end].copy_(tuned.reshape(-1).to(device=b.device, dtype=torch.float32) - b)
+        carried = {key: base_src.get(key).to(device) for key in base_src.keys() if key not in set(layout.names)}
         return cls(layout, base_flat, vectors, names, carried, None if shard_of is None else (first, last))
 
     def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

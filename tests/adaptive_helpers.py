@@ -68,6 +68,16 @@ def clip_task(name: str) -> pyfuse.Task:
     return pyfuse.Task(name, images, clip_logits(head), test_data=[(images[0], labels[0])])
 
 
+def save_clip_dirs(root):
+    """The tiny CLIP tower and its 'fine-tuned' versions saved as Hugging Face model directories under `root`."""
+    base, finetuned = clip_state_dicts()
+    model = tiny_clip()
+    model.save_pretrained(root / "base", state_dict=base)
+    for name, state in zip(CLIP_TASKS, finetuned):
+        model.save_pretrained(root / name, state_dict=state)
+    return root
+
+
 def clip_problem(dtype: torch.dtype = torch.float32) -> tuple[CLIPVisionModel, pyfuse.TaskVectors, list[pyfuse.Task]]:
     base, finetuned = clip_state_dicts()
     tv = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS), dtype=dtype)

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pyfuse.device import torch_threads
+
 RANK_THREADS = 1
 """Threads per rank, and for the one-process reference: bit-identity holds at equal thread counts (a
 multi-threaded kernel's float sums depend on how the work is split)."""
 
 
-@contextlib.contextmanager
-def rank_threads() -> Iterator[None]:
+def rank_threads() -> contextlib.AbstractContextManager:
     """Run the one-process reference with the ranks' thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(RANK_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(RANK_THREADS)
 
 
 def _worker(rank: int, world: int, store: str, fn: Callable[..., Any], args: tuple, results: str) -> None:

@@ -13,7 +13,7 @@ from transformers import CLIPVisionModel
 from pyfuse.adaptive import load_report, plot_report
 from pyfuse.config import run_from_config
 
-from .adaptive_helpers import CLIP_TASKS, DIGIT_TASKS, clip_state_dicts, digits_models, tiny_clip
+from .adaptive_helpers import CLIP_TASKS, DIGIT_TASKS, digits_models, save_clip_dirs
 
 RUN = {"progress": False, "backend": "reference", "eval_every": 1}
 
@@ -21,13 +21,7 @@ RUN = {"progress": False, "backend": "reference", "eval_every": 1}
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
     """The tiny CLIP tower and its 'fine-tuned' versions saved as Hugging Face model directories."""
-    root = tmp_path_factory.mktemp("clip")
-    base, finetuned = clip_state_dicts()
-    model = tiny_clip()
-    model.save_pretrained(root / "base", state_dict=base)
-    for name, state in zip(CLIP_TASKS, finetuned):
-        model.save_pretrained(root / name, state_dict=state)
-    return root
+    return save_clip_dirs(tmp_path_factory.mktemp("clip"))
 
 
 def _clip_config(root, method, params):

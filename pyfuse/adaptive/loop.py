@@ -45,12 +45,14 @@ import torch
 from safetensors.torch import save_file
 
 from .. import distributed
+from ..device import autocast, autocast_dtype, place_run, resolve_device
 from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from ..io.identity import InputIdentity, new_digest, update_digest
 from ..io.lock import output_lock
 from ..ops import DEFAULT_TEMPERATURE, MODES
 from ..ops.backends import BACKENDS, resolve
+from ..ops.profiling import nvtx_range
 from ..progress import progress_bar
 from ..task import BatchStream, Task, entropy_loss, evaluate_tasks, evaluate_with_class_shares
 from ..taskvectors import TaskVectors
@@ -118,10 +120,15 @@ class RunOptions:
         eval_every: measure test accuracy every this many steps (None: before and after only).
         eval_start: measure it before the first step too (skip it when the caller already knows it).
         progress: show a progress bar (`pyfuse.progress`) with the summed entropy.
-        backend: the fused op's backend ("auto", "cpp", "triton", "reference").
+        backend: the fused op's backend ("auto", "cpp", "triton", "reference"; auto is Triton on CUDA).
         allow_nonfinite: write a merged model holding NaN or inf instead of raising.
         inputs: the identity of the input files (`InputIdentity`): recorded in the checkpoint and report, a
             resume of other inputs refused, and the files checked again before the outputs are written.
+        device: where the run computes ("cpu", "cuda", "cuda:N"; None: where the task vectors are). The base,
+            task vectors, model and every batch are moved there (`pyfuse.device.place_run`); the mask logits,
+            coefficients and optimiser state are created there.
+        autocast: run the model's forward passes (adaptation and evaluation) under autocast in "bf16" or
+            "fp16" (None: in the model's dtype). The fused merge op stays outside it (fp32 accumulation).
     """
 
     out_dir: str | os.PathLike | None = None
@@ -133,6 +140,8 @@ class RunOptions:
     backend: str = "auto"
     allow_nonfinite: bool = False
     inputs: InputIdentity | None = None
+    device: str | torch.device | None = None
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         for name, least in (("checkpoint_every", 0), ("eval_every", 1)):
@@ -167,6 +176,10 @@ class AdaptiveLoop:
         self.settings = settings
         self.options = options or RunOptions()
         self.ranks = distributed.current()
+        autocast_dtype(self.options.autocast)  # a bad name fails before any work
+        if self.options.device is not None:
+            task_vectors, tasks = place_run(model, task_vectors, tasks, resolve_device(self.options.device))
+        self.device = task_vectors.base.device
         self.merger = ConcreteMerger(
             model, task_vectors, coefficients=settings.coefficients, init=settings.init, clamp=settings.clamp,
             temperature=settings.temperature, seed=settings.seed, rescale=settings.rescale,
@@ -218,53 +231,68 @@ class AdaptiveLoop:
     def _pass(self, *, step: int, mask: str, train_logits: bool, train_coefficients: bool) -> float:
         """Merge, accumulate every task's entropy gradient into one `[D]` buffer, run the fused backward once;
         returns the summed entropy."""
-        shard = self.merger.merged_shard(step=step, mask=mask, train_logits=train_logits,
-                                         train_coefficients=train_coefficients)
-        merged = self.merger.gather(shard.detach())
+        with nvtx_range("adaptive.merge"):
+            shard = self.merger.merged_shard(step=step, mask=mask, train_logits=train_logits,
+                                             train_coefficients=train_coefficients)
+            merged = self.merger.gather(shard.detach())
         # with ranks, one entry more carries the entropy through the same all-reduce
         buffer = merged.new_zeros(merged.numel() + (self.ranks is not None))
         grad = buffer[:merged.numel()]
         call = self.merger.bind(merged, grad)
         total = 0.0
         for stream in self.streams:
-            loss = entropy_loss(stream.task.logits(call, stream.next()))
+            name = stream.task.name
+            with nvtx_range(f"adaptive.forward:{name}"), self._autocast():
+                loss = entropy_loss(stream.task.logits(call, stream.next()))
             if not loss.requires_grad:
-                raise RuntimeError(f"task {stream.task.name!r}: its logits do not depend on the merged parameters")
-            loss.backward()  # this task's graph (and activations) are freed here, before the next task runs
-            total += loss.item()
+                raise RuntimeError(f"task {name!r}: its logits do not depend on the merged parameters")
+            with nvtx_range(f"adaptive.backward:{name}"):
+                loss.backward()  # this task's graph (and activations) are freed here, before the next task runs
+                total += loss.item()
         if self.ranks is not None:
             buffer[-1] = total
-            self.ranks.all_reduce(buffer)
+            with nvtx_range("adaptive.all_reduce"):
+                self.ranks.all_reduce(buffer)
             total = float(buffer[-1])
         lo, hi = self.merger.span
-        torch.autograd.backward(shard, grad[lo:hi])
-        if self.ranks is not None and train_coefficients:
-            # each rank's backward covered its own segments (the optimizer zeroed the gradient before the pass)
-            self.ranks.all_reduce(self.merger.coefficients.grad)
+        with nvtx_range("adaptive.fused_backward"):
+            torch.autograd.backward(shard, grad[lo:hi])
+            if self.ranks is not None and train_coefficients:
+                # each rank's backward covered its own segments (the optimizer zeroed the gradient before the pass)
+                self.ranks.all_reduce(self.merger.coefficients.grad)
         return total
+
+    def _autocast(self):
+        """The model's forward in the precision `RunOptions.autocast` asks for (nothing when None)."""
+        return autocast(self.device, self.options.autocast)
+
+    def _optimizer_step(self, name: str) -> None:
+        with nvtx_range(f"adaptive.optimizer:{name}"):
+            self.optimizers[name].step()
 
     def meta_step(self, t: int) -> float:
         """Outer step t of Algorithm 1; returns the summed entropy of the pass that trains the logits."""
-        if "inner" in self.optimizers:
-            self.merger.reset_coefficients()
-            inner = self.optimizers["inner"]
-            for _ in range(self.settings.inner_steps):
-                inner.zero_grad()
-                self._pass(step=t, mask="relaxed", train_logits=False, train_coefficients=True)
-                inner.step()
-        outer = self.optimizers["mask"]
-        outer.zero_grad()
-        entropy = self._pass(step=t, mask="relaxed", train_logits=True, train_coefficients=False)
-        outer.step()
+        with nvtx_range("adaptive.outer_step"):
+            if "inner" in self.optimizers:
+                self.merger.reset_coefficients()
+                inner = self.optimizers["inner"]
+                for _ in range(self.settings.inner_steps):
+                    with nvtx_range("adaptive.inner_step"):
+                        inner.zero_grad()
+                        self._pass(step=t, mask="relaxed", train_logits=False, train_coefficients=True)
+                        self._optimizer_step("inner")
+            self.optimizers["mask"].zero_grad()
+            entropy = self._pass(step=t, mask="relaxed", train_logits=True, train_coefficients=False)
+            self._optimizer_step("mask")
         return entropy
 
     def adapt_step(self) -> float:
         """One AdaMerging step on the coefficients under the fixed evaluation mask."""
-        adapt = self.optimizers["adapt"]
-        adapt.zero_grad()
-        entropy = self._pass(step=EVAL_STEP, mask=self.settings.eval_mask, train_logits=False,
-                             train_coefficients=True)
-        adapt.step()
+        with nvtx_range("adaptive.adapt_step"):
+            self.optimizers["adapt"].zero_grad()
+            entropy = self._pass(step=EVAL_STEP, mask=self.settings.eval_mask, train_logits=False,
+                                 train_coefficients=True)
+            self._optimizer_step("adapt")
         return entropy
 
     # ------------------------------------------------------------------------------------------
@@ -277,7 +305,8 @@ class AdaptiveLoop:
 
     def evaluate(self, flat: torch.Tensor) -> dict[str, float]:
         """Test accuracy of every task that has labelled test data."""
-        return evaluate_tasks(self.merger.bind(flat), self.tasks)
+        with nvtx_range("adaptive.evaluate"), self._autocast():
+            return evaluate_tasks(self.merger.bind(flat), self.tasks)
 
     def _record_accuracy(self, step: int, phase: str, accuracy: dict[str, float] | None = None) -> None:
         if accuracy is None:
@@ -353,9 +382,10 @@ class AdaptiveLoop:
         return self.ranks is None or self.ranks.rank == 0
 
     def _save(self, checkpoint: Path) -> None:
-        state = self.state()  # every rank: the batch counts are gathered
-        if self._writes:
-            save_checkpoint(checkpoint, state)
+        with nvtx_range("adaptive.checkpoint"):
+            state = self.state()  # every rank: the batch counts are gathered
+            if self._writes:
+                save_checkpoint(checkpoint, state)
 
     def load_state(self, state: dict[str, Any]) -> None:
         expected, found = self._fingerprint(), state["fingerprint"]
@@ -387,7 +417,8 @@ class AdaptiveLoop:
         """Carry out the whole schedule. Across ranks, an error on any rank is raised on every rank (the others
         raise `RankFailed` with its message). The writer holds `out_dir`'s lock (`pyfuse.io.lock`) throughout."""
         out_dir = self.options.out_dir
-        with output_lock(out_dir) if out_dir is not None and self._writes else contextlib.nullcontext():
+        with (output_lock(out_dir) if out_dir is not None and self._writes else contextlib.nullcontext(),
+              nvtx_range("adaptive.run")):
             if out_dir is not None and self._writes:
                 remove_stale_temporaries(out_dir)
             if self.ranks is None:
@@ -432,7 +463,8 @@ class AdaptiveLoop:
             bar.close()
         flat = self.merged_flat()
         logits = self.merger.gather(self.merger.logits.detach()).clone()
-        final, shares = evaluate_with_class_shares(self.merger.bind(flat), self.tasks)
+        with nvtx_range("adaptive.evaluate"), self._autocast():
+            final, shares = evaluate_with_class_shares(self.merger.bind(flat), self.tasks)
         if self.history["accuracy"]["step"][-1:] != [self.step]:
             self._record_accuracy(self.step, self.phases[-1][0] if self.phases else "none", final)
         report = self._report(final, shares, resumed_from, time.perf_counter() - started, logits)
@@ -441,7 +473,8 @@ class AdaptiveLoop:
                 opts.inputs.check_unchanged()
             self._save(checkpoint)
             if self._writes:
-                self._write_outputs(out_dir, flat, logits, report)
+                with nvtx_range("adaptive.write"):
+                    self._write_outputs(out_dir, flat, logits, report)
         m = self.merger
         return MergeResult(
             flat=flat,
@@ -460,6 +493,8 @@ class AdaptiveLoop:
             "tasks": [t.name for t in self.tasks],
             "settings": dataclasses.asdict(s),
             "backend": self.backend,
+            "device": str(self.device),
+            "autocast": self.options.autocast,
             "vector_dtype": str(m.task_vectors.vectors.dtype),
             "phases": [{"name": name, "steps": steps} for name, steps in self.phases],
             "eval_mask": (
@@ -500,7 +535,7 @@ class AdaptiveLoop:
         m = self.merger
         check_finite(flat, f"{self.settings.method}: merged model", self.options.allow_nonfinite)
         if self.settings.meta_steps:
-            named = {name: view.clone() for name, view in m.task_vectors.layout.unflatten(logits).items()}
+            named = {name: view.to("cpu", copy=True) for name, view in m.task_vectors.layout.unflatten(logits).items()}
             metadata = {"seed": str(m.seed), "temperature": str(m.temperature), "eval_mask": self.settings.eval_mask,
                         "eval_step": str(EVAL_STEP), "rescale": str(m.rescale)}
             with atomic_path(out_dir / MASK_NAME) as tmp:

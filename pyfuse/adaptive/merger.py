@@ -71,7 +71,7 @@ class ConcreteMerger(torch.nn.Module):
         self.shard_sizes = [int(layout.offsets[last] - layout.offsets[first]) for first, last in shards]
         first, last = task_vectors.segments
         # this shard's segment offsets from 0; one tensor for every pass (backends cache tables per offsets)
-        self.offsets = layout.offsets[first:last + 1] - layout.offsets[first]
+        self.offsets = (layout.offsets[first:last + 1] - layout.offsets[first]).to(task_vectors.base.device)
         # Kept out of the module tree: the model's parameters are not the merger's state.
         self.__dict__["model"] = model.eval()
         self.__dict__["task_vectors"] = task_vectors
@@ -168,11 +168,11 @@ class ConcreteMerger(torch.nn.Module):
             )
 
     def export_state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """An independent copy of the merged model's tensors in their original dtypes, ready to save."""
+        """An independent copy of the merged model's tensors in their original dtypes, on the CPU, ready to save."""
         layout = self.task_vectors.layout
         out = {
-            name: view.detach().to(dtype, copy=True)
+            name: view.detach().to(device="cpu", dtype=dtype, copy=True)
             for (name, view), dtype in zip(layout.unflatten(flat).items(), layout.dtypes)
         }
-        out.update({name: t.detach().clone() for name, t in self.task_vectors.carried.items()})
+        out.update({name: t.detach().to("cpu", copy=True) for name, t in self.task_vectors.carried.items()})
         return out

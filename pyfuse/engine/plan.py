@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
 from ..memory import rss_anon_bytes
+from ..method_kinds import check_device_applies
 from ..methods import Method, create_method, get_method
 from ..stats import Statistics
 from ..task import Task
@@ -51,15 +53,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise ValueError(f"unsupported output dtype {dtype!r}; choose one of float32, bfloat16, float16")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested, but torch reports no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
-    return device
 
 
 @dataclass
@@ -189,7 +182,8 @@ def plan_merge(method: str | Method, base, finetuned: Sequence, *, dtype: str | 
     if instance is None:
         instance = create_method(method, **params)
     out_dtype = parse_dtype(dtype)
-    device = _device(device)
+    device = resolve_device(device)
+    check_device_applies(cls.name, cls.kind, device)
     if isinstance(finetuned, (str, os.PathLike, Mapping)) or not isinstance(finetuned, Sequence) or not finetuned:
         raise ValueError("finetuned must be a non-empty list of models (state dicts, modules or paths)")
     if chunk_elements < 1:

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..device import torch_threads
 from ..distributed import Ranks
 from ..finite import NonFiniteError, check_finite, finite_chunks
 from ..methods import Chunk
 from ..methods.data_aware import SourceTensors
+from ..ops.profiling import nvtx_range
 from ..progress import progress_bar
 
 if TYPE_CHECKING:  # annotations only: the plan builds on this module
@@ -64,6 +66,10 @@ class ChunkReader:
                 yield s, lo, min(lo + step, numel), flats
 
     def _load(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
+        with nvtx_range("engine.read"):
+            return self._read(s, lo, hi, flats)
+
+    def _read(self, s: int, lo: int, hi: int, flats: list[torch.Tensor]) -> Chunk:
         if not self._plan.allow_nonfinite:
             for source, flat in zip((self._plan.base, *self._plan.models), flats):
                 what = f"{source.label}: tensor {self.layout.names[s]!r}"
@@ -126,12 +132,17 @@ def merged_tensors(job: MergePlan, reader: ChunkReader, progress: bool,
                                            disable=not progress):
         if name in index:
             plan = job.method.plan(reader, index[name])
-            chunks = reader.map(lambda chunk, plan=plan, dtype=dtype:
-                                job.method.merge_chunk(chunk, plan).to(device="cpu", dtype=dtype), index[name])
+            chunks = reader.map(lambda chunk, plan=plan, dtype=dtype: _merge_chunk(job, chunk, plan, dtype),
+                                index[name])
             yield name, _checked(job, name, chunks)
         else:
             flat = job.base.get(name).reshape(-1)
             yield name, (flat[lo: lo + job.chunk_elements] for lo in range(0, shape.numel(), job.chunk_elements))
+
+
+def _merge_chunk(job: MergePlan, chunk: Chunk, plan: Any, dtype: torch.dtype) -> torch.Tensor:
+    with nvtx_range("engine.merge"):
+        return job.method.merge_chunk(chunk, plan).to(device="cpu", dtype=dtype)
 
 
 def _checked(job: MergePlan, name: str, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -148,12 +159,8 @@ def _in_memory_tensors(job: MergePlan, progress: bool, entries: Sequence[tuple[s
         return
     models = [SourceTensors(m) for m in job.models]
     keys = None if len(entries) == len(job.outputs) else [name for name, _, _ in entries]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(job.workers)
-    try:
+    with torch_threads(job.workers), nvtx_range("engine.data_merge"):
         merged = job.method.merge_in_memory(job, models, keys, progress)
-    finally:
-        torch.set_num_threads(threads)
     floating = set(job.layout.names)
     for name, _, dtype in entries:
         flat = (merged.pop(name) if name in merged else job.base.get(name)).reshape(-1).to(dtype)

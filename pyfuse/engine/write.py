@@ -6,6 +6,7 @@ each rank writes its own shards of one temporary directory, rank 0 commits).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from ..io.lock import output_lock
 from ..io.sources import TensorSource, checkpoint_files
 from ..io.writer import ShardedWriter, parse_size, small_files
 from ..memory import PeakRssAnon
-from ..ops.profiling import timed_range
+from ..ops.profiling import nvtx_range, timed_range
 from .distributed import own_tensors, rank_starts
 from .read import ChunkReader, merged_tensors, workers
 
@@ -45,9 +46,10 @@ def gather(job: MergePlan, progress: bool = False) -> dict[str, torch.Tensor]:
             shape, dtype = shapes[name]
             flat = torch.empty(shape.numel(), dtype=dtype)
             lo = 0
-            for chunk in chunks:
-                flat[lo: lo + chunk.numel()].copy_(chunk)
-                lo += chunk.numel()
+            with nvtx_range(f"engine.tensor:{name}"):
+                for chunk in chunks:
+                    flat[lo: lo + chunk.numel()].copy_(chunk)
+                    lo += chunk.numel()
             result[name] = flat.view(shape)
     return result
 
@@ -129,7 +131,7 @@ def _write(job: MergePlan, out_dir: str | os.PathLike, force: bool, shard_size: 
 def _hash_inputs(job: MergePlan, pool: ThreadPoolExecutor | None, rank: int, world: int,
                  timings: dict[str, float]) -> dict[str, str]:
     """The sha256 of this rank's share of the input files, by path."""
-    with timed_range("hash_s", timings):
+    with timed_range("engine.hash", timings, "hash_s"):
         files = [path for raw in job.inputs for path in checkpoint_files(raw)][rank::world]
         return dict(zip(map(str, files), (pool.map if pool else map)(sha256_file, files)))
 
@@ -139,13 +141,13 @@ def _stream(job: MergePlan, writer: ShardedWriter, reader: ChunkReader, progress
     """This rank's merged tensors into its shards: the method's global passes first ("prepare_s"), then every
     tensor merged and written ("merge_s")."""
     tensors = merged_tensors(job, reader, progress, own)
-    with timed_range("prepare_s", timings):
+    with timed_range("engine.prepare", timings, "prepare_s"):
         first = next(tensors, None)  # runs the method's global passes, if any
-    with timed_range("merge_s", timings):
-        if first is not None:  # a rank may hold no tensors (more ranks than tensors)
-            writer.write_tensor(*first)
-        for name, chunks in tensors:
-            writer.write_tensor(name, chunks)
+    with timed_range("engine.merge_write", timings, "merge_s"):
+        # a rank may hold no tensors (more ranks than tensors)
+        for name, chunks in itertools.chain([first] if first is not None else [], tensors):
+            with nvtx_range(f"engine.tensor:{name}"):
+                writer.write_tensor(name, chunks)
 
 
 def _finish_report(job: MergePlan, report: dict[str, Any], everyone: list[tuple[dict, dict, Any]],

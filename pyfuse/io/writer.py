@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.profiling import nvtx_range
 from .atomic import OutputDir, commit_dir
 from .sources import _SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 
@@ -154,8 +155,9 @@ class ShardedWriter:
             self._open_shard(k)
         written = 0
         for chunk in chunks:
-            data = chunk.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            with nvtx_range("engine.write"):
+                data = chunk.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+                self._file.write(memoryview(data.view(torch.uint8).numpy()))
             written += data.numel()
         if written != shape.numel():
             raise ValueError(f"tensor {name!r}: got {written} elements, expected {shape.numel()} for shape "
