@@ -83,6 +83,8 @@ class Settings:
     eval_mask: str = "none"
     rescale: bool = True
     density: float | None = None
+    vectors: str = "raw"  # the per-task vectors merged (`pyfuse.methods.vector_sources`)
+    exclude_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "inner_steps", "adapt_steps"):
@@ -319,6 +321,9 @@ class AdaptiveLoop:
 
     def load_state(self, state: dict[str, Any]) -> None:
         expected, found = self._fingerprint(), state["fingerprint"]
+        # checkpoints from before `vectors` existed: each method then merged the only vectors it could
+        found["settings"] = {"vectors": expected["settings"]["vectors"],
+                             "exclude_keys": expected["settings"]["exclude_keys"], **found["settings"]}
         if found != expected:
             differ = _differences(expected, found)
             raise ValueError(f"the checkpoint belongs to a different run; differing: {', '.join(differ)}")
