@@ -158,7 +158,8 @@ class ConcreteTaskArithmetic(AdaptiveMethod):
 
     name = "concrete_task_arithmetic"
     display_name = "Concrete TA"
-    reference = "Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion"
+    reference = ("Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion; vectors=ties/tsv: "
+                 "over TIES' (as AdaMerging++) or TSV-M's per-task vectors (as fusion_bench's Concrete TSV-M)")
     summary = "task arithmetic (fixed scale) under a shared Concrete mask learned on unlabeled test batches"
     params: ClassVar[dict[str, Param]] = {
         "scale": Param(0.3, number(), "lambda, the fixed coefficient of every task vector"),
@@ -202,7 +203,7 @@ class ConcreteAdaMerging(AdaptiveMethod):
 
     name = "concrete_adamerging"
     display_name = "Concrete AM"
-    reference = "Tang et al., 2023, Concrete Subspace Learning for Multi-task Model Fusion"
+    reference = ConcreteTaskArithmetic.reference
     summary = "Concrete mask learned by the bi-level loop, then AdaMerging under the fixed mask"
     params: ClassVar[dict[str, Param]] = {
         "granularity": GRANULARITY,

@@ -29,12 +29,11 @@ from .sparsify import ties_trim
 from .subspace import task_singular_parts
 
 VECTOR_SOURCES = {
-    "raw": ("the task vectors themselves (fine-tuned minus base)", "Tang et al., 2023"),
+    "raw": ("the task vectors, fine-tuned minus base", "Tang et al., 2023"),
     "ties": ("TIES-trimmed, sign-agreeing task vectors at `density`, as AdaMerging++ merges them",
-             "Yadav et al., 2023 (TIES); Yang et al., 2024 (AdaMerging++)"),
-    "tsv": ("TSV-M's decorrelated per-task vectors (each task's block of the orthonormalised singular vectors "
-            "per matrix; other tensors and `exclude_keys`: the mean task vector), as fusion_bench's Concrete TSV-M "
-            "(ConcreteTSVMForOpenCLIP) builds them", "Gargiulo et al., 2025 (TSV-M); fusion_bench"),
+             "Yadav et al., 2023; Yang et al., 2024"),
+    "tsv": ("TSV-M's decorrelated per-task vectors (other tensors and `exclude_keys`: the mean task vector), as "
+            "fusion_bench's Concrete TSV-M builds them", "Gargiulo et al., 2025; fusion_bench ConcreteTSVMForOpenCLIP"),
 }
 """Each `vectors` source: what it merges and the reference it follows."""
 
@@ -47,7 +46,7 @@ _WHY = {
 
 def source_help() -> str:
     """One line per source, for the `vectors` parameter's help."""
-    return "; ".join(f"{name}: {what} ({reference})" for name, (what, reference) in VECTOR_SOURCES.items())
+    return " | ".join(f"{name} ({what}; {reference})" for name, (what, reference) in VECTOR_SOURCES.items())
 
 
 def source_vectors(task_vectors: TaskVectors, source: str, who: str, *, density: float | None = None,
