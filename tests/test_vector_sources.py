@@ -14,13 +14,14 @@ from pyfuse.adaptive import EVAL_STEP, RunOptions
 from pyfuse.methods import create_method
 from pyfuse.methods.vector_sources import tsv_vectors
 
-from .adaptive_helpers import digits_problem
+from .adaptive_helpers import digits_problem, digits_task
 from .method_helpers import SHAPES, random_models
 from .oracle import ties_select
 from .test_adaptive_loop import SEED, _mask64, _merge64
+from .test_adaptive_resume import Interrupting
 
 QUIET = RunOptions(progress=False, backend="reference")
-MATRICES = {**SHAPES, "tall.weight": (12, 5), "wide.weight": (4, 15)}
+MATRICES = {**SHAPES, "tall.weight": (12, 5), "wide.weight": (4, 15), "big.weight": (16, 24)}
 
 
 def _inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-6) -> None:
     assert err <= tol * scale + 1e-12, f"relative error {err / max(scale, 1e-300):.3g}"
 
 
-@pytest.mark.parametrize("n", [2, 3, 8])  # 8 tasks: r = 0 on the 4-row matrix, T r < k on the others
+@pytest.mark.parametrize("n", [2, 3, 8])  # 8 tasks: r = 0 but on the 16-row matrix (r = 2); T r < k on some
 def test_tsv_vectors_are_fusion_bench_single_task_vectors(n):
     base, fts = random_models(n, shapes=MATRICES, base_scale=0)
     tv = pyfuse.TaskVectors.from_models(base, fts)
@@ -157,3 +158,32 @@ def test_exclude_keys_give_the_mean_task_vector_in_the_loop():
     expected = _merge64(_with(tv, ref_tsv_vectors(tv, ("2.weight",))), mask, torch.ones(tv.n, dtype=torch.float64))
     torch.testing.assert_close(result.flat.double(), expected, rtol=1e-5, atol=1e-6)
     assert list(result.report["settings"]["exclude_keys"]) == ["2.weight"]
+
+
+def _checkpointed(out_dir, *, resume=False, interrupt=False, **params):
+    """A 3-step Concrete TA run checkpointed every step; `interrupt`: stopped while drawing step 3's batches."""
+    model, tv, tasks = digits_problem()
+    if interrupt:  # one batch per task and step: the third draw interrupts step 3
+        tasks[0] = digits_task(tasks[0].name, batches=Interrupting(list(tasks[0].batches), 3))
+    options = RunOptions(out_dir=out_dir, resume=resume, checkpoint_every=1, progress=False, backend="reference")
+    return pyfuse.concrete_task_arithmetic(model, tv, tasks, steps=3, mask_lr=0.05, seed=SEED, options=options,
+                                           **params)
+
+
+def test_a_checkpoint_resumes_only_over_the_same_vectors(tmp_path):
+    from pyfuse.adaptive.checkpoint import load_checkpoint, save_checkpoint
+
+    for out, params in ((tmp_path / "tsv", {"vectors": "tsv"}), (tmp_path / "raw", {})):
+        with pytest.raises(KeyboardInterrupt):
+            _checkpointed(out, interrupt=True, **params)
+    with pytest.raises(ValueError, match=r"settings\.vectors \(this run 'ties', checkpoint 'tsv'\)"):
+        _checkpointed(tmp_path / "tsv", resume=True, vectors="ties")
+    resumed = _checkpointed(tmp_path / "tsv", resume=True, vectors="tsv")
+    assert resumed.report["resumed_from"] == 2
+    assert torch.equal(resumed.flat, _checkpointed(tmp_path / "full", vectors="tsv").flat)
+    # a checkpoint from before `vectors` existed (no such settings) resumes a raw run as before
+    state = load_checkpoint(tmp_path / "raw" / "checkpoint.pt")
+    for key in ("vectors", "exclude_keys"):
+        del state["fingerprint"]["settings"][key]
+    save_checkpoint(tmp_path / "raw" / "checkpoint.pt", {k: v for k, v in state.items() if k != "format"})
+    assert _checkpointed(tmp_path / "raw", resume=True).report["resumed_from"] == 2
