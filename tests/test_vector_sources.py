@@ -142,6 +142,9 @@ def test_vector_source_parameters_are_checked_before_any_work():
         with pytest.raises(ValueError, match=f"{method}: exclude_keys applies to vectors='tsv' only, not 'ties'"):
             create_method(method, vectors="ties", exclude_keys=["0.weight"])
     assert not create_method("adamerging++").loads_shard and create_method("concrete_tsvm").settings().init == 1.0
+    assert create_method("concrete_tsvm").settings().vectors == "tsv"
+    with pytest.raises(ValueError, match="concrete_tsvm: unknown parameter 'vectors'"):
+        create_method("concrete_tsvm", vectors="raw")
     model, tv, tasks = digits_problem()
     with pytest.raises(ValueError, match="concrete_tsvm: exclude_keys names 'head', which is not a floating tensor"):
         pyfuse.concrete_tsvm(model, tv, tasks, steps=1, exclude_keys=["head"], options=QUIET)

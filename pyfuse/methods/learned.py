@@ -188,10 +188,13 @@ class ConcreteTSVM(ConcreteTaskArithmetic):
                  "Learning, over Gargiulo et al., 2025, Task Singular Vectors")
     summary = "Concrete TA over TSV-M's decorrelated per-task vectors (fusion_bench's Concrete TSV-M)"
     params: ClassVar[dict[str, Param]] = {
-        **ConcreteTaskArithmetic.params,
+        **{key: spec for key, spec in ConcreteTaskArithmetic.params.items() if key not in ("vectors", "density")},
         "scale": Param(1.0, number(), "the fixed coefficient of every per-task vector (fusion_bench's `alpha`)"),
-        "vectors": Param("tsv", choice(*VECTOR_SOURCES), VECTORS.help),
     }
+
+    @property
+    def vector_source(self) -> str:
+        return "tsv"
 
 
 @register
