@@ -437,16 +437,14 @@ def _adaptive(method: str, ctx: DemoContext, vectors: TaskVectors, tasks: Sequen
     # the starting accuracy of each schedule is a row of the table already (task arithmetic)
     s, row = ctx.settings, ROWS[method]
     options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False)
-    kind = get_method(row.method)
-    if issubclass(kind, learned.ConcreteAdaMerging):
-        schedule = dict(granularity="layer", meta_steps=s.steps, adamerging_steps=s.steps, inner_lr=s.inner_lr,
-                        inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr, lr=s.coefficient_lr,
-                        eval_mask=s.eval_mask, seed=seed)
-    elif issubclass(kind, learned.ConcreteTaskArithmetic):
-        schedule = dict(steps=s.steps, mask_lr=s.logits_lr, eval_mask=s.eval_mask, seed=seed)
-    else:
-        schedule = dict(granularity="layer", steps=s.steps, lr=s.coefficient_lr, clamp=s.clamp)
-    return kind(**schedule, **row.parameters).run(ctx.encoder.module, vectors, tasks, options)
+    # the demo's schedule, each setting given to the methods that declare it: AdaMerging's `steps` are on the
+    # coefficients, Concrete TA's on the logits; Concrete AM runs both phases for `steps`
+    schedule = dict(granularity="layer", steps=s.steps, meta_steps=s.steps, adamerging_steps=s.steps,
+                    inner_lr=s.inner_lr, inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr,
+                    lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=seed)
+    declared = get_method(row.method).params
+    chosen = create_method(row.method, **{k: v for k, v in schedule.items() if k in declared}, **row.parameters)
+    return chosen.run(ctx.encoder.module, vectors, tasks, options)
 
 
 def _row(ctx: DemoContext, method: str, runs: Sequence[MethodRun]) -> dict[str, Any]:
