@@ -10,6 +10,7 @@ from .methods.learned import (
     adamerging_pp,
     concrete_adamerging,
     concrete_task_arithmetic,
+    concrete_tsvm,
 )
 from .stats import Statistics, collect_statistics
 from .task import Task
@@ -18,6 +19,7 @@ from .taskvectors import TaskVectors
 
 __all__ = ["FlatLayout", "Statistics", "TaskVectors", "collect_statistics", "merge", "merge_task_vectors",
            "merge_to_dir", "ops"]
-__all__ += ["RunOptions", "Task", "adamerging", "adamerging_pp", "concrete_adamerging", "concrete_task_arithmetic"]
+__all__ += ["RunOptions", "Task", "adamerging", "adamerging_pp", "concrete_adamerging", "concrete_task_arithmetic",
+            "concrete_tsvm"]
 
 _kernels_path.register()  # the Triton sources as pyfuse.kernels (see _kernels_path)

@@ -95,6 +95,8 @@ def _method_table() -> str:
         cls = get_method(name)
         note = cls.inputs_note()
         lines.append(f"  {name}: {cls.summary}{' ' + note if note else ''}")
+        if cls.reference:
+            lines.append(f"      follows: {cls.reference}")
         for key, spec in cls.params.items():
             default = "none" if spec.default is None else spec.default
             lines.append(f"      {key} ({default}): {spec.help}")
@@ -335,7 +337,8 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
                         help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
-                             "data-aware fisher..esm++, which gather statistics first, and wudi, minutes on a CPU)")
+                             "data-aware fisher..esm++, which gather statistics first, wudi, minutes on a CPU, and the "
+                             "Concrete rows over TSV-M's or TIES' vectors, concrete_tsvm..concrete_adamerging_ties)")
     parser.add_argument("--seeds", type=_seeds,
                         help="comma-separated seeds; every stochastic method (adaptive, data-aware) runs once per seed "
                              "and the table shows mean and standard deviation (default "

@@ -85,6 +85,15 @@ ROWS = {  # the default rows first, in the table's order, then the opt-in ones
     # runs the models on the training examples the statistics come from
     "regmean++": DemoRow("regmean++", opt_in=True),
     "wudi": DemoRow("wudi", opt_in=True),  # 400 Adam steps per matrix take minutes on a CPU
+    # the Concrete mask over other methods' per-task vectors (`vectors`): TSV-M's at its scaling 1, TIES' at
+    # AdaMerging++'s density and task arithmetic's 0.3
+    "concrete_tsvm": DemoRow("concrete_tsvm", opt_in=True),
+    "concrete_task_arithmetic_ties": DemoRow("concrete_task_arithmetic", {"vectors": "ties"}, "Concrete TA (TIES)",
+                                             opt_in=True),
+    "concrete_adamerging_tsv": DemoRow("concrete_adamerging", {"vectors": "tsv", "init": 1.0},
+                                       "Concrete AM (TSV-M, layer-wise)", opt_in=True),
+    "concrete_adamerging_ties": DemoRow("concrete_adamerging", {"vectors": "ties"}, "Concrete AM (TIES, layer-wise)",
+                                        opt_in=True),
 }
 METHODS = tuple(name for name, row in ROWS.items() if not row.opt_in)
 """The demo's default rows; the others are opt-in (`--methods`)."""
@@ -105,6 +114,8 @@ LABELS = {"individual": "Individual", "pretrained": "Pre-trained",
 
 LR_MOVEMENT, MASK_MOVEMENT = 0.1, 0.2
 """Total Adam movement of a coefficient and of a mask logit over a schedule (the authors' language setting)."""
+ENTROPY_WINDOW = 5
+"""Steps in the figure's moving average of the per-batch entropy (its noise hides the trend)."""
 
 
 @dataclass(frozen=True)
@@ -436,19 +447,17 @@ def _bound(encoder: TextEncoder, tensors: dict[str, torch.Tensor]) -> Callable[.
 def _adaptive(method: str, ctx: DemoContext, vectors: TaskVectors, tasks: Sequence[Task], seed: int, progress: bool,
               backend: str) -> learned.MergeResult:
     # the starting accuracy of each schedule is a row of the table already (task arithmetic)
-    s, model = ctx.settings, ctx.encoder.module
+    s, row = ctx.settings, ROWS[method]
     options = RunOptions(progress=progress, backend=backend, checkpoint_every=0, eval_start=False,
                          device=s.device)
-    if method == "adamerging":
-        return learned.adamerging(model, vectors, tasks, granularity="layer", steps=s.steps, lr=s.coefficient_lr,
-                                   clamp=s.clamp, options=options)
-    if method == "concrete_task_arithmetic":
-        return learned.concrete_task_arithmetic(model, vectors, tasks, steps=s.steps, mask_lr=s.logits_lr,
-                                                 eval_mask=s.eval_mask, seed=seed, options=options)
-    return learned.concrete_adamerging(model, vectors, tasks, granularity="layer", meta_steps=s.steps,
-                                        adamerging_steps=s.steps, inner_lr=s.inner_lr,
-                                        inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr,
-                                        lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=seed, options=options)
+    # the demo's schedule, each setting given to the methods that declare it: AdaMerging's `steps` are on the
+    # coefficients, Concrete TA's on the logits; Concrete AM runs both phases for `steps`
+    schedule = dict(granularity="layer", steps=s.steps, meta_steps=s.steps, adamerging_steps=s.steps,
+                    inner_lr=s.inner_lr, inner_optimizer=s.inner_optimizer, clamp=s.clamp, mask_lr=s.logits_lr,
+                    lr=s.coefficient_lr, eval_mask=s.eval_mask, seed=seed)
+    declared = get_method(row.method).params
+    chosen = create_method(row.method, **{k: v for k, v in schedule.items() if k in declared}, **row.parameters)
+    return chosen.run(ctx.encoder.module, vectors, tasks, options)
 
 
 def _row(ctx: DemoContext, method: str, runs: Sequence[MethodRun]) -> dict[str, Any]:
@@ -501,7 +510,8 @@ def plot_demo(report: dict[str, Any], png: str | os.PathLike) -> Path:
 
 def demo_figure(report: dict[str, Any]) -> Any:
     """Per-task accuracy bars of every row (mean, with the standard deviation over seeds as error bars where
-    there are several seeds), and the adaptive methods' entropy curves: a matplotlib Figure.
+    there are several seeds), and the adaptive methods' entropy curves, per batch (faint) and their moving
+    average (`moving_average`, `ENTROPY_WINDOW` steps): a matplotlib Figure.
 
     Each method keeps one colour in both panels; legends sit beside the axes, clear of the bars; steps are
     integers, and a dotted line marks where a run changes phase (Concrete AM: meta-learning, then AdaMerging).
@@ -537,8 +547,11 @@ def demo_figure(report: dict[str, Any]) -> Any:
     if curves:
         for method, curve in curves.items():
             entropy = curve["entropy"]
-            axes[1].plot(entropy["step"], entropy["value"], linewidth=1, color=colour[method], label=LABELS[method])
             phases, steps = entropy.get("phase", []), entropy["step"]
+            axes[1].plot(steps, entropy["value"], linewidth=0.8, alpha=0.35, color=colour[method],
+                         label=f"{LABELS[method]}, per batch")
+            axes[1].plot(steps, moving_average(entropy["value"], ENTROPY_WINDOW, phases), linewidth=2,
+                         color=colour[method], label=LABELS[method])
             for j in range(1, len(phases)):
                 if phases[j] != phases[j - 1]:  # between the last step of one phase and the first of the next
                     axes[1].axvline((steps[j - 1] + steps[j]) / 2, color=colour[method], linestyle=":",
@@ -546,6 +559,21 @@ def demo_figure(report: dict[str, Any]) -> Any:
         axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("entropy, summed over tasks")
+        axes[1].set_title(f"per-batch entropy (faint) and its moving average over {ENTROPY_WINDOW} steps")
         axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         axes[1].grid(alpha=0.3)
     return figure
+
+
+def moving_average(values: Sequence[float], window: int, phases: Sequence[str] = ()) -> list[float]:
+    """The trailing mean of each value and the up to `window - 1` before it within the same phase (a run's
+    phases minimise different things, so no mean spans two); shorter at the start of each phase."""
+    if window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    out, start = [], 0
+    for i in range(len(values)):
+        if phases and i and phases[i] != phases[i - 1]:
+            start = i
+        lo = max(start, i - window + 1)
+        out.append(statistics.fmean(values[lo: i + 1]))
+    return out

@@ -11,14 +11,17 @@ import pytest
 from pyfuse.cli import main
 from pyfuse.data.embedded import load_embedded_tasks
 from pyfuse.demo import (
+    ENTROPY_WINDOW,
     FIGURE_NAME,
     LABELS,
     METHODS,
     REPORT_NAME,
+    ROWS,
     STOCHASTIC,
     DemoSettings,
     chance_bound,
     demo_figure,
+    moving_average,
     run_demo,
 )
 from pyfuse.finetune import FinetuneConfig
@@ -215,3 +218,50 @@ def test_demo_refuses_a_non_positive_learning_rate_before_any_work(option, tmp_p
     assert f"{option.lstrip('-').replace('-', '_')} must be a positive finite number" in err.err
     assert "fine-tuned models" not in err.out  # refused before the encoder and models were loaded
     assert not out.exists()
+
+
+def test_entropy_moving_average_is_a_trailing_mean_within_each_phase():
+    values = [3.0, 1.0, 2.0, 6.0, 4.0, 5.0, 0.0]
+    phases = ["meta"] * 4 + ["adapt"] * 3
+    # window 3: means of the last up-to-3 values, restarting where the phase changes
+    assert moving_average(values, 3, phases) == pytest.approx([3, 2, 2, 3, 4, 4.5, 3])
+    assert moving_average(values, 3) == pytest.approx([3, 2, 2, 3, 4, 5, 3])
+    assert moving_average(values, 1) == values
+    with pytest.raises(ValueError, match="window"):
+        moving_average(values, 0)
+
+
+def test_demo_figure_draws_the_smoothed_entropy_beside_the_raw_one():
+    report = _figure_report()
+    _, curves = demo_figure(report).axes
+    lines = {line.get_label(): line for line in curves.get_lines()}
+    for method, curve in report["curves"].items():
+        entropy = curve["entropy"]
+        raw, smooth = lines[f"{LABELS[method]}, per batch"], lines[LABELS[method]]
+        assert list(raw.get_ydata()) == entropy["value"] and raw.get_color() == smooth.get_color()
+        assert list(smooth.get_ydata()) == pytest.approx(
+            moving_average(entropy["value"], ENTROPY_WINDOW, entropy["phase"]))
+        assert smooth.get_linewidth() > raw.get_linewidth()
+    assert f"moving average over {ENTROPY_WINDOW} steps" in curves.get_title()
+
+
+def test_the_concrete_rows_over_other_vectors_are_opt_in_and_run_their_source():
+    new = {"concrete_tsvm": "tsv", "concrete_task_arithmetic_ties": "ties", "concrete_adamerging_tsv": "tsv",
+           "concrete_adamerging_ties": "ties"}
+    for name, source in new.items():
+        assert ROWS[name].opt_in and name not in METHODS and name in STOCHASTIC
+        assert ROWS[name].instance().settings().vectors == source
+    assert DemoSettings(methods=tuple(new)).methods == tuple(new)
+
+
+def test_demo_runs_the_concrete_rows_over_other_vectors(encoder, tmp_path):
+    rows = ("concrete_tsvm", "concrete_task_arithmetic_ties", "concrete_adamerging_tsv", "concrete_adamerging_ties")
+    settings = DemoSettings(tasks=TASKS[:2], methods=rows, steps=1, test_limit=40, encoder=str(encoder),
+                            finetune=FINETUNE)
+    report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert [row["method"] for row in report["rows"]] == ["individual", "pretrained", *rows]
+    assert [row["label"] for row in report["rows"][2:]] == [LABELS[name] for name in rows]
+    assert set(report["curves"]) == set(rows)
+    for name in rows:
+        phases = [phase["name"] for phase in report["curves"][name]["phases"]]
+        assert phases == (["meta", "adapt"] if "adamerging" in name else ["meta"])

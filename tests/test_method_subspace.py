@@ -181,3 +181,18 @@ def test_subspace_errors_and_chunking():
         pyfuse.merge("tsv", base, fts, weights=[1, 2, 3])
     with pytest.raises(ValueError, match="iso_c: unknown parameter 'scaling_factor'"):
         pyfuse.merge("iso_c", base, fts, scaling_factor=1.0)
+
+
+def test_tsv_takes_fusion_bench_alpha_as_a_number_or_a_list():
+    base, fts = random_models(3, shapes=SUBSPACE_SHAPES, base_scale=0)
+    alpha = [0.5, 1.5, 2.0]  # a list: one factor per task vector, applied before the SVDs
+    merged = pyfuse.merge("tsv", base, fts, alpha=alpha, dtype="float32")
+    assert_relative(merged, _apply(base, ref_tsv(_task_vectors(base, fts, alpha)), 1.0))
+    merged = pyfuse.merge("tsv", base, fts, alpha=0.6, dtype="float32")  # a number: on the merged task vector
+    assert_relative(merged, _apply(base, ref_tsv(_task_vectors(base, fts)), 0.6))
+    with pytest.raises(ValueError, match=r"tsv: alpha has 2 entries, expected one per fine-tuned model \(3\)"):
+        pyfuse.merge("tsv", base, fts, alpha=[1, 2])
+    with pytest.raises(ValueError, match="tsv: alpha is fusion_bench's name for scaling .* not both"):
+        pyfuse.merge("tsv", base, fts, alpha=[1, 2, 3], weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="tsv: alpha must be a finite number"):
+        pyfuse.merge("tsv", base, fts, alpha="one")

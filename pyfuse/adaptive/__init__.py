@@ -1,7 +1,8 @@
 """The engine of test-time adaptive merging: the bi-level loop, the Concrete merger, checkpoints and reports.
 
-The methods that run it (adamerging, adamerging++, concrete_task_arithmetic, concrete_adamerging) are
-registered in `pyfuse.methods.learned`; `pyfuse.config` runs them from a config file.
+The methods that run it (adamerging, adamerging++, concrete_task_arithmetic, concrete_adamerging, concrete_tsvm)
+are registered in `pyfuse.methods.learned`, which hands the loop the per-task vectors they merge
+(`pyfuse.methods.vector_sources`); `pyfuse.config` runs them from a config file.
 """
 
 from ..task import Task, entropy_loss, evaluate_tasks

@@ -88,6 +88,8 @@ class Settings:
     eval_mask: str = "none"
     rescale: bool = True
     density: float | None = None
+    vectors: str = "raw"  # the per-task vectors merged (`pyfuse.methods.vector_sources`)
+    exclude_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "inner_steps", "adapt_steps"):

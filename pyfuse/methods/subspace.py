@@ -32,7 +32,18 @@ from typing import ClassVar
 
 import torch
 
-from .base import WEIGHTS, Chunk, MergeContext, Param, StaticMethod, check_names, number, register, tensor_names
+from .base import (
+    WEIGHTS,
+    Chunk,
+    MergeContext,
+    Param,
+    StaticMethod,
+    check_names,
+    number,
+    numbers,
+    register,
+    tensor_names,
+)
 
 EXCLUDE_KEYS = Param((), tensor_names, "matrices merged by the mean task vector instead")
 
@@ -102,6 +113,38 @@ def stacked_merge(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.T
     return (orthonormal_factor(u) * s) @ orthonormal_factor(vh)
 
 
+def tsv_factors(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """TSV-M's decorrelated factors of task vectors `tau` `[T, m, p]`: `U'` `[m, k]`, `s` `[k]`, `V'` `[k, p]` and
+    the rank `r`, task i's triplets being columns (entries, rows) `[i r, (i + 1) r)` (module docstring)."""
+    tasks, m, p = tau.shape
+    k = min(m, p)
+    rank = int(k * (1 / tasks))  # as the reference computes it, float product and all
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    stacked_u = torch.zeros(m, k, dtype=tau.dtype)
+    stacked_s = torch.zeros(k, dtype=tau.dtype)
+    stacked_vh = torch.zeros(k, p, dtype=tau.dtype)
+    for i in range(tasks):
+        block = slice(i * rank, (i + 1) * rank)
+        stacked_u[:, block] = u[i, :, :rank]
+        stacked_s[block] = s[i, :rank]
+        stacked_vh[block] = vh[i, :rank]
+    return orthonormal_factor(stacked_u), stacked_s, orthonormal_factor(stacked_vh), rank
+
+
+def task_singular_parts(tau: torch.Tensor) -> torch.Tensor:
+    """Each task's own part of the TSV-M merge of `tau` `[T, m, p]`: `U'_i diag(s_i) V'_i` over its block of the
+    decorrelated factors, `[T, m, p]`; they sum to the merge (fusion_bench's `return_single_task_models`)."""
+    u, s, vh, rank = tsv_factors(tau)
+    return torch.stack([(u[:, i * rank: (i + 1) * rank] * s[i * rank: (i + 1) * rank]) @ vh[i * rank: (i + 1) * rank]
+                        for i in range(len(tau))])
+
+
+def _alpha(value: object) -> float | tuple[float, ...]:
+    if isinstance(value, (list, tuple, torch.Tensor)):
+        return numbers(value)
+    return number()(value)
+
+
 @register
 class TaskSingularVectors(PerMatrix):
     """TSV-M: each task's top `1/T` singular triplets per matrix, orthonormalised together (module docstring)."""
@@ -114,24 +157,33 @@ class TaskSingularVectors(PerMatrix):
         "scaling": Param(1.0, number(), "factor on the merged task vector (fusion_bench's scalar `alpha`)"),
         "weights": Param(None, WEIGHTS.check, "per-model factors on the task vectors before the SVDs "
                                               "(fusion_bench's list `alpha`); default all 1"),
+        "alpha": Param(None, _alpha, "fusion_bench's `alpha`: a number acts as `scaling`, a list (one factor per "
+                                     "fine-tuned model, applied before the SVDs) as `weights`; not with either"),
         "exclude_keys": EXCLUDE_KEYS,
     }
     per_task_copies = 2  # the task vectors and their singular vectors
 
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        c = self.parameters
+        if c["alpha"] is not None and (c["weights"] is not None or c["scaling"] != 1.0):
+            raise ValueError(f"{self.name}: alpha is fusion_bench's name for scaling (a number) or weights (a list); "
+                             "give alpha or those, not both")
+
+    def bind(self, layout, n) -> None:
+        alpha = self.parameters["alpha"]
+        if isinstance(alpha, tuple) and len(alpha) != n:
+            raise ValueError(f"{self.name}: alpha has {len(alpha)} entries, expected one per fine-tuned model ({n})")
+        super().bind(layout, n)
+        if isinstance(alpha, tuple):
+            self.weights = torch.tensor(alpha, dtype=torch.float32)
+        elif alpha is not None:
+            self._scaling = alpha
+        self._mean = self._scaling * self.weights / n
+
     def merge_matrix(self, tau: torch.Tensor) -> torch.Tensor:
-        tasks, m, p = tau.shape
-        k = min(m, p)
-        rank = int(k * (1 / tasks))  # as the reference computes it, float product and all
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        stacked_u = torch.zeros(m, k, dtype=tau.dtype)
-        stacked_s = torch.zeros(k, dtype=tau.dtype)
-        stacked_vh = torch.zeros(k, p, dtype=tau.dtype)
-        for i in range(tasks):
-            block = slice(i * rank, (i + 1) * rank)
-            stacked_u[:, block] = u[i, :, :rank]
-            stacked_s[block] = s[i, :rank]
-            stacked_vh[block] = vh[i, :rank]
-        return stacked_merge(stacked_u, stacked_s, stacked_vh)
+        u, s, vh, _ = tsv_factors(tau)
+        return (u * s) @ vh
 
 
 @register
