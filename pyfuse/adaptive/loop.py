@@ -218,6 +218,9 @@ class AdaptiveLoop:
             self.ranks.all_reduce(buffer)
             total = float(buffer[-1])
         lo, hi = self.merger.span
+        # Every task has run: the merged values are dead, and their memory goes back before the fused backward
+        # allocates the logits' gradient (autograd needs the op's saved inputs, never its output).
+        merged.untyped_storage().resize_(0)
         torch.autograd.backward(shard, grad[lo:hi])
         if self.ranks is not None and train_coefficients:
             # each rank's backward covered its own segments (the optimizer zeroed the gradient before the pass)
@@ -237,6 +240,7 @@ class AdaptiveLoop:
         outer.zero_grad()
         entropy = self._pass(step=t, mask="relaxed", train_logits=True, train_coefficients=False)
         outer.step()
+        outer.zero_grad()  # the logits' [D] gradient is spent: not held through the next step's inner passes
         return entropy
 
     def adapt_step(self) -> float:
