@@ -44,16 +44,7 @@ from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
 from pyfuse.memory import status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    LoadWatch,
-    print_table,
-    provenance,
-    ratio,
-    step_breakdown,
-    summary,
-    warn_unreliable,
-    write_json,
-)
+from common import LoadWatch, print_table, provenance, ratios_of, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501
 
 POLL_SECONDS = 0.02
 KIB_PER_GIB = 2**20
@@ -304,13 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     ratios, unreliable = None, {}
     if len(results) == 2:
         f, e = results["fused"], results["eager"]
-        ratios = {"peak_rss_anon": f["peak_rss_anon_gib"] / e["peak_rss_anon_gib"],
-                  "vmhwm": f["vmhwm_gib"] / e["vmhwm_gib"]}
-        for key, timing in (("step_time", "step"), ("step_cpu_time", "step_cpu")):
-            ratios[key], problem = ratio(f"fused / eager {key}", f[timing], e[timing], load.as_dict(),
-                                         sides=("fused", "eager"))
-            if problem:
-                unreliable[key] = problem
+        ratios, unreliable = ratios_of("fused / eager", f, e, {"step_time": "step", "step_cpu_time": "step_cpu"},
+                                       load.as_dict(), ("fused", "eager"))
+        ratios.update({"peak_rss_anon": f["peak_rss_anon_gib"] / e["peak_rss_anon_gib"],
+                       "vmhwm": f["vmhwm_gib"] / e["vmhwm_gib"]})
         print("fused / eager: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if v is not None))
         warn_unreliable(unreliable)
     write_json(args.json, {

@@ -40,16 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    LoadWatch,
-    print_table,
-    provenance,
-    ratio,
-    step_breakdown,
-    summary,
-    warn_unreliable,
-    write_json,
-)
+from common import LoadWatch, print_table, provenance, ratios_of, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLASSES = 10
@@ -218,13 +209,10 @@ def main(argv: list[str] | None = None) -> None:
             merged[kind] = torch.load(out)
     max_rel_diff, max_rel_diff_of_update = _max_rel_diff(merged["factored"], merged["dense"])
     dense, factored = results["dense"], results["factored"]
-    ratios = {key: factored[key] / dense[key] for key in ("task_vector_bytes", "peak_rss_anon_bytes")}
-    unreliable = {}
-    for key, timing in (("step_seconds", "step"), ("step_cpu_seconds", "step_cpu")):
-        ratios[key], problem = ratio(f"factored / dense {key}", factored[timing], dense[timing], load.as_dict(),
-                                     sides=("factored", "dense"))
-        if problem:
-            unreliable[key] = problem
+    ratios, unreliable = ratios_of("factored / dense", factored, dense,
+                                   {"step_seconds": "step", "step_cpu_seconds": "step_cpu"}, load.as_dict(),
+                                   ("factored", "dense"))
+    ratios.update({key: factored[key] / dense[key] for key in ("task_vector_bytes", "peak_rss_anon_bytes")})
     shape = (f"Llama-shaped: hidden {args.hidden}, MLP {args.mlp}, {args.layers} layers, {args.heads} heads "
              f"(as many key/value heads), vocabulary {args.vocab}; {dense['model_parameters'] / 1e6:.0f}M parameters, "
              f"D = {dense['merged_parameters'] / 1e6:.1f}M in {dense['merged_tensors']} q/k/v/o tensors")

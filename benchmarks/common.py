@@ -142,6 +142,18 @@ def ratio(name: str, numerator: dict, denominator: dict, load: dict, *, invert: 
     return value, None
 
 
+def ratios_of(name: str, numerator: dict, denominator: dict, keys: dict[str, str], load: dict,
+              sides: tuple[str, str]) -> tuple[dict, dict]:
+    """`ratio` of numerator[timing] to denominator[timing] for each {ratio key: timing key} of `keys`: the ratios
+    (None where withheld) and the withheld ones' {value, reason}, both by ratio key."""
+    ratios, unreliable = {}, {}
+    for key, timing in keys.items():
+        ratios[key], problem = ratio(f"{name} {key}", numerator[timing], denominator[timing], load, sides=sides)
+        if problem:
+            unreliable[key] = problem
+    return ratios, unreliable
+
+
 def warn_unreliable(unreliable: dict) -> None:
     """Prints each unreliable ratio's warning (the ratio itself withheld)."""
     for entry in unreliable.values():
