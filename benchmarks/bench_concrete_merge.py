@@ -165,6 +165,23 @@ def fraction_of_copy(name: str, row: dict, timing: dict, nbytes: int, load: dict
     return value * scale
 
 
+def mask_share(row: dict, load: dict) -> None:
+    """Prints the mask sampling's cost per element and thread, and its share of the forward phases (the forward
+    samples the mask once, the backward twice: in accumulate and again in logits)."""
+    ph = row["phases"]
+    per_element = ph["mask_sums"]["median"] / row["D"] * row["threads"] * 1e9
+    forward = {"median": ph["mask_sums"]["median"] + ph["merge_apply"]["median"],
+               "spread": max(ph["mask_sums"]["spread"], ph["merge_apply"]["spread"]),
+               "samples": ph["mask_sums"]["samples"]}
+    share, problem = ratio(f"{row['impl']} D={row['D']:,} mask share of the forward", ph["mask_sums"], forward, load,
+                           sides=("mask_sums", "forward phases"))
+    text = f"{share:.0%} of the forward phases" if share is not None else "its share withheld (see the warnings)"
+    if problem:
+        row["unreliable_ratios"]["mask_share_of_forward"] = problem
+    print(f"{row['impl']} D={row['D']:,}: mask sampling (Philox, then log, log1p, exp per element) costs "
+          f"{per_element:.1f} ns per element and thread, {text}; the backward samples it twice.")
+
+
 def add_ratios(row: dict, eager: dict | None, load: dict) -> None:
     """Fractions of copy_ (op forward, each phase, phases' forward and backward) and speedup vs eager, each
     withheld under `unreliable_ratios` when load or spread make it meaningless."""
@@ -262,6 +279,9 @@ def main() -> None:
     print_table(phase_rows, [("impl", "impl", "s"), ("D", "D", ",d"), ("phase", "phase", "s"), ("ms", "ms", ".1f"),
                              ("spread_pct", "spread %", ".0f"), ("gbps", "GB/s", ".2f"),
                              ("frac_of_copy", "/copy", ".2f")])
+    for row in rows:
+        if row["phases"]:
+            mask_share(row, load.as_dict())
     for row in rows:
         warn_unreliable(row["unreliable_ratios"])
     print("Triton on an H100 (ESTIMATE from bytes moved at 3.35 TB/s, not measured):")
