@@ -1,7 +1,7 @@
 """One outer step of layer-wise Concrete AdaMerging on a CLIP ViT-B/32 vision tower: pyfuse against the
 authors' algorithm as they coded it.
 
-    python benchmarks/bench_concrete_step.py --impl both --tasks 8 --batch 16 --steps 2 --json bench.json
+    python benchmarks/bench_concrete_step.py --impl both --tasks 8 --batch 16 --steps 5 --json bench.json
 
 The tower is HF `CLIPVisionModel` with the default config (87.5M parameters, 199 tensors), randomly
 initialised, with n random task vectors, a fixed random linear head per task and random images. Every
@@ -17,8 +17,11 @@ fresh batch per task.
 Each impl runs in its own subprocess. The parent polls /proc/<pid>/status (RssAnon, VmRSS) while it runs;
 the child resets its VmHWM (via /proc/self/clear_refs) after setup and reports it after the steps, so both
 peaks cover the steps only, with the setup's resident buffers (weights, task vectors) included. Step time
-is wall-clock; the process's CPU time (all threads) is reported beside it, being far less disturbed by
-other load on a shared machine.
+is wall-clock, the median and spread of `--steps` steps after `--warmup` untimed ones; the process's CPU
+time (all threads) is reported beside it, being far less disturbed by other load on a shared machine. One
+more step under `torch.profiler` says where a step's time goes (the fused op's forward and backward, the
+optimisers, the model's forward and backward and the rest). Time ratios are printed only when the load
+and the spread allow (benchmarks/common.py); the memory ratios always.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -42,7 +44,7 @@ from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
 from pyfuse.memory import status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, write_json  # noqa: E402
+from common import LoadWatch, print_table, provenance, ratios_of, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501
 
 POLL_SECONDS = 0.02
 KIB_PER_GIB = 2**20
@@ -98,6 +100,12 @@ def _fused(args, model, heads, images, ranks=None):
             row[a - lo:b - lo].copy_(values[a - first:b - first])
     names = [f"task{i}" for i in range(args.tasks)]
     tv = pyfuse.TaskVectors(layout, base, vectors, names, shard=segments if ranks is not None else None)
+    if ranks is None:
+        # The merged values replace the model's weights in every call: let them share the base's memory (as the
+        # authors' code uses the pre-trained weights themselves as the base), not hold a second copy of D floats.
+        parameters = dict(model.named_parameters())
+        for name, view in layout.unflatten(base).items():
+            parameters[name].data = view
 
     def task(i):
         head = heads[i]
@@ -179,15 +187,21 @@ def _child(args) -> None:
     except OSError:
         hwm_reset = False
     print(json.dumps({"event": "ready"}), flush=True)
+    for t in range(args.warmup):
+        step(t)
     times, cpu_times = [], []
-    for t in range(args.steps):
+    for t in range(args.warmup, args.warmup + args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         step(t)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+    vmhwm = _kib(status_bytes("VmHWM"))
+    print(json.dumps({"event": "profiling"}), flush=True)  # the peaks end here: the profiled step is extra
+    breakdown = step_breakdown(lambda: step(args.warmup + args.steps))
     print(json.dumps({
-        "event": "done", "step_seconds": times, "step_cpu_seconds": cpu_times, "setup_rss_anon_kib": setup_anon,
-        "vmhwm_kib": _kib(status_bytes("VmHWM")), "vmhwm_covers": "steps" if hwm_reset else "process",
+        "event": "done", "step_seconds": times, "step_cpu_seconds": cpu_times, "breakdown": breakdown,
+        "setup_rss_anon_kib": setup_anon,
+        "vmhwm_kib": vmhwm, "vmhwm_covers": "steps" if hwm_reset else "process",
         "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
         "tensors": len(list(model.parameters())), **info,
     }), flush=True)
@@ -198,7 +212,8 @@ def _child(args) -> None:
 # ------------------------------------------------------------------------------------------------
 def _measure(impl: str, args) -> dict:
     command = [sys.executable, __file__, "--child", impl, "--tasks", str(args.tasks), "--batch", str(args.batch),
-               "--steps", str(args.steps), "--classes", str(args.classes), "--backend", args.backend,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--classes", str(args.classes),
+               "--backend", args.backend,
                "--vector-dtype", args.vector_dtype]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     events: dict[str, dict] = {}
@@ -213,7 +228,7 @@ def _measure(impl: str, args) -> dict:
     reader.start()
     peak_anon = peak_rss = 0
     while proc.poll() is None:
-        if "ready" in events:  # peaks of the steps only (setup buffers stay resident and count)
+        if "ready" in events and "profiling" not in events:  # peaks of the steps (setup buffers resident count)
             peak_anon = max(peak_anon, _kib(status_bytes("RssAnon", proc.pid)) or 0)
             peak_rss = max(peak_rss, _kib(status_bytes("VmRSS", proc.pid)) or 0)
         time.sleep(POLL_SECONDS)
@@ -223,10 +238,10 @@ def _measure(impl: str, args) -> dict:
     done = events["done"]
     seconds, cpu_seconds = done.pop("step_seconds"), done.pop("step_cpu_seconds")
     return {
-        "step_seconds": seconds,
-        "mean_step_seconds": sum(seconds) / len(seconds),
-        "step_cpu_seconds": cpu_seconds,
-        "mean_step_cpu_seconds": sum(cpu_seconds) / len(cpu_seconds),
+        "step": summary(seconds),
+        "median_step_seconds": summary(seconds)["median"],
+        "step_cpu": summary(cpu_seconds),
+        "median_step_cpu_seconds": summary(cpu_seconds)["median"],
         "peak_rss_anon_gib": peak_anon / KIB_PER_GIB,
         "peak_vmrss_gib": peak_rss / KIB_PER_GIB,
         "vmhwm_gib": done.pop("vmhwm_kib") / KIB_PER_GIB,
@@ -240,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", choices=("fused", "eager", "both"), default="both")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="outer steps timed after the warm-up (>= 5 for ratios)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed outer steps first (inside the peaks)")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--backend", default="auto", help="the fused op's backend (fused impl only)")
     parser.add_argument("--vector-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
@@ -254,32 +270,41 @@ def main(argv: list[str] | None = None) -> None:
 
     impls = ("fused", "eager") if args.impl == "both" else (args.impl,)
     results = {}
-    for impl in impls:
-        print(f"running {impl} ...", file=sys.stderr, flush=True)
-        results[impl] = _measure(impl, args)
-    print(f"CLIP ViT-B/32 vision tower, {args.tasks} tasks, batch {args.batch}, {args.steps} outer steps "
-          f"(layer-wise Concrete AdaMerging, 1 inner step); peaks over the steps")
-    rows = [{"impl": impl, "backend": r.get("backend", "-"), **r} for impl, r in results.items()]
+    threads = torch.get_num_threads()
+    with LoadWatch(threads) as load:
+        for impl in impls:
+            print(f"running {impl} ...", file=sys.stderr, flush=True)
+            with LoadWatch(threads) as own:
+                results[impl] = {**_measure(impl, args), **own.as_dict()}
+    print(f"CLIP ViT-B/32 vision tower, {args.tasks} tasks, batch {args.batch}, {args.steps} outer steps timed after "
+          f"{args.warmup} warm-up (layer-wise Concrete AdaMerging, 1 inner step); peaks over all steps; {threads} "
+          f"thread(s); load average {load.before:.2f} before, {load.after:.2f} after")
+    rows = [{"impl": impl, "backend": r.get("backend", "-"), "spread_pct": 100 * r["step"]["spread"], **r}
+            for impl, r in results.items()]
     print_table(rows, [("impl", "impl", ""), ("backend", "backend", ""), ("vector_dtype", "vectors", ""),
-                       ("mean_step_seconds", "step s", ".2f"), ("mean_step_cpu_seconds", "step CPU s", ".2f"),
+                       ("median_step_seconds", "step s", ".2f"), ("spread_pct", "spread %", ".0f"),
+                       ("median_step_cpu_seconds", "step CPU s", ".2f"),
                        ("peak_rss_anon_gib", "RssAnon GiB", ".2f"),
                        ("peak_vmrss_gib", "VmRSS GiB", ".2f"), ("vmhwm_gib", "VmHWM GiB", ".2f"),
                        ("setup_rss_anon_gib", "setup RssAnon GiB", ".2f")])
-    ratios = None
+    print("Where a step's time goes (one profiled step after the timed ones, seconds):")
+    print_table([{"impl": impl, **r["breakdown"]} for impl, r in results.items()],
+                [("impl", "impl", ""), ("op_forward", "op forward", ".3f"), ("op_backward", "op backward", ".3f"),
+                 ("optimiser", "optimiser", ".3f"), ("model_and_rest", "model fwd+bwd, rest", ".3f"),
+                 ("profiled_step_seconds", "step", ".3f")])
+    ratios, unreliable = None, {}
     if len(results) == 2:
         f, e = results["fused"], results["eager"]
-        ratios = {
-            "step_time": f["mean_step_seconds"] / e["mean_step_seconds"],
-            "step_cpu_time": f["mean_step_cpu_seconds"] / e["mean_step_cpu_seconds"],
-            "peak_rss_anon": f["peak_rss_anon_gib"] / e["peak_rss_anon_gib"],
-            "vmhwm": f["vmhwm_gib"] / e["vmhwm_gib"],
-        }
-        print("fused / eager: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        ratios, unreliable = ratios_of("fused / eager", f, e, {"step_time": "step", "step_cpu_time": "step_cpu"},
+                                       load.as_dict(), ("fused", "eager"))
+        ratios.update({"peak_rss_anon": f["peak_rss_anon_gib"] / e["peak_rss_anon_gib"],
+                       "vmhwm": f["vmhwm_gib"] / e["vmhwm_gib"]})
+        print("fused / eager: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if v is not None))
+        warn_unreliable(unreliable)
     write_json(args.json, {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "provenance": provenance(threads), "load": load.as_dict(),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
-        "results": results, "ratios": ratios,
+        "results": results, "ratios": ratios, "unreliable_ratios": unreliable,
     })
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ are the last position's first 10 vocabulary logits. The step: one inner pass on 
 Each form runs in a fresh subprocess, one after the other. The child measures its peak RssAnon
 (`pyfuse.memory.PeakRssAnon`) from before the model is built to the end of the first outer step, so the model,
 the task vectors and every buffer of the step count (glibc's mmap threshold fixed, so freed blocks leave at once).
-Step time is wall-clock (CPU time beside it), the median
-over `--steps` outer steps, without the one-off loading of the op's backend (done before, on a tiny input). In
+Step time is wall-clock (CPU time beside it), the median and spread
+of `--steps` outer steps timed after `--warmup` untimed ones (the first of which the memory window covers), without
+the one-off loading of the op's backend (done before, on a tiny input). One more step, under `torch.profiler`, says
+where a step's time goes: the fused op's forward and backward, the optimisers, the model's forward and backward
+(and the rest). The step-time ratio is printed only when the load and the spread allow (benchmarks/common.py). In
 both runs the model's own q, k, v, o weights are made views of the base buffer, since the merged values replace
 them in every call (a copy of D floats neither run needs). The child saves the merged parameters after the
 steps (the evaluation mask, `loop.merged_flat()`); the parent compares them: `max_rel_diff` is the largest,
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, write_json  # noqa: E402
+from common import LoadWatch, print_table, provenance, ratios_of, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLASSES = 10
@@ -92,10 +94,11 @@ def _warm_up_op() -> None:
         concrete_merge(torch.zeros(4), tv, x, torch.ones(1, 1), offsets, seed=0).sum().backward()
 
 
-def _timed(loop, t: int, seconds=(), cpu_seconds=()) -> tuple[list[float], list[float]]:
+def _timed(loop, t: int, seconds: list[float], cpu_seconds: list[float]) -> None:
     start, cpu_start = time.perf_counter(), time.process_time()
     loop.meta_step(t)
-    return [*seconds, time.perf_counter() - start], [*cpu_seconds, time.process_time() - cpu_start]
+    seconds.append(time.perf_counter() - start)
+    cpu_seconds.append(time.process_time() - cpu_start)
 
 
 def _child(args) -> None:
@@ -128,14 +131,20 @@ def _child(args) -> None:
         settings = Settings(method="concrete_adamerging", coefficients="layer", meta_steps=1, inner_steps=1,
                             inner_lr=0.1, mask_lr=1e-4, eval_mask="relaxed", seed=0)
         loop = AdaptiveLoop(model, tv, tasks, settings, RunOptions(progress=False, backend=args.backend))
-        seconds, cpu_seconds = _timed(loop, 0)
-    for t in range(1, args.steps):  # further outer steps, for the time only (a shared machine's noise)
-        seconds, cpu_seconds = _timed(loop, t, seconds, cpu_seconds)
+        loop.meta_step(0)  # the first warm-up step, inside the memory window
+    for t in range(1, args.warmup):
+        loop.meta_step(t)
+    seconds: list[float] = []
+    cpu_seconds: list[float] = []
+    for t in range(max(1, args.warmup), max(1, args.warmup) + args.steps):
+        _timed(loop, t, seconds, cpu_seconds)
+    breakdown = step_breakdown(lambda: loop.meta_step(max(1, args.warmup) + args.steps))
     merged = loop.merged_flat()  # for the comparison only, after the measured window
     torch.save({"merged": merged, "base": tv.base, "offsets": tv.layout.offsets}, args.out)
     print(json.dumps({
         "task_vector_bytes": tv.nbytes, "peak_rss_anon_bytes": peak.peak, "step_seconds": statistics.median(seconds),
-        "step_cpu_seconds": statistics.median(cpu_seconds), "steps_seconds": seconds, "steps_cpu_seconds": cpu_seconds,
+        "step_cpu_seconds": statistics.median(cpu_seconds), "step": summary(seconds), "step_cpu": summary(cpu_seconds),
+        "breakdown": breakdown,
         "build_seconds": build_seconds, "backend": loop.backend,
         "merged_parameters": tv.layout.numel, "merged_tensors": len(tv.layout),
         "model_parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
@@ -144,13 +153,15 @@ def _child(args) -> None:
 
 def _measure(kind: str, args, out: str) -> dict:
     command = [sys.executable, __file__, "--child", kind, "--out", out]
-    for key in ("tasks", "rank", "hidden", "mlp", "layers", "heads", "vocab", "batch", "seq", "steps", "backend"):
+    for key in ("tasks", "rank", "hidden", "mlp", "layers", "heads", "vocab", "batch", "seq", "steps", "warmup",
+                "backend"):
         command += [f"--{key}", str(getattr(args, key))]
     # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors (as in
     # bench_concrete_merge.py), not what the allocator kept from the model's initialisation
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    with LoadWatch(torch.get_num_threads()) as load:
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
+    return {**json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1]), **load.as_dict()}
 
 
 def _max_rel_diff(factored: dict, dense: dict) -> tuple[float, float]:
@@ -176,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2, help="sequences per task and pass")
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="outer steps timed (median reported); the memory window covers the first only")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="outer steps timed after the warm-up (median and spread; >= 5 for the time ratio)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed outer steps first; the memory window covers the first of them")
     parser.add_argument("--backend", default="auto", help="the fused op's backend")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results, merged = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, LoadWatch(torch.get_num_threads()) as load:
         for kind in KINDS:
             print(f"running {kind} ...", file=sys.stderr, flush=True)
             out = os.path.join(tmp, f"{kind}.pt")
@@ -196,30 +209,41 @@ def main(argv: list[str] | None = None) -> None:
             merged[kind] = torch.load(out)
     max_rel_diff, max_rel_diff_of_update = _max_rel_diff(merged["factored"], merged["dense"])
     dense, factored = results["dense"], results["factored"]
-    ratios = {key: factored[key] / dense[key] for key in ("task_vector_bytes", "peak_rss_anon_bytes",
-                                                          "step_seconds", "step_cpu_seconds")}
+    ratios, unreliable = ratios_of("factored / dense", factored, dense,
+                                   {"step_seconds": "step", "step_cpu_seconds": "step_cpu"}, load.as_dict(),
+                                   ("factored", "dense"))
+    ratios.update({key: factored[key] / dense[key] for key in ("task_vector_bytes", "peak_rss_anon_bytes")})
     shape = (f"Llama-shaped: hidden {args.hidden}, MLP {args.mlp}, {args.layers} layers, {args.heads} heads "
              f"(as many key/value heads), vocabulary {args.vocab}; {dense['model_parameters'] / 1e6:.0f}M parameters, "
              f"D = {dense['merged_parameters'] / 1e6:.1f}M in {dense['merged_tensors']} q/k/v/o tensors")
     print(f"{shape}; {args.tasks} LoRA adapters of rank {args.rank}; batch {args.batch} x {args.seq} tokens per "
           f"task; one outer step of layer-wise Concrete AdaMerging (1 inner step); backend {dense['backend']}, "
-          f"{dense['threads']} thread(s)")
+          f"{dense['threads']} thread(s); {args.steps} timed steps after {args.warmup} warm-up (median); load "
+          f"average {load.before:.2f} before, {load.after:.2f} after")
     rows = [{"form": kind, **r, "tv_gib": r["task_vector_bytes"] / 2**30,
              "peak_gib": r["peak_rss_anon_bytes"] / 2**30} for kind, r in results.items()]
     rows.append({"form": "factored / dense", "tv_gib": ratios["task_vector_bytes"],
                  "peak_gib": ratios["peak_rss_anon_bytes"], "step_seconds": ratios["step_seconds"],
                  "step_cpu_seconds": ratios["step_cpu_seconds"]})
+    for row in rows[:2]:
+        row["spread_pct"] = 100 * row["step"]["spread"]
     print_table(rows, [("form", "task vectors", ""), ("tv_gib", "bytes GiB (ratio)", ".4f"),
                        ("peak_gib", "peak RssAnon GiB (ratio)", ".3f"), ("step_seconds", "step s (ratio)", ".3f"),
-                       ("step_cpu_seconds", "step CPU s (ratio)", ".3f")])
+                       ("spread_pct", "spread %", ".0f"), ("step_cpu_seconds", "step CPU s (ratio)", ".3f")])
+    print("Where a step's time goes (one profiled step after the timed ones, seconds):")
+    print_table([{"form": kind, **results[kind]["breakdown"]} for kind in KINDS],
+                [("form", "task vectors", ""), ("op_forward", "op forward", ".3f"),
+                 ("op_backward", "op backward", ".3f"), ("optimiser", "optimiser", ".3f"),
+                 ("model_and_rest", "model fwd+bwd, rest", ".3f"), ("profiled_step_seconds", "step", ".3f")])
+    warn_unreliable(unreliable)
     print(f"max_rel_diff {max_rel_diff:.2e} (of the merged parameters); {max_rel_diff_of_update:.2e} of the merged "
           f"update (merged - base)")
     write_json(args.json, {
         "dense": dense, "factored": factored, "max_rel_diff": max_rel_diff,
-        "max_rel_diff_of_update": max_rel_diff_of_update, "ratios": ratios, "model": shape,
+        "max_rel_diff_of_update": max_rel_diff_of_update, "ratios": ratios, "unreliable_ratios": unreliable,
+        "model": shape, "load": load.as_dict(), "provenance": provenance(dense["threads"]),
         "settings": {k: getattr(args, k) for k in ("tasks", "rank", "hidden", "mlp", "layers", "heads", "vocab",
-                                                   "batch", "seq", "steps", "backend")},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+                                                   "batch", "seq", "steps", "warmup", "backend")},
     })
 
 

@@ -1,9 +1,27 @@
-"""Shared benchmark plumbing: timing, peak anonymous memory, the CLIP ViT-B/32 layout, table and JSON output."""
+"""Shared benchmark plumbing: repeated timing with its spread, the machine's load and provenance, ratios that are
+only printed when they mean something, peak anonymous memory, the CLIP ViT-B/32 layout, table and JSON output.
+
+A ratio of two times is reported only when both were measured on a quiet enough machine and both repeat well:
+
+- load: the 1-minute load average before the run (other work, since nothing of the run is running yet), and the
+  one after less the run's own threads, must not exceed `cores - threads + LOAD_SLACK`: the run's threads would
+  otherwise share cores with other work;
+- spread: (max - min) / median over the timed repeats of each side must not exceed `SPREAD_LIMIT`, and each side
+  needs at least `MIN_REPEATS` repeats (after its warm-up).
+
+Otherwise a warning stating the reason is printed instead, and the JSON holds the value under
+`unreliable_ratios` (with the reason) rather than as a ratio.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -12,8 +30,20 @@ import torch
 from pyfuse.io.atomic import atomic_path
 from pyfuse.memory import PeakRssAnon, rss_anon_bytes  # noqa: F401  (re-exported to the benchmarks)
 
+MIN_REPEATS = 5
+SPREAD_LIMIT = 0.10  # (max - min) / median of a timed region's repeats
+LOAD_SLACK = 0.5  # cores' worth of other load tolerated beside the run's own threads
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+
+def summary(seconds: list[float]) -> dict:
+    """Median, min, max and relative spread ((max - min) / median) of repeated times, and the samples."""
+    median = statistics.median(seconds)
+    return {"median": median, "min": min(seconds), "max": max(seconds),
+            "spread": (max(seconds) - min(seconds)) / median if median > 0 else 0.0, "samples": list(seconds)}
+
+
+def repeat_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    """`summary` of `repeats` timed calls of fn after `warmup` untimed ones (fewer than MIN_REPEATS: no ratio)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -21,7 +51,113 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return summary(times)
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable and waiting tasks, all of the machine)."""
+    return os.getloadavg()[0]
+
+
+def _git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(threads: int) -> dict:
+    """Where and how a result was measured: command, commit, UTC date, CPU, cores, threads, versions."""
+    return {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+    }
+
+
+class LoadWatch:
+    """The 1-minute load average before and after a block (`load_before`, `load_after` in `as_dict()`)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.before = self.after = None
+
+    def __enter__(self) -> LoadWatch:
+        self.before = load_average()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.after = load_average()
+
+    def as_dict(self) -> dict:
+        return {"load_before": self.before, "load_after": self.after, "threads": self.threads}
+
+
+def load_problem(load: dict, cores: int | None = None) -> str | None:
+    """Why the load of `load` (LoadWatch.as_dict()) makes timings meaningless, or None (see the module docstring)."""
+    cores = cores or os.cpu_count() or 1
+    threads = load["threads"]
+    limit = cores - threads + LOAD_SLACK
+    other = max(load["load_before"], (load["load_after"] if load["load_after"] is not None else 0.0) - threads)
+    if other > limit:
+        return (f"load average {load['load_before']:.2f} before, {load['load_after']:.2f} after: other work "
+                f"~{other:.2f} > {limit:.1f} (cores {cores} - threads {threads} + {LOAD_SLACK})")
+    return None
+
+
+def ratio(name: str, numerator: dict, denominator: dict, load: dict, *, invert: bool = False,
+          sides: tuple[str, str] = ("numerator", "denominator"), cores: int | None = None
+          ) -> tuple[float | None, dict | None]:
+    """The ratio of two `summary` medians (denominator / numerator with `invert`, e.g. a speedup), or
+    (None, {value, reason}) when the load, too few repeats or either side's spread make it meaningless."""
+    value = numerator["median"] / denominator["median"]
+    value = 1.0 / value if invert else value
+    reasons = []
+    for side, timing in zip(sides, (numerator, denominator)):
+        if timing["spread"] > SPREAD_LIMIT:
+            reasons.append(f"{side} spread {timing['spread']:.0%} > {SPREAD_LIMIT:.0%}")
+        if len(timing["samples"]) < MIN_REPEATS:
+            reasons.append(f"{side} {len(timing['samples'])} repeats < {MIN_REPEATS}")
+    problem = load_problem(load, cores)
+    if problem:
+        reasons.append(problem)
+    if reasons:
+        return None, {"value": value, "reason": f"{name}: " + "; ".join(reasons)}
+    return value, None
+
+
+def ratios_of(name: str, numerator: dict, denominator: dict, keys: dict[str, str], load: dict,
+              sides: tuple[str, str]) -> tuple[dict, dict]:
+    """`ratio` of numerator[timing] to denominator[timing] for each {ratio key: timing key} of `keys`: the ratios
+    (None where withheld) and the withheld ones' {value, reason}, both by ratio key."""
+    ratios, unreliable = {}, {}
+    for key, timing in keys.items():
+        ratios[key], problem = ratio(f"{name} {key}", numerator[timing], denominator[timing], load, sides=sides)
+        if problem:
+            unreliable[key] = problem
+    return ratios, unreliable
+
+
+def warn_unreliable(unreliable: dict) -> None:
+    """Prints each unreliable ratio's warning (the ratio itself withheld)."""
+    for entry in unreliable.values():
+        print(f"WARNING: ratio withheld, {entry['reason']}")
 
 
 def clip_vit_shapes(hidden: int = 768, layers: int = 12, mlp_ratio: int = 4, patch: int = 32, positions: int = 50):
@@ -64,3 +200,23 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def step_breakdown(run_step: Callable[[], object]) -> dict:
+    """Where one step's wall time goes, from a `torch.profiler` run of `run_step` (one step more, after the timed
+    ones: the profiler's own overhead stays out of the timings): the fused op's forward and backward, the
+    optimisers' steps, and the rest (the model's forward and backward, losses, Python), in seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_step()
+    wall = time.perf_counter() - start
+    parts = {"op_forward": 0.0, "op_backward": 0.0, "optimiser": 0.0}
+    for event in prof.key_averages():
+        if event.key.startswith("pyfuse::"):
+            parts["op_backward" if event.key.endswith("_backward") else "op_forward"] += event.cpu_time_total / 1e6
+        elif event.key.startswith("Optimizer.step#"):
+            parts["optimiser"] += event.cpu_time_total / 1e6
+    parts["model_and_rest"] = max(0.0, wall - sum(parts.values()))
+    return {"profiled_step_seconds": wall, **parts}

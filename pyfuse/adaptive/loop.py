@@ -257,6 +257,9 @@ class AdaptiveLoop:
                 self.ranks.all_reduce(buffer)
             total = float(buffer[-1])
         lo, hi = self.merger.span
+        # Every task has run: the merged values are dead, and their memory goes back before the fused backward
+        # allocates the logits' gradient (autograd needs the op's saved inputs, never its output).
+        merged.untyped_storage().resize_(0)
         with nvtx_range("adaptive.fused_backward"):
             torch.autograd.backward(shard, grad[lo:hi])
             if self.ranks is not None and train_coefficients:
@@ -286,6 +289,8 @@ class AdaptiveLoop:
             self.optimizers["mask"].zero_grad()
             entropy = self._pass(step=t, mask="relaxed", train_logits=True, train_coefficients=False)
             self._optimizer_step("mask")
+            # the logits' [D] gradient is spent: not held through the next step's inner passes
+            self.optimizers["mask"].zero_grad()
         return entropy
 
     def adapt_step(self) -> float:
