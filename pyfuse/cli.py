@@ -111,7 +111,8 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                              "read no tensor data and write nothing")
     parser.add_argument("--device", type=_device_name,
                         help="where the merge computes: cpu (default), cuda or cuda:N; every method kind takes it "
-                             "(data-aware methods and regmean++ compute on the CPU only and refuse another)")
+                             "(data-aware methods read each tensor and statistic onto it and solve there; regmean++ "
+                             "runs the model there block by block; the merged tensors are written from the CPU)")
     parser.add_argument("--autocast", choices=("bf16", "fp16"),
                         help="adaptive methods: the model's forward passes under autocast in this precision (the "
                              "fused merge op keeps its fp32 accumulation)")

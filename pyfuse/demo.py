@@ -34,7 +34,6 @@ from .finetune import FinetuneConfig, FinetuneResult, finetune, load_finetuned
 from .io.atomic import atomic_path
 from .memory import PeakRssAnon
 from .merge import merge, plan_merge
-from .method_kinds import check_device_applies
 from .methods import Method, create_method, get_method, learned
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
@@ -161,8 +160,6 @@ class DemoSettings:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown demo method {unknown[0]!r}; available: {', '.join(ALL_METHODS)}")
-        for method in self.methods:  # before anything is loaded: methods that compute on the CPU only
-            check_device_applies(method, get_method(ROWS[method].method).kind, torch.device(self.device), "--device")
         if not self.methods:
             raise ValueError("choose at least one method")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -214,13 +211,18 @@ class DemoContext:
     def adaptation(self, seed: int) -> list[Task]:
         """Every task's adaptation `Task`: its unlabeled test batches in the order `seed` shuffles them, and
         the labelled test data (the same for every seed); batches, test data and heads on the demo's device."""
+        return tasks_on_device([t.adaptation_task(self.encoder, batch_size=self.settings.batch_size, seed=seed)
+                                for t in self.tasks_on_device()], torch.device(self.settings.device))
+
+    def tasks_on_device(self) -> list[TextClassifierTask]:
+        """The tasks with their heads on the demo's device, where the encoder runs (their data stays put)."""
         device = torch.device(self.settings.device)
-        return tasks_on_device([dataclasses.replace(t, head=t.head.to(device)).adaptation_task(
-            self.encoder, batch_size=self.settings.batch_size, seed=seed) for t in self.tasks], device)
+        return [dataclasses.replace(t, head=t.head.to(device)) for t in self.tasks]
 
     def statistics(self, seed: int, progress: bool) -> list[Statistics]:
         if seed not in self._statistics:
-            self._statistics[seed] = _statistics(self.encoder, self.tasks, self.models, self.settings, progress, seed)
+            self._statistics[seed] = _statistics(self.encoder, self.tasks_on_device(), self.models, self.settings,
+                                                 progress, seed)
         return self._statistics[seed]
 
 
@@ -371,7 +373,7 @@ def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], model
         stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels="gold",
                                         label_fn=lambda b: b["labels"],
                                         token_mask_fn=lambda b: b["attention_mask"].bool(), name=task.name,
-                                        progress=progress, seed=seed))
+                                        progress=progress, seed=seed, device=settings.device))
     return stats
 
 
@@ -388,8 +390,9 @@ def _task_data_merge(method: str, ctx: DemoContext) -> Callable[..., Any]:
     """Merge with a method that runs the models on the tasks' data (regmean++): the examples, unlabeled, that
     the data-aware methods' statistics come from."""
     tasks = [Task(t.name, [batch for batch, _ in _statistics_batches(ctx.encoder, t, ctx.settings)], t.logits)
-             for t in ctx.tasks]
-    merged = merge(ROWS[method].method, ctx.encoder.module, list(ctx.models.values()), tasks=tasks)
+             for t in ctx.tasks_on_device()]
+    merged = merge(ROWS[method].method, ctx.encoder.module, list(ctx.models.values()), tasks=tasks,
+                   device=ctx.settings.device)
     return _bound(ctx.encoder, merged)
 
 
@@ -399,9 +402,10 @@ def _data_merge(method: str, ctx: DemoContext, statistics: list[Statistics]) -> 
     name, params = ROWS[method].method, dict(ROWS[method].parameters)
     if name in ("esm", "esm++"):
         start, stop = settings.stats_examples, settings.stats_examples + settings.validation_examples
-        validation = [(t, t.labelled_batches(encoder, "train", 32)) for t in (
+        device = torch.device(settings.device)
+        validation = [(t, to_device(t.labelled_batches(encoder, "train", 32), device)) for t in (
             TextClassifierTask(t.name, t.head, (t.train[0][start:stop], t.train[1][start:stop]), t.test)
-            for t in ctx.tasks)]
+            for t in ctx.tasks_on_device())]
 
         def objective(state_dict: dict[str, torch.Tensor]) -> float:
             call = _bound(encoder, state_dict)
@@ -410,7 +414,8 @@ def _data_merge(method: str, ctx: DemoContext, statistics: list[Statistics]) -> 
                            for t, batches in validation for batch, y in batches)
 
         params["objective"] = objective
-    plan = plan_merge(name, ctx.base, list(ctx.models.values()), statistics=statistics, **params)
+    plan = plan_merge(name, ctx.base, list(ctx.models.values()), statistics=statistics, device=settings.device,
+                      **params)
     merged = plan.state_dict()
     if name != "esm++":
         return _bound(encoder, merged)

@@ -4,8 +4,10 @@
 device torch cannot see; under torchrun, a bare "cuda" is the GPU of this process's `LOCAL_RANK`. An adaptive
 run puts the base, the task vectors (dense or LoRA factors), the model, and every batch its tasks hand out on
 that device (`place_run`); the mask logits, coefficients and optimiser state are created next to the task
-vectors. `autocast` runs the model's forward in reduced precision where asked; the fused merge op is never
-inside it, so it keeps its fp32 accumulation.
+vectors. Statistics collection and regmean++ move their model and batches there the same way (`OnDevice`); a
+data-aware merge reads each tensor and statistic onto it as it gets to it (`SourceTensors`, `Statistics.to`).
+Merged tensors come back to the CPU, where they are written. `autocast` runs the model's forward in reduced
+precision where asked; the fused merge op is never inside it, so it keeps its fp32 accumulation.
 """
 
 from __future__ import annotations

@@ -2,16 +2,14 @@
 
 An option that does not apply to a method's kind is refused, naming the option and the method, before any
 work: it is never silently ignored. The table is the one place that says what applies where; `pyfuse merge`
-and the Python entries check against it.
+and the Python entries check against it. The device is not in it: every kind computes on the CPU or a GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
-__all__ = ["OPTION_KINDS", "check_device_applies", "refuse_inapplicable"]
+__all__ = ["OPTION_KINDS", "refuse_inapplicable"]
 
 # kinds (`pyfuse.methods.base.METHOD_KINDS`): "static", "data" (statistics), "task-data", "adaptive"
 WRITES_SHARDS = ("static", "data", "task-data")  # the engine's sharded output and merge_report.json
@@ -27,11 +25,6 @@ OPTION_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
     "trust_code": (("task-data", "adaptive"), "{method} runs no code from the config; only the methods that run "
                                               "the model on tasks (adaptive ones, regmean++) import its callables"),
 }
-# kinds that compute on the CPU only, and why
-CPU_ONLY: dict[str, str] = {
-    "data": "its per-parameter solves run in float64 on the CPU, reading the statistics as they go",
-    "task-data": "it runs the model block by block on the CPU",
-}
 
 
 def refuse_inapplicable(given: Mapping[str, bool], method: str, kind: str, spell=lambda option: option) -> None:
@@ -41,9 +34,3 @@ def refuse_inapplicable(given: Mapping[str, bool], method: str, kind: str, spell
         kinds, why = OPTION_KINDS[option]
         if used and kind not in kinds:
             raise ValueError(f"{spell(option)} does not apply to {method} ({kind}): {why.format(method=method)}")
-
-
-def check_device_applies(method: str, kind: str, device: torch.device, spell: str = "device") -> None:
-    """Raise ValueError when a method of `kind` cannot compute on `device`."""
-    if device.type != "cpu" and kind in CPU_ONLY:
-        raise ValueError(f"{spell} {device} does not apply to {method} ({kind}): {CPU_ONLY[kind]}; use {spell} cpu")

@@ -24,7 +24,6 @@ from .io.atomic import check_output_dir, remove_replaced
 from .io.identity import InputIdentity
 from .io.lock import claimed_output_dir
 from .io.sources import checkpoint_files
-from .method_kinds import check_device_applies
 from .methods.learned import MergeResult, RunOptions
 from .task import Task
 from .taskvectors import TaskVectors
@@ -70,8 +69,7 @@ def plan_config(config: MergeConfig, out_dir: str | os.PathLike, *, force: bool 
                 other_inputs: Sequence[str | os.PathLike] = ()) -> MergePlan:
     """The engine's plan of a config's merge (checked from headers alone). A method that runs the model on its
     tasks gets them loaded first (the config's code, run only with `trust_code`), once `out_dir` is checked."""
-    # before a model is loaded: the device exists, and the method computes there
-    check_device_applies(config.method.name, config.method.kind, resolve_device(device))
+    resolve_device(device)  # before a model is loaded: the device exists
     runs = {}
     if config.method.runs_tasks:
         check_output_dir(out_dir, force, other_inputs)  # before the model and tasks are loaded

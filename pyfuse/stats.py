@@ -15,12 +15,15 @@ Linear layers are `nn.Linear` and Hugging Face's `Conv1D` (GPT-2), whose weight 
 `[in, out]`; the names of such weights are kept in `transposed`, so the Gram shapes stay `[in, in]`/`[out, out]`.
 
 `collect_statistics` runs the model over a task's batches with forward hooks (and, for the gradient kinds,
-one backward per batch); `Statistics.save`/`Statistics.load` keep them in one safetensors file whose header
-carries the metadata, and tensors are read from it one at a time, when a merge asks for them.
+one backward per batch), on the CPU or on a `device` (the model and the batches go there, the running sums stay
+there, the finished statistics come back to the CPU); `Statistics.save`/`Statistics.load` keep them in one
+safetensors file whose header carries the metadata, and tensors are read from it one at a time, when a merge
+asks for them.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .device import OnDevice, resolve_device
 from .io.atomic import atomic_path
 from .io.sources import TensorSource, open_source
 from .ops.profiling import nvtx_range
@@ -73,6 +77,13 @@ class Statistics:
         self.fingerprint = fingerprint
         self.counts = dict(counts or {})
         self.transposed = frozenset(transposed)
+        self.device: torch.device | None = None  # where `get` hands tensors out (None: where they are stored)
+
+    def to(self, device: str | torch.device) -> Statistics:
+        """The same statistics, handing every tensor out on `device` as it is read (nothing is read now)."""
+        view = copy.copy(self)
+        view.device = torch.device(device)
+        return view
 
     @property
     def label(self) -> str:
@@ -85,9 +96,13 @@ class Statistics:
         return f"task {self.task!r}" + (f", {self.path}" if self.path is not None else "")
 
     def get(self, kind: str, name: str) -> torch.Tensor | None:
-        """The `kind` statistic of parameter `name` (read from the file now, for loaded ones), or None."""
+        """The `kind` statistic of parameter `name` (read from the file now, for loaded ones), on `device` for a
+        view made by `to`; None if absent."""
         key = f"{_check_kind(kind)}/{name}"
-        return self._source.get(key) if key in self._source.specs else None
+        if key not in self._source.specs:
+            return None
+        value = self._source.get(key)
+        return value if self.device is None else value.to(self.device)
 
     def shape(self, kind: str, name: str) -> torch.Size | None:
         """The shape of a statistic, from the header alone; None if absent."""
@@ -281,6 +296,7 @@ def collect_statistics(
     name: str | None = None,
     progress: bool = True,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> Statistics:
     """Statistics of `model` on one task's batches (one pass over them, or the first `max_batches`).
 
@@ -296,6 +312,10 @@ def collect_statistics(
             rows where it is False are left out of the Grams and of "acts".
         max_rows: rows of each Linear's input kept for "acts".
         name: the task's name (default: the Task's, else "task").
+        device: where the model runs and the sums accumulate ("cpu", "cuda", "cuda:1"); the model is moved
+            there (in place, as `nn.Module.to`, and left there), each batch as it is drawn; the statistics
+            come back to the CPU. Default: where the model is, batches as given. A task's own tensors (a
+            classifier head inside its `logits`) must already be there.
 
     Per-example gradients for the Fisher come from one backward per batch, vectorised over the examples by
     autograd (`is_grads_batched`), a few examples at a time so that at most `FISHER_CHUNK_BYTES` of them are
@@ -328,7 +348,13 @@ def collect_statistics(
     if "gram_out" in kinds and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("gram_out needs gradients at the layers' outputs, but no parameter requires grad")
 
-    generator = torch.Generator().manual_seed(seed)
+    count = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
+    if device is not None:
+        device = resolve_device(device)
+        model.to(device)  # may give the model new Parameter objects (a move to another kind of tensor)
+        params = [(key, p) for key, p in model.named_parameters() if p.requires_grad] if "fisher" in kinds else []
+        batches = OnDevice(batches, device)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
     fisher = {key: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for key, p in params}
     state = {"mask": None}
     examples = tokens = 0
@@ -354,7 +380,6 @@ def collect_statistics(
     model.eval()
     handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
     try:
-        count = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
         for i, batch in enumerate(progress_bar(batches, desc=f"statistics: {name}", total=count, unit="batch",
                                               disable=not progress)):
             if max_batches is not None and i >= max_batches:

@@ -265,3 +265,35 @@ def test_demo_runs_the_concrete_rows_over_other_vectors(encoder, tmp_path):
     for name in rows:
         phases = [phase["name"] for phase in report["curves"][name]["phases"]]
         assert phases == (["meta", "adapt"] if "adamerging" in name else ["meta"])
+
+
+def test_the_demo_runs_its_data_aware_rows_on_its_device(encoder, tmp_path, monkeypatch):
+    """The statistics, the data-aware merges and regmean++ get the demo's device (the CPU given explicitly
+    here; tests/test_device_data.py shows what each does with a device), and with them every batch and head."""
+    import pyfuse.demo as demo
+
+    calls = []
+    real_collect, real_plan, real_merge = demo.collect_statistics, demo.plan_merge, demo.merge
+
+    def collect(model, batches, logits, **kwargs):
+        calls.append(("statistics", kwargs["device"]))
+        return real_collect(model, batches, logits, **kwargs)
+
+    def plan(name, *args, **kwargs):
+        calls.append((name, kwargs["device"]))
+        return real_plan(name, *args, **kwargs)
+
+    def merge(name, *args, **kwargs):
+        if name == "regmean++":
+            calls.append((name, kwargs["device"]))
+            assert {t.batches[0]["input_ids"].device.type for t in kwargs["tasks"]} == {"cpu"}
+        return real_merge(name, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "collect_statistics", collect)
+    monkeypatch.setattr(demo, "plan_merge", plan)
+    monkeypatch.setattr(demo, "merge", merge)
+    settings = DemoSettings(tasks=TASKS[:2], methods=("fisher", "regmean++"), test_limit=30, stats_examples=16,
+                            encoder=str(encoder), finetune=FINETUNE, device="cpu")
+    report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert {row["method"] for row in report["rows"]} >= {"fisher", "regmean++"}
+    assert calls == [("statistics", "cpu")] * 2 + [("fisher", "cpu"), ("regmean++", "cpu")]

@@ -1,13 +1,12 @@
 """One device option for every merge kind (`pyfuse.device`, `RunOptions.device`, `--device`): the adaptive run's
 tensors on the requested device (the CPU explicitly, and the meta device to prove the plumbing moves everything),
 mixed precision for the model's forward only, `LOCAL_RANK`'s GPU under torchrun, and the refusal of options that
-do not apply to a method kind."""
+do not apply to a method kind (the data-aware and task-data kinds on a device: tests/test_device_data.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from pyfuse.adaptive.loop import AdaptiveLoop, RunOptions, Settings
 from pyfuse.cli import main
 from pyfuse.demo import DemoSettings
 from pyfuse.device import OnDevice, place_run, resolve_device, to_device
-from pyfuse.method_kinds import check_device_applies, refuse_inapplicable
+from pyfuse.method_kinds import refuse_inapplicable
 from pyfuse.ops.backends import resolve
 
 from .adaptive_helpers import CLIP_TASKS, clip_problem, save_clip_dirs
@@ -255,19 +254,23 @@ def test_cuda_without_a_gpu_fails_before_any_work(static_config, tmp_path, capsy
     assert "torch reports no CUDA device" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_data_aware_and_task_data_methods_refuse_a_device_other_than_the_cpu():
+def test_every_method_kind_takes_a_device(monkeypatch):
+    """No kind is refused a device: the engine plans a data-aware and a task-data merge on a GPU (here one torch
+    pretends to see; tests/test_device_data.py runs them on the meta device) and so does the demo's settings."""
+    from pyfuse.engine import plan as plan_module
     from pyfuse.methods import get_method
 
-    assert get_method("regmean").kind == "data" and get_method("regmean++").kind == "task-data"
-    for method in ("regmean", "regmean++"):
-        kind = get_method(method).kind
-        with pytest.raises(ValueError, match=re.escape(f"--device cuda does not apply to {method} ({kind})")):
-            check_device_applies(method, kind, torch.device("cuda"), "--device")
-        check_device_applies(method, kind, torch.device("cpu"), "--device")
-    for kind in ("static", "adaptive"):
-        check_device_applies("x", kind, torch.device("cuda"))
-    with pytest.raises(ValueError, match="does not apply to fisher"):
-        DemoSettings(methods=("fisher",), device="cuda")
+    from .test_device_data import _clip_tasks, _problem
+    from .test_method_regmean_plusplus import family
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    base, models, statistics = _problem()
+    assert plan_module.plan_merge("regmean", base, models, statistics=statistics, device="cuda").device.type == "cuda"
+    clip, fts = family(2)
+    assert plan_module.plan_merge("regmean++", clip, fts, tasks=_clip_tasks(), device="cuda").device.type == "cuda"
+    assert {get_method(m).kind for m in ("regmean", "regmean++")} == {"data", "task-data"}
+    assert DemoSettings(methods=("fisher", "regmean", "esm++", "regmean++"), device="cuda").device == "cuda"
 
 
 def test_option_table_refuses_each_inapplicable_option():
@@ -341,9 +344,8 @@ def test_demo_and_finetune_check_their_device_before_loading_anything(tmp_path, 
 
     monkeypatch.setattr(text_classifier.TextEncoder, "__init__", no_encoder)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["demo", "--device", "cuda", "--methods", "fisher", "--out", str(tmp_path / "demo")]) == 1
-    assert "--device cuda does not apply to fisher (data)" in capsys.readouterr().err
-    for command in (["demo", "--out", str(tmp_path / "demo")], ["finetune"]):
+    for command in (["demo", "--out", str(tmp_path / "demo")], ["demo", "--methods", "fisher", "--out",
+                                                               str(tmp_path / "demo")], ["finetune"]):
         assert main([*command, "--device", "cuda", "--cache", str(tmp_path / "cache")]) == 1
         assert "torch reports no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists() and not (tmp_path / "cache").exists()

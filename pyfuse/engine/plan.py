@@ -29,7 +29,6 @@ from ..device import resolve_device
 from ..io.sources import TensorSource, open_source
 from ..layout import FlatLayout
 from ..memory import rss_anon_bytes
-from ..method_kinds import check_device_applies
 from ..methods import Method, create_method, get_method
 from ..stats import Statistics
 from ..task import Task
@@ -183,7 +182,6 @@ def plan_merge(method: str | Method, base, finetuned: Sequence, *, dtype: str | 
         instance = create_method(method, **params)
     out_dtype = parse_dtype(dtype)
     device = resolve_device(device)
-    check_device_applies(cls.name, cls.kind, device)
     if isinstance(finetuned, (str, os.PathLike, Mapping)) or not isinstance(finetuned, Sequence) or not finetuned:
         raise ValueError("finetuned must be a non-empty list of models (state dicts, modules or paths)")
     if chunk_elements < 1:

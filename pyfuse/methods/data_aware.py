@@ -37,17 +37,20 @@ class SourceTensors(Mapping):
     """A read-only mapping view of a `TensorSource`: tensors are read on access, shapes come from its headers.
 
     With `keys`, the view holds only those tensors (one process's share of a distributed merge); checks
-    that reach the source through `.source` still see the whole model.
+    that reach the source through `.source` still see the whole model. With `device`, each tensor is handed
+    out there as it is read (a merge computing on a GPU reads one tensor at a time onto it).
     """
 
-    def __init__(self, source: TensorSource, keys: Sequence[str] | None = None):
-        self.source = source
+    def __init__(self, source: TensorSource, keys: Sequence[str] | None = None,
+                 device: torch.device | None = None):
+        self.source, self.device = source, device
         self._keys = source.keys() if keys is None else list(keys)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.source.specs:
             raise KeyError(key)
-        return self.source.get(key)
+        value = self.source.get(key)
+        return value if self.device is None else value.to(self.device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -115,7 +118,11 @@ class DataMethod(Method):
                         keys: Sequence[str] | None, progress: bool) -> dict[str, torch.Tensor]:
         for st, model, source in zip(plan.statistics, models, plan.models):
             st.check_model(model, source.label)
-        return self.merge_model(SourceTensors(plan.base, keys), models, plan.statistics, progress=progress)
+        device = plan.device  # inputs and statistics are read onto it one tensor at a time; results come back
+        return self.merge_model(SourceTensors(plan.base, keys, device),
+                                [SourceTensors(as_source(m, source.label), None, device)
+                                 for m, source in zip(models, plan.models)],
+                                [st.to(device) for st in plan.statistics], progress=progress)
 
     def check(self, base: Mapping[str, torch.Tensor] | TensorSource,
               finetuned: Sequence[Mapping[str, torch.Tensor] | TensorSource],
@@ -194,7 +201,9 @@ class DataMethod(Method):
 
     def merge_model(self, base: Mapping[str, torch.Tensor], finetuned: list[Mapping[str, torch.Tensor]],
                     stats: list[Statistics], *, progress: bool = False) -> dict[str, torch.Tensor]:
-        """The merged state dict: the base's keys and dtypes, floating tensors merged, others copied."""
+        """The merged state dict, on the CPU: the base's keys and dtypes, floating tensors merged, others copied.
+        Each parameter is merged where its base tensor is (a GPU's float64 for a `SourceTensors` view on one)
+        and comes back before the next one is read."""
         layout = self.check(base, finetuned, stats)
         self.prepare(base, finetuned, stats)
         merged_names = set(layout.names)
@@ -202,13 +211,13 @@ class DataMethod(Method):
         for name in progress_bar(list(base), desc=f"{self.name}: merging", unit="tensor", disable=not progress):
             b = base[name]
             if name not in merged_names:
-                result[name] = b.detach().clone()
+                result[name] = b.detach().to("cpu", copy=True)
                 continue
             thetas = [m[name] for m in finetuned]
             value = self.merge_parameter(name, b, thetas, stats)
             if value is None:
                 value = self.average(b, thetas)
-            result[name] = value.to(b.dtype).reshape(b.shape).contiguous()
+            result[name] = value.to(b.dtype).reshape(b.shape).contiguous().cpu()
         return result
 
     def working_bytes(self, layout: FlatLayout, n: int) -> int:
@@ -263,7 +272,8 @@ class TaskDataMethod(Method):
 
     def merge_in_memory(self, plan: MergePlan, models: list[Mapping[str, torch.Tensor]],
                         keys: Sequence[str] | None, progress: bool) -> dict[str, torch.Tensor]:
-        return self.merge(plan.model, models, plan.tasks, base=SourceTensors(plan.base), progress=progress)
+        return self.merge(plan.model, models, plan.tasks, base=SourceTensors(plan.base), progress=progress,
+                          device=plan.device)
 
     def check_tasks(self, tasks: Sequence[Task], n: int) -> None:
         """Raise unless `tasks` is a list of `n` Tasks, one per fine-tuned model, in the same order."""
@@ -277,9 +287,10 @@ class TaskDataMethod(Method):
 
     def merge(self, model: torch.nn.Module, finetuned: Sequence[torch.nn.Module | Mapping[str, torch.Tensor]],
               tasks: Sequence[Task], *, base: Mapping[str, torch.Tensor] | None = None,
-              progress: bool = False) -> dict[str, torch.Tensor]:
-        """The merged state dict (the model's keys). `model` gives the architecture and, unless `base` is given,
-        the pre-trained values; neither it nor the fine-tuned models are modified."""
+              progress: bool = False, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The merged state dict (the model's keys), on the CPU. `model` gives the architecture and, unless `base`
+        is given, the pre-trained values; neither it nor the fine-tuned models are modified. The models run
+        and the merge computes on `device` (default: where `model` is)."""
         raise NotImplementedError
 
     def working_bytes(self, model_bytes: int) -> int:

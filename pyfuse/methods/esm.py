@@ -336,7 +336,8 @@ class ESM(DataMethod):
 
     def merge_model(self, base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]],
                     stats: list[Statistics], *, progress: bool = False) -> dict[str, torch.Tensor]:
-        """`W_0 + alpha * dW` (module docstring); `stats[t]` holds task t's sampled layer inputs ("acts")."""
+        """`W_0 + alpha * dW` (module docstring), on the CPU; `stats[t]` holds task t's sampled layer inputs
+        ("acts"). The update and the candidates an objective sees are computed where the base's tensors are."""
         acts = self._check(base, finetuned, stats)
         deltas = self.deltas(base, finetuned, acts, progress)
         cfg = self.parameters
@@ -350,7 +351,7 @@ class ESM(DataMethod):
                         ", ".join(f"{a:.3g}: {v:.4g}" for a, v in evaluated))
         tsv = sorted(k for k, d in deltas.items() if d.dim() == 2 and k not in acts)
         self.result = {"alpha": alpha, "searched": evaluated, "esm": sorted(acts), "tsv": tsv}
-        return self._apply(base, deltas, alpha)
+        return {key: value.cpu() for key, value in self._apply(base, deltas, alpha).items()}
 
     def deltas(self, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                acts: Mapping[str, list[torch.Tensor]], progress: bool = False) -> dict[str, torch.Tensor]:
@@ -422,16 +423,17 @@ class ESMPlusPlus(ESM):
             downs, ups, biases = [], [], []
             bias_name = name.removesuffix("weight") + "bias"
             for ft in finetuned:
-                residual = ft[name].float() - merged[name].float()
+                residual = ft[name].float() - merged[name].to(ft[name].device).float()
                 u, s, vh = torch.linalg.svd(residual, full_matrices=False)
                 r = min(rank, s.numel())
                 downs.append(F.pad(vh[:r], (0, 0, 0, rank - r)))  # zero rows keep every expert [rank, in]
                 ups.append(F.pad(u[:, :r] * s[:r], (0, rank - r)))
                 if bias_name in base and base[bias_name].is_floating_point():
-                    biases.append(ft[bias_name].float() - merged[bias_name].float())
+                    biases.append(ft[bias_name].float() - merged[bias_name].to(ft[bias_name].device).float())
             prototypes = torch.stack([st.get("acts", name).float().mean(0) for st in stats])
-            self.experts[_weight_module(name)] = LayerExperts(
-                prototypes, torch.stack(downs), torch.stack(ups), torch.stack(biases) if biases else None)
+            self.experts[_weight_module(name)] = LayerExperts(  # on the CPU, like the merged model
+                prototypes.cpu(), torch.stack(downs).cpu(), torch.stack(ups).cpu(),
+                torch.stack(biases).cpu() if biases else None)
         if self.parameters["experts_path"] is not None:
             save_experts(self.parameters["experts_path"], self.experts, {"rank": rank, "tasks": len(finetuned)})
             logger.info("%s: wrote %d layers of experts to %s", self.name, len(self.experts),

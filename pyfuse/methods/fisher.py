@@ -59,8 +59,8 @@ class Fisher(DataMethod):
         if name not in self._names:
             return None
         eps = self.parameters["epsilon"]
-        numerator = torch.zeros(base.shape, dtype=torch.float64)
-        denominator = torch.zeros(base.shape, dtype=torch.float64)
+        numerator = torch.zeros(base.shape, dtype=torch.float64, device=base.device)
+        denominator = torch.zeros(base.shape, dtype=torch.float64, device=base.device)
         for c, theta, st in zip(self._coefficients.tolist(), finetuned, stats):
             weight = c * (_fisher(st, name) + eps)
             numerator += weight * theta.double()

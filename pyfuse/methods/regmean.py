@@ -9,7 +9,8 @@ For a Linear weight `W` (`[out, in]`) with input Grams `G_i` (`X_i^T X_i / rows`
 authors use for transformers; 1 is the plain least-squares merge). It is solved for the deviation from the
 weighted average, by Cholesky in float64 (float32 past `FLOAT64_MAX_FEATURES` inputs); a singular system (e.g.
 an input feature no task ever activates, with alpha = 1) falls back to the least-norm solution, which keeps
-the average along the directions the data does not determine. Conv1D weights (stored `[in, out]`) are `W^T`
+the average along the directions the data does not determine. The solve runs where the weights are (a GPU
+for a merge with `device="cuda"`). Conv1D weights (stored `[in, out]`) are `W^T`
 already. Biases, embeddings, norms and every weight without a Gram are averaged.
 """
 
@@ -44,7 +45,7 @@ def regression_mean(weights_of_models: Sequence[torch.Tensor], grams: Iterable[t
     dtype = torch.float64 if in_features <= FLOAT64_MAX_FEATURES else torch.float32
     targets = [(theta if transposed else theta.T).to(dtype) for theta in weights_of_models]  # W_i^T, [in, out]
     average = sum(w * t for w, t in zip(coefficients, targets))
-    lhs = torch.zeros(in_features, in_features, dtype=dtype)
+    lhs = torch.zeros(in_features, in_features, dtype=dtype, device=first.device)
     rhs = torch.zeros_like(average)
     for w, t, gram in zip(coefficients, targets, grams):
         gram = regularize_gram(gram.to(dtype), alpha)
@@ -54,9 +55,18 @@ def regression_mean(weights_of_models: Sequence[torch.Tensor], grams: Iterable[t
     if int(info) == 0:
         deviation = torch.cholesky_solve(rhs, factor)
     else:
-        deviation = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+        deviation = least_norm_solve(lhs, rhs)
     merged = average + deviation
     return merged if transposed else merged.T
+
+
+def least_norm_solve(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The least-norm solution of `lhs @ x = rhs` for a symmetric positive semi-definite, possibly singular `lhs`,
+    on `lhs`'s device: by SVD (LAPACK's gelsd) on the CPU; elsewhere by the eigendecomposition's pseudo-inverse,
+    since CUDA's `lstsq` has only a full-rank driver. Both drop the directions below `eps * size` of the largest."""
+    if lhs.device.type == "cpu":
+        return torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+    return torch.linalg.pinv(lhs, hermitian=True) @ rhs
 
 
 @register

@@ -21,7 +21,9 @@ It needs the models and the tasks' data (a `TaskDataMethod`): `RegMeanPlusPlus.m
 where `model` is the base model as a module (not modified) and `tasks` are `pyfuse.Task`s, one per fine-tuned
 model, whose `logits(call, batch)` runs the model on a batch; or `pyfuse.merge("regmean++", base, finetuned,
 tasks=[...])` (and `merge_to_dir`, `pyfuse merge` configs with `tasks`). Grams are accumulated in float64;
-the forward passes run in the model's dtype.
+the forward passes run in the model's dtype. With `device` ("cuda"), the working copy of the model, the tasks'
+batches, each block's fine-tuned tensors (read when the block is reached), the Grams and the solves are there;
+the merged state dict comes back to the CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device, tasks_on_device
 from ..io.sources import TensorSource
 from ..progress import progress_bar
 from ..stats import _linear_layers
@@ -96,8 +99,9 @@ class RegMeanPlusPlus(TaskDataMethod):
 
     def merge(self, model: torch.nn.Module, finetuned: Sequence[torch.nn.Module | Mapping[str, torch.Tensor]],
               tasks: Sequence[Task], *, base: Mapping[str, torch.Tensor] | None = None,
-              progress: bool = False) -> dict[str, torch.Tensor]:
-        """The merged state dict (the model's keys); `model` and the fine-tuned models are not modified."""
+              progress: bool = False, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The merged state dict (the model's keys), on the CPU; `model` and the fine-tuned models are not
+        modified. The merge computes on `device` (default: where the model is)."""
         if isinstance(finetuned, (Mapping, torch.nn.Module)) or not finetuned:
             raise ValueError("regmean++: finetuned must be a non-empty list of modules or state dicts")
         self.check_tasks(tasks, len(finetuned))
@@ -111,6 +115,10 @@ class RegMeanPlusPlus(TaskDataMethod):
                         raise ValueError(f"regmean++: the base's tensor {key!r} has shape {list(base[key].shape)}, "
                                          f"the model's {list(value.shape)}")
                     value.data.copy_(base[key])
+        if device is not None:
+            work.to(resolve_device(device))
+            tasks = tasks_on_device(tasks, resolve_device(device))
+        on = next(iter(work.state_dict().values())).device
         base = work.state_dict()
         # lazy sources: shapes from headers, and a block reads only its own tensors when it gets to them
         states = [as_source(m, f"fine-tuned model {i + 1}") for i, m in enumerate(finetuned)]
@@ -127,13 +135,13 @@ class RegMeanPlusPlus(TaskDataMethod):
             inputs = [self._first_inputs(work, blocks[0], task) for task in tasks]
             for index, block in enumerate(progress_bar(blocks, desc="regmean++: blocks", disable=not progress)):
                 names = f"{prefix}.{index}."
-                block_states = [{key[len(names):]: state.get(key) for key in state.keys() if key.startswith(names)}
-                                for state in states]
+                block_states = [{key[len(names):]: state.get(key).to(on) for key in state.keys()
+                                 if key.startswith(names)} for state in states]
                 grams = [self._grams(block, own, batches) for own, batches in zip(block_states, inputs)]
                 self._merge_block(block, block_states, grams)
                 if index + 1 < len(blocks):
                     inputs = [[_next_inputs(block, args, kwargs) for args, kwargs in batches] for batches in inputs]
-        return {key: value.detach().clone() for key, value in work.state_dict().items()}
+        return {key: value.detach().to("cpu", copy=True) for key, value in work.state_dict().items()}
 
     def _merge_before(self, work: torch.nn.Module, first: torch.nn.Module, states: list[TensorSource],
                       task: Task) -> None:
