@@ -199,7 +199,7 @@ def op_tests(device: torch.device, dry: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def op_timing(device: torch.device, dry: bool, repeats: int) -> dict[str, Any]:
     from bench_concrete_merge import eager_run, fused_impl, make_inputs
-    from common import median_time
+    from common import repeat_time
 
     numel, n = (20_000, 2) if dry else (87_500_000, 8)
     backend = "auto"  # Triton on CUDA; on the CPU the C++ backend (the Triton interpreter is no timing)
@@ -210,7 +210,7 @@ def op_timing(device: torch.device, dry: bool, repeats: int) -> dict[str, Any]:
     sync = synchronizer(device)
 
     def timed(fn: Callable[[], object]) -> float:
-        return median_time(lambda: (fn(), sync()), repeats, warmup=2)
+        return repeat_time(lambda: (fn(), sync()), repeats, warmup=2)["median"]
 
     def reset() -> None:
         logits.grad = weights.grad = None
