@@ -31,6 +31,14 @@ def is_terminal(stream: IO[str] | None) -> bool:
         return False
 
 
+class _Bar(tqdm):
+    """tqdm whose `set_postfix` waits for the bar's next (throttled) redraw: tqdm's default redraws at once,
+    which piped would print a line per training step (a loss shown at every step)."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = False, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+
 def progress_bar(iterable: Iterable[T] | None = None, *, disable: bool = False, **kwargs: Any) -> tqdm:
     """`tqdm(iterable, **kwargs)`, sparse when its stream (`file=`, default stderr) is not a terminal.
 
@@ -43,4 +51,4 @@ def progress_bar(iterable: Iterable[T] | None = None, *, disable: bool = False, 
         else:
             kwargs.setdefault("mininterval", PIPED_INTERVAL)
             kwargs.setdefault("delay", PIPED_INTERVAL)
-    return tqdm(iterable, disable=disable, **kwargs)
+    return _Bar(iterable, disable=disable, **kwargs)

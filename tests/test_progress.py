@@ -31,6 +31,21 @@ def test_piped_quick_and_transient_bars_print_nothing():
     assert out.getvalue() == ""
 
 
+def test_piped_values_shown_at_every_step_print_nothing_for_a_quick_loop():
+    """A loss set on every step (fine-tuning, the adaptive loop) waits for the throttled redraw."""
+    out = io.StringIO()
+    bar = progress_bar(range(50), desc="fine-tune", file=out)
+    for step in bar:
+        bar.set_postfix(loss=f"{step:.3f}")
+    assert out.getvalue() == ""
+    terminal = _Terminal()
+    bar = progress_bar(range(3), desc="fine-tune", file=terminal)
+    for step in bar:
+        bar.set_postfix(loss=f"{step:.3f}")
+    bar.close()
+    assert "loss=2.000" in terminal.getvalue()  # on a terminal the value still shows
+
+
 def test_piped_long_bars_print_sparse_lines(monkeypatch):
     monkeypatch.setattr(pyfuse.progress, "PIPED_INTERVAL", 0.0)  # every update is "long enough"
     out = io.StringIO()
