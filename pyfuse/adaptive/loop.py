@@ -336,10 +336,11 @@ class AdaptiveLoop:
             "settings": dataclasses.asdict(self.settings), "backend": self.backend, "tasks": tv.names,
             "numel": tv.layout.numel, "segments": len(tv.layout), "vector_dtype": str(tv.vectors.dtype),
         }
-        if self.options.inputs is not None:  # what the models' files held, by role
+        if self.options.inputs is not None:  # what the models' files held, by role: they fix the task vectors
             found["inputs"] = {role: [entry["sha256"] for entry in files]
                                for role, files in self.options.inputs.files.items()}
-        found["task_vectors"] = self._vectors_digest()  # what was merged, however it was given
+        else:  # given in memory: what was merged is the identity (hashed once, never twice with the files)
+            found["task_vectors"] = self._vectors_digest()
         found["world_size"] = self.ranks.world_size if self.ranks is not None else 1  # who draws which batches
         return found
 
