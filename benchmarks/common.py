@@ -15,13 +15,9 @@ Otherwise a warning stating the reason is printed instead, and the JSON holds th
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -29,6 +25,7 @@ import torch
 
 from pyfuse.io.atomic import atomic_path
 from pyfuse.memory import PeakRssAnon, rss_anon_bytes  # noqa: F401  (re-exported to the benchmarks)
+from pyfuse.provenance import load_average, provenance  # noqa: F401  (re-exported to the benchmarks)
 
 MIN_REPEATS = 5
 SPREAD_LIMIT = 0.10  # (max - min) / median of a timed region's repeats
@@ -52,43 +49,6 @@ def repeat_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict
         fn()
         times.append(time.perf_counter() - t0)
     return summary(times)
-
-
-def load_average() -> float:
-    """The 1-minute load average (runnable and waiting tasks, all of the machine)."""
-    return os.getloadavg()[0]
-
-
-def _git_commit() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(threads: int) -> dict:
-    """Where and how a result was measured: command, commit, UTC date, CPU, cores, threads, versions."""
-    return {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
-    }
 
 
 class LoadWatch:

@@ -37,6 +37,7 @@ from .merge import merge, plan_merge
 from .methods import Method, create_method, get_method, learned
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
+from .provenance import load_average, provenance
 from .stats import Statistics, collect_statistics
 from .task import evaluate_with_class_shares
 from .taskvectors import TaskVectors
@@ -237,6 +238,7 @@ class MethodRun:
     peak: int | None = None
     extra: int | None = None
     curve: dict[str, Any] | None = None
+    mask: dict[str, float] | None = None  # the learned mask's movement (`mask_movement`), Concrete methods
 
 
 def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -292,7 +294,8 @@ def run_method(ctx: DemoContext, method: str, seed: int, *, progress: bool = Tru
         seconds = time.perf_counter() - clock
     if kind.learns:  # the run ends by evaluating its merged model on these tasks: not twice
         return MethodRun(seed, result.report["final_accuracy"], result.report["final_class_share"],
-                         seconds=seconds, peak=memory.peak, extra=memory.extra, curve=curve)
+                         seconds=seconds, peak=memory.peak, extra=memory.extra, curve=curve,
+                         mask=result.report.get("mask"))
     return evaluate(call, tasks, seed, seconds=seconds, peak=memory.peak, extra=memory.extra)
 
 
@@ -304,7 +307,7 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
     Stochastic methods (`STOCHASTIC`) run once per seed; rows carry the mean and the sample standard
     deviation over seeds. An earlier report and figure in `out_dir` are kept under a timestamped name.
     """
-    started = time.perf_counter()
+    started, record = time.perf_counter(), provenance()
     ctx = prepare_demo(settings, cache_dir=cache_dir, progress=progress, log=log)
     tests = ctx.adaptation(settings.seeds[0])  # the labelled test data: the same for every seed
     rows = [_row(ctx, "individual", [MethodRun(None, *_individual(ctx, tests))]),
@@ -337,6 +340,7 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, cache_dir: s
         "backend": backend,
         "torch_threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
+        "provenance": {**record, "load_average_after": load_average()},
     }
     _write(Path(out_dir), report)
     return report
@@ -488,6 +492,9 @@ def _row(ctx: DemoContext, method: str, runs: Sequence[MethodRun]) -> dict[str, 
         "seconds": statistics.fmean(r.seconds for r in measured) if measured else None,
         "peak_rss_anon_bytes": max(r.peak for r in measured) if measured and measured[0].peak is not None else None,
         "extra_rss_anon_bytes": max(r.extra for r in measured) if measured and measured[0].extra is not None else None,
+        # mean over seeds of each movement measure of the learned mask (None without a mask)
+        "mask": ({key: statistics.fmean(r.mask[key] for r in runs) for key in runs[0].mask}
+                 if runs[0].mask is not None else None),
     }
 
 

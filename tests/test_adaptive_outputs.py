@@ -4,6 +4,7 @@ plot; and `run_from_config`, the entry `pyfuse merge` calls for the adaptive met
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,3 +137,17 @@ def test_cli_runs_an_adaptive_merge_and_plots_it(clip_dirs, tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["merge", str(path), str(tmp_path / "dry"), "--dry-run"]) == 1
     assert "--dry-run is for the static methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 22])
+def test_mask_movement_matches_a_float64_rederivation(chunk):
+    from pyfuse.adaptive.loop import mask_movement
+
+    logits = torch.randn(1001, generator=torch.Generator().manual_seed(0)) * 3
+    p = [1 / (1 + math.exp(-x)) for x in logits.double().tolist()]
+    moved = mask_movement(logits, chunk=chunk)
+    assert moved["mean_probability"] == pytest.approx(sum(p) / len(p), abs=1e-12)
+    assert moved["mean_abs_p_minus_half"] == pytest.approx(sum(abs(q - 0.5) for q in p) / len(p), abs=1e-12)
+    assert moved["fraction_below_0.1"] == sum(q < 0.1 for q in p) / len(p)
+    assert moved["fraction_above_0.9"] == sum(q > 0.9 for q in p) / len(p)
+    assert moved["max_abs_logit"] == float(logits.abs().max())

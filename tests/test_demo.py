@@ -7,6 +7,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from pyfuse.cli import main
 from pyfuse.data.embedded import load_embedded_tasks
@@ -84,6 +85,12 @@ def test_demo_pipeline(encoder, tmp_path):
     assert concrete["eval_mask"]["mode"] == "relaxed" and report["seeds"] == [0, 1] and report["finetune_seed"] == 0
     assert [t["test"] for t in report["tasks"]] == [120] * len(TASKS)
     assert not any(r["reused"] for r in report["finetuned"].values())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert rows["adamerging"]["mask"] is None
+    for name in ("concrete_task_arithmetic", "concrete_adamerging"):  # the mask's movement, mean over the seeds
+        moved = rows[name]["mask"]
+        assert 0 < moved["mean_abs_p_minus_half"] < 0.5 and 0 <= moved["fraction_above_0.9"] <= 1
+    assert report["provenance"]["cores"] == os.cpu_count() and report["provenance"]["torch"] == torch.__version__
 
 
 def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_path, capsys):
