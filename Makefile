@@ -10,7 +10,7 @@ STAMP := build/.installed
 CONSTRAINTS ?= constraints.txt
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lock bench lint gpu-check
+.PHONY: install demo test lock bench lint gpu-check docs docs-check
 
 install:
 	@# torch and torchvision only when missing, pinned to the project's pair (open_clip needs torchvision):
@@ -51,6 +51,14 @@ lock:
 
 bench: install
 	$(PYTHON) benchmarks/bench_concrete_merge.py --sizes 1M,8M --json bench_concrete_merge.json
+
+# the generated parts of README.md and docs/*.md: result tables from docs/results/*.json, reference text from
+# the code (docs/render.py says which); docs-check writes nothing and fails when a file is out of date
+docs:
+	$(PYTHON) docs/render.py
+
+docs-check:
+	$(PYTHON) docs/render.py --check
 
 lint:
 	$(PYTHON) -m ruff check .
