@@ -20,6 +20,7 @@ from . import distributed
 from .architecture import check_architecture
 from .device import autocast_dtype, resolve_device, torch_threads
 from .engine import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from .engine.plan import input_paths
 from .io.atomic import check_output_dir, remove_replaced
 from .io.identity import InputIdentity
 from .io.lock import claimed_output_dir
@@ -69,10 +70,12 @@ def plan_config(config: MergeConfig, out_dir: str | os.PathLike, *, force: bool 
                 other_inputs: Sequence[str | os.PathLike] = ()) -> MergePlan:
     """The engine's plan of a config's merge (checked from headers alone). A method that runs the model on its
     tasks gets them loaded first (the config's code, run only with `trust_code`), once `out_dir` is checked."""
+    # the output location first: nothing is opened (headers, statistics, the model) for a run that cannot write
+    check_output_dir(out_dir, force, [*other_inputs, *input_paths([config.base, *config.models,
+                                                                   *(config.statistics or ())], config.method)])
     resolve_device(device)  # before a model is loaded: the device exists
     runs = {}
     if config.method.runs_tasks:
-        check_output_dir(out_dir, force, other_inputs)  # before the model and tasks are loaded
         runs["model"], runs["tasks"] = model_and_tasks(config, trust_code, source)
     return plan_merge(config.method, config.base, config.models, dtype=dtype or config.dtype, device=device,
                       threads=threads, statistics=config.statistics, allow_nonfinite=allow_nonfinite, **runs)

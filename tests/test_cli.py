@@ -155,3 +155,28 @@ def test_data_aware_merge_from_config_with_statistics(tmp_path, capsys):
                                                             "models": entries}))
     assert main(["merge", str(tmp_path / "partial.yaml"), str(tmp_path / "out2")]) == 1
     assert "models[1] has no 'statistics'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config,options", [
+    ({"method": "ties"}, []),
+    ({"method": "ties"}, ["--dry-run"]),
+    ({"method": "regmean", "models": [{"path": "missing-model", "statistics": "missing.safetensors"}]}, []),
+    ({"method": "regmean++", "models": {"a": "missing-model"}, "tasks": {"a": "no_such_module:task"}},
+     ["--trust-code"]),
+    ({"method": "concrete_adamerging", "models": {"a": "missing-model"}, "tasks": {"a": "no_such_module:task"}},
+     ["--trust-code"]),
+])
+def test_the_output_location_is_checked_before_any_input_is_opened(tmp_path, capsys, config, options):
+    """Inputs that cannot be opened and an OUT_DIR that cannot be created: the error is about the output."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"base": "missing-base", "models": ["missing-model"], **config}))
+    (tmp_path / "a-file").write_text("")
+    assert main(["merge", str(path), str(tmp_path / "a-file" / "out"), "--no-progress", *options]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot create {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is not a directory" in err, err
+
+
+def test_merge_to_dir_checks_the_output_location_before_opening_an_input(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        pyfuse.merge_to_dir("ties", tmp_path / "missing-base", [tmp_path / "missing-model"], tmp_path / "a-file" / "out")

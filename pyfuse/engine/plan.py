@@ -18,7 +18,7 @@ merge in memory, in one process (rank 0 under torchrun), and write the same way.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from ..taskvectors import _label
 from .read import CHUNK_ELEMENTS
 from .write import DEFAULT_SHARD_SIZE, describe_input, gather, jsonable, write_to_dir
 
-__all__ = ["MergePlan", "parse_dtype", "plan_merge"]
+__all__ = ["MergePlan", "input_paths", "parse_dtype", "plan_merge"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -134,12 +134,7 @@ class MergePlan:
 
     def input_paths(self) -> list[Path]:
         """Every file or directory the merge reads: models, statistics files, path parameters (mask logits)."""
-        paths = [raw for raw in self.inputs if isinstance(raw, (str, os.PathLike))]
-        paths += [st.path for st in self.statistics or () if st.path is not None]
-        declared = self.method.params
-        paths += [value for key, value in self.method.parameters.items()
-                  if key in declared and declared[key].path and isinstance(value, (str, os.PathLike))]
-        return [Path(p) for p in paths]
+        return input_paths([*self.inputs, *(st.path for st in self.statistics or ())], self.method)
 
     def state_dict(self, progress: bool = False) -> dict[str, torch.Tensor]:
         """Run the merge and return the result in memory (CPU tensors, shaped as the base's)."""
@@ -201,3 +196,14 @@ def plan_merge(method: str | Method, base, finetuned: Sequence, *, dtype: str | 
                      (out_dtype or base_source.dtype(key)) if key in merged else base_source.dtype(key))
                     for key in base_source.keys()]
     return plan
+
+
+def input_paths(sources: Iterable[Any], method: Method | None = None) -> list[Path]:
+    """The paths among `sources` (models, statistics: paths, tensors, modules or None) and `method`'s path
+    parameters (mask logits): what a merge reads, which its output directory may not hold."""
+    paths = [raw for raw in sources if isinstance(raw, (str, os.PathLike))]
+    if method is not None:
+        declared = method.params
+        paths += [value for key, value in method.parameters.items()
+                  if key in declared and declared[key].path and isinstance(value, (str, os.PathLike))]
+    return [Path(p) for p in paths]

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from ..io.atomic import check_output_dir
 from ..methods import Method
 from ..stats import Statistics
 from ..task import Task
-from .plan import plan_merge
+from .plan import input_paths, plan_merge
 from .write import DEFAULT_SHARD_SIZE
 
 __all__ = ["merge", "merge_to_dir"]
@@ -62,6 +63,8 @@ def merge_to_dir(method: str | Method, base, finetuned: list, out_dir: str | os.
     (when the base is a model directory) and `merge_report.json`. It is written under a temporary name
     and renamed when complete; an existing `out_dir` is replaced only with `force=True`.
     """
+    # the output location first, before any input is opened (path parameters are checked again by `write`)
+    check_output_dir(out_dir, force, input_paths([base, *finetuned, *(statistics or ())]))
     plan = plan_merge(method, base, finetuned, dtype=dtype, device=device, threads=threads, statistics=statistics,
                       tasks=tasks, model=model, **params)
     return plan.write(out_dir, force=force, shard_size=shard_size, hash_inputs=hash_inputs, progress=progress)
