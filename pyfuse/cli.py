@@ -294,21 +294,24 @@ def _csv(value: str) -> tuple[str, ...]:
 
 def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `demo` and `finetune`: which tasks, how to fine-tune, where the cache is."""
-    from .finetune import FinetuneConfig, default_cache_dir
+    from .finetune import FinetuneConfig
+    from .models.text_classifier import DEFAULT_ENCODER
 
     defaults = FinetuneConfig()
     parser.add_argument("--tasks", type=_csv, help="comma-separated embedded tasks (default: all)")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help="sentence encoder: hub id or local directory (default: all-MiniLM-L6-v2, packaged)")
     parser.add_argument("--finetune", dest="mode", choices=("full", "lora"), default=defaults.mode,
                         help="full fine-tuning (the paper's vision setting) or LoRA r=16 (its language setting)")
     parser.add_argument("--finetune-steps", type=int,
                         help=f"fine-tuning steps per task (default {defaults.steps}; demo --quick: 50)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="fine-tuning under bfloat16 autocast (mixed precision) or in float32; auto (default): "
-                             f"bf16 where the CPU has native bfloat16, else fp32 (here: {defaults.precision})")
+                             "bf16 where the device has native bfloat16, else fp32")
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 5e-5 full, 5e-4 LoRA)")
     parser.add_argument("--finetune-seed", type=int, default=defaults.seed)
-    parser.add_argument("--cache", type=Path, help=f"where fine-tuned models are kept (default {default_cache_dir()};"
-                                                   " $PYFUSE_CACHE overrides)")
+    parser.add_argument("--cache", type=Path, help="where fine-tuned models are kept (default $PYFUSE_CACHE, else "
+                                                   "$XDG_CACHE_HOME/pyfuse, else ~/.cache/pyfuse)")
     parser.add_argument("--device", type=_device_name, default="cpu",
                         help="where fine-tuning (and the demo's merges and evaluation) compute: cpu (default), cuda "
                              "or cuda:N")
@@ -328,7 +331,8 @@ def _finetune_config(args: argparse.Namespace, quick: bool = False):
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import ALL_METHODS, DemoSettings
+    from .demo import ALL_METHODS, METHODS, STOCHASTIC, DemoSettings
+    from .ops.backends import BACKENDS
 
     defaults = DemoSettings()
     parser.add_argument("--out", type=Path, default=Path("pyfuse-demo"),
@@ -337,12 +341,11 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="10-step schedules, 100 test examples per task, one seed, 50-step fine-tuning")
     parser.add_argument("--steps", type=int, help=f"steps of every adaptive schedule (default {defaults.steps})")
     parser.add_argument("--methods", type=_csv, default=defaults.methods,
-                        help=f"comma-separated, from: {', '.join(ALL_METHODS)} (default: all but the "
-                             "data-aware fisher..esm++, which gather statistics first, wudi, minutes on a CPU, and the "
-                             "Concrete rows over TSV-M's or TIES' vectors, concrete_tsvm..concrete_adamerging_ties)")
+                        help=f"comma-separated rows (default: {', '.join(METHODS)}; run only when named: "
+                             f"{', '.join(name for name in ALL_METHODS if name not in METHODS)})")
     parser.add_argument("--seeds", type=_seeds,
-                        help="comma-separated seeds; every stochastic method (adaptive, data-aware) runs once per seed "
-                             "and the table shows mean and standard deviation (default "
+                        help=f"comma-separated seeds; every stochastic method ({', '.join(STOCHASTIC)}) runs once per "
+                             "seed and the table shows mean and standard deviation (default "
                              f"{','.join(map(str, defaults.seeds))}; --quick: 0)")
     parser.add_argument("--test-limit", type=int,
                         help="evaluate (and adapt) on the first N test examples of each task (default: all)")
@@ -351,9 +354,9 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner-lr", type=float, help=f"Concrete AM's inner Adam lr (default {defaults.inner_lr})")
     parser.add_argument("--no-clamp", dest="clamp", action="store_false", default=None,
                         help="do not clamp the coefficients to [0, 1] (fusion_bench's choice)")
-    parser.add_argument("--backend", default="auto", help="the fused op's backend (auto, cpp, triton, reference)")
-    parser.add_argument("--encoder", default=defaults.encoder,
-                        help="sentence encoder: hub id or local directory (default: all-MiniLM-L6-v2, packaged)")
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                        help="the fused op's backend (default auto: cpp on a CPU, triton on CUDA, the reference "
+                             "where neither loads)")
     _add_finetune_options(parser)
 
 
@@ -417,23 +420,16 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .data.embedded import load_embedded_tasks
-    from .demo import classifier_task, data_id
+    from .demo import DemoSettings, finetune_tasks
     from .device import resolve_device
-    from .finetune import finetune
-    from .models.text_classifier import TextEncoder
 
     resolve_device(args.device)  # a device torch cannot see fails before the encoder is loaded
-
-    config = _finetune_config(args)
-    encoder = TextEncoder()
-    rows = []
-    for data in load_embedded_tasks(list(args.tasks) if args.tasks else None):
-        task = classifier_task(encoder, data, None)
-        result = finetune(encoder, task, config, data_id=data_id(data), cache_dir=args.cache,
-                          progress=not args.no_progress, device=args.device)
-        rows.append((task.name, f"{'reused' if result.reused else 'trained'}  {result.path}"))
-    print(_table(rows))
+    # the demo's own settings and code path: the cache entries written here are the ones `pyfuse demo` reads
+    settings = DemoSettings(tasks=args.tasks, finetune=_finetune_config(args), encoder=args.encoder,
+                            device=args.device)
+    *_, finetuned = finetune_tasks(settings, cache_dir=args.cache, progress=not args.no_progress)
+    print(_table([(name, f"{'reused' if result.reused else 'trained'}  {result.path}")
+                  for name, result in finetuned.items()]))
     return 0
 
 

@@ -241,9 +241,11 @@ class MethodRun:
     mask: dict[str, float] | None = None  # the learned mask's movement (`mask_movement`), Concrete methods
 
 
-def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                 log: Callable[[str], None] = lambda message: None) -> DemoContext:
-    """Load the encoder and the embedded tasks, fine-tune (or reuse) one model per task."""
+def finetune_tasks(settings: DemoSettings, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                   log: Callable[[str], None] = lambda message: None
+                   ) -> tuple[TextEncoder, list[Any], list[TextClassifierTask], dict[str, FinetuneResult]]:
+    """The encoder, the embedded tasks' data, their classifier tasks and one fine-tuned model per task (trained or
+    reused from the cache). `pyfuse finetune` calls this too, so it fills exactly the cache entries the demo reads."""
     from .data.embedded import load_embedded_tasks
 
     data = load_embedded_tasks(list(settings.tasks) if settings.tasks else None)
@@ -251,10 +253,16 @@ def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None 
     tasks = [classifier_task(encoder, t, settings.test_limit, settings.precision) for t in data]
     log(f"encoder {encoder.path} ({sum(p.numel() for p in encoder.module.parameters()) / 1e6:.1f}M parameters); "
         f"tasks: {', '.join(t.name for t in tasks)}")
-    finetuned: dict[str, FinetuneResult] = {}
-    for task, source in zip(tasks, data):
-        finetuned[task.name] = finetune(encoder, task, settings.finetune, data_id=data_id(source),
-                                        cache_dir=cache_dir, progress=progress, device=settings.device)
+    finetuned = {task.name: finetune(encoder, task, settings.finetune, data_id=data_id(source), cache_dir=cache_dir,
+                                     progress=progress, device=settings.device)
+                 for task, source in zip(tasks, data)}
+    return encoder, data, tasks, finetuned
+
+
+def prepare_demo(settings: DemoSettings, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                 log: Callable[[str], None] = lambda message: None) -> DemoContext:
+    """Load the encoder and the embedded tasks, fine-tune (or reuse) one model per task."""
+    encoder, data, tasks, finetuned = finetune_tasks(settings, cache_dir=cache_dir, progress=progress, log=log)
     reused = sum(r.reused for r in finetuned.values())
     log(f"fine-tuned models: {reused} reused from the cache, {len(tasks) - reused} trained")
     models = {name: load_finetuned(encoder, result) for name, result in finetuned.items()}

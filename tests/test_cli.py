@@ -179,4 +179,39 @@ def test_the_output_location_is_checked_before_any_input_is_opened(tmp_path, cap
 def test_merge_to_dir_checks_the_output_location_before_opening_an_input(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(NotADirectoryError, match="is not a directory"):
-        pyfuse.merge_to_dir("ties", tmp_path / "missing-base", [tmp_path / "missing-model"], tmp_path / "a-file" / "out")
+        pyfuse.merge_to_dir("ties", tmp_path / "missing-base", [tmp_path / "missing-model"],
+                            tmp_path / "a-file" / "out")
+
+
+@pytest.mark.parametrize("command", ["demo", "finetune", "merge", "plot"])
+def test_help_is_the_same_on_every_machine(command, capsys, monkeypatch, tmp_path):
+    """docs/cli.md renders the help: no home directory, cache path or detected value may enter it."""
+    import pyfuse.finetune
+
+    texts = []
+    for home, bf16 in ((tmp_path / "one", True), (tmp_path / "two", False)):
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("PYFUSE_CACHE", str(home / "cache"))
+        monkeypatch.setattr(pyfuse.finetune, "native_bf16", lambda device="cpu", bf16=bf16: bf16)
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    assert str(tmp_path) not in texts[0] and "here:" not in texts[0]
+
+
+def test_demo_help_lists_come_from_the_rows_and_the_registry(capsys):
+    from pyfuse.demo import ALL_METHODS, METHODS, STOCHASTIC
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split("options:")[1].split())  # the options, not the usage line
+    seeds = out[out.index("--seeds SEEDS"):out.index("--test-limit")]
+    methods = out[out.index("--methods METHODS"):out.index("--seeds SEEDS")]
+    assert "della" in STOCHASTIC and all(name in seeds for name in STOCHASTIC)
+    opt_in = [name for name in ALL_METHODS if name not in METHODS]
+    assert "regmean++" in opt_in and "della" in METHODS
+    assert methods.index("run only when named: " + ", ".join(opt_in)) > methods.index(", ".join(METHODS))
+    with pytest.raises(SystemExit):
+        main(["demo", "--backend", "cuda"])
+    assert "invalid choice: 'cuda'" in capsys.readouterr().err

@@ -112,6 +112,17 @@ def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_pat
     assert len([n for n in kept if n.startswith("report")]) == 2 and REPORT_NAME in kept
 
 
+def test_cli_finetune_fills_the_cache_the_demo_reads(encoder, tmp_path, capsys):
+    """`pyfuse finetune` builds the encoder and tasks as the demo does: the demo then trains nothing."""
+    shared = ["--tasks", ",".join(TASKS[:2]), "--encoder", str(encoder), "--finetune-steps", "60",
+              "--finetune-lr", "3e-3", "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main(["finetune", *shared]) == 0
+    assert capsys.readouterr().out.count("trained") == 2
+    assert main(["demo", "--quick", "--steps", "1", "--methods", "task_arithmetic", "--out", str(tmp_path / "out"),
+                 *shared]) == 0
+    assert "2 reused from the cache, 0 trained" in capsys.readouterr().out
+
+
 def test_demo_regmean_plusplus_row_is_the_engine_merge_on_the_statistics_examples(encoder, tmp_path):
     """The opt-in regmean++ row: one deterministic run whose merged encoder is `pyfuse.merge("regmean++")`
     on the unlabeled examples RegMean's statistics come from (here 40 per task), scored like every row."""
