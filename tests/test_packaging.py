@@ -114,3 +114,12 @@ def test_the_demo_runs_from_any_working_directory(how, encoder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert task in json.dumps(report)
+
+
+def test_the_license_fields_name_the_license_file_at_the_root():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
