@@ -18,7 +18,8 @@ WRITES_SHARDS = ("static", "data", "task-data")  # the engine's sharded output a
 OPTION_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
     "dtype": (WRITES_SHARDS, "{method} writes the merged model in the base's own dtypes (the config's vector_dtype "
                              "sets how its task vectors are stored)"),
-    "no_hash": (WRITES_SHARDS, "{method}'s report records no input hashes, so there is nothing to skip"),
+    "no_hash": (WRITES_SHARDS, "{method} always hashes its input files: the sha256s identify the run, so that "
+                               "--resume refuses other inputs"),
     "resume": (("adaptive",), "{method} merges in one pass; only adaptive methods checkpoint and resume"),
     "autocast": (("adaptive",), "{method} runs no model forward that reduced precision could speed up; "
                                 "autocast is for the adaptive methods' forward passes"),
