@@ -224,12 +224,12 @@ def test_old_module_paths_still_import(module):
 
 
 def test_a_new_method_is_one_file(tmp_path, monkeypatch):
-    """A module dropped into the methods' folder registers its method when the package is imported: the README's
-    "Adding a method" example, as the file it shows."""
+    """A module dropped into the methods' folder registers its method when the package is imported: the example of
+    docs/development.md's "Adding a method", as the file it shows."""
     import sys
 
-    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Adding a method"):]
+    page = (REPOSITORY / "docs" / "development.md").read_text(encoding="utf-8")
+    section = page[page.index("## Adding a method"):]
     start = section.index("```python\n") + len("```python\n")
     source = section[start:section.index("```", start)]
     package = tmp_path / "pyfuse_scratch" / "methods"

@@ -90,6 +90,13 @@ def parse_command(command: str) -> None:
             sys.path.remove(str(script.parent))
         module.build_parser().parse_args(env_free[2:])
         return
+    elif env_free[:1] in (["nsys"], ["ncu"]):  # a profiler around a command: that command is parsed
+        inner = next((i for i, w in enumerate(env_free) if w in ("pyfuse", "python")), None)
+        if inner is not None:
+            parse_command(shlex.join(env_free[inner:]))
+        else:  # the profiler's own report commands (nsys stats, ncu --import) name no command to check
+            assert env_free[1] in ("stats", "--import"), f"{command!r}: no profiled command"
+        return
     elif env_free[:1] == ["make"]:
         result = subprocess.run(["make", "-n", "-C", str(ROOT), *env_free[1:]], capture_output=True, text=True)
         assert result.returncode == 0, f"{command!r}: {result.stderr}"
