@@ -30,9 +30,9 @@ from common import (  # noqa: E402
     clip_like_shapes,
     parse_size,
     print_table,
-    provenance,
     ratio,
     repeat_time,
+    run_provenance,
     warn_unreliable,
     write_json,
 )
@@ -233,7 +233,7 @@ def run_worker(impl: str, size: int, args) -> dict:
     return row
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,8M,32M,87.5M", help="comma-separated D values (K/M/G suffixes)")
     parser.add_argument("--tasks", type=int, default=8)
@@ -246,7 +246,11 @@ def main() -> None:
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -290,8 +294,11 @@ def main() -> None:
         if row["impl"] != "eager":
             print(f"  D={row['D']:,}: forward ~{row['h100_fwd_estimate_ms']:.2f} ms, "
                   f"forward+backward ~{row['h100_fwd_bwd_estimate_ms']:.2f} ms")
-    write_json(args.json, {"benchmark": "concrete_merge", "provenance": provenance(args.threads),
-                           "load": load.as_dict(), "rows": rows})
+    write_json(args.json, {"benchmark": "concrete_merge", "provenance": run_provenance(__file__, argv, args.threads),
+                           "load": load.as_dict(), "seeds": {"inputs": 0, "mask": 0},
+                           "config": {k: getattr(args, k) for k in ("sizes", "tasks", "dtype", "impls", "repeats",
+                                                                    "threads")},
+                           "rows": rows})
 
 
 if __name__ == "__main__":

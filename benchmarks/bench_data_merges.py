@@ -20,7 +20,8 @@ part (another part is added by appending a function to `PARTS`):
    diagonal_fisher objectives, ESM at a fixed alpha and ESM++, each by `plan_merge(...).state_dict()`: a first
    run measures the CPU seconds, the peak RssAnon and its rise over the baseline just before the merge (the
    rise includes the merged state dict, which the merge returns); then `--repeats` timed runs give the median
-   wall seconds and their spread. (Part 1's spread is over the tasks: the same work on each task's data.) MaTS solves the Linear weights of the first
+   wall seconds and their spread. (Part 1's spread is over the tasks: the same work on each task's data.)
+   MaTS solves the Linear weights of the first
    `--mats-layers` encoder layers and averages the rest: with the kfac objective, one CG step over the whole
    ViT-B/32 costs about 4 TFLOP of float64 for 8 tasks.
 3. cg: the residual norm `||b - A x||` of MaTS's conjugate gradient against the step count, for the regmean

@@ -71,7 +71,8 @@ def concrete_step_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     with distributed.group() as ranks, PeakRssAnon() as memory:
         problem = argparse.Namespace(tasks=args.am_tasks, batch=args.am_batch, classes=10, steps=args.am_steps,
-                                     vector_dtype="bfloat16", backend="auto")
+                                     vector_dtype="bfloat16", backend="auto", hidden=args.hidden,
+                                     layers=args.layers, image_size=args.image_size)
         step, info = _fused(problem, *_setup(problem), ranks=ranks)
         started = time.perf_counter()
         for t in range(args.am_steps):
