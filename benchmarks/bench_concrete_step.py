@@ -44,7 +44,7 @@ from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
 from pyfuse.memory import status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from common import (  # noqa: E402,E501
     LoadWatch,
     print_table,
     ratios_of,

@@ -40,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from common import (  # noqa: E402,E501
     LoadWatch,
     print_table,
     ratios_of,

@@ -3,23 +3,16 @@ from the demo's defaults, which change), the learning rates resolved from the mo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ablate_concrete_am.py"
+from .bench_helpers import load_benchmark
 
 
 def _load():
-    if "ablate_concrete_am" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ablate_concrete_am", SCRIPT)
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules["ablate_concrete_am"]
+    return load_benchmark("ablate_concrete_am")
 
 
 class _RecordingLoop:

@@ -3,11 +3,8 @@ figures that follow from the tower's shapes, and MaTS's CG residuals re-derived 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pyfuse.stats import Statistics  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_data_merges.py"
+from .bench_helpers import load_benchmark  # noqa: E402
+
 HIDDEN, INTERMEDIATE, LAYERS, TASKS, PATCHES = 256, 1024, 4, 3, 50  # --quick: 224 / 32 = 7, 7 * 7 + 1 tokens
 BATCHES, BATCH_SIZE, CG_ITERATIONS, REPEATS = 2, 4, 8, 1
 MERGES = ["task_arithmetic", "ties", "fisher", "regmean", "mats[regmean]", "mats[kfac]", "mats[diagonal_fisher]",
@@ -25,12 +23,7 @@ MIB = 2**20
 
 
 def _load_bench():
-    """The script as a module (registered first: its dataclass looks its module up by name)."""
-    if "bench_data_merges" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_data_merges", SCRIPT)
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules["bench_data_merges"]
+    return load_benchmark("bench_data_merges")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .bench_helpers import load_benchmark
 from .test_docs import render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,16 +213,9 @@ def tiny_demo(tmp_path_factory):
                    "finetune": FinetuneConfig(steps=4, batch_size=16, lr=3e-3, warmup=0.0)}
 
 
-def _load(script: str):
-    from .test_ablate_concrete_am import _load as load_ablation
-    from .test_bench_data_merges import _load_bench
-
-    return load_ablation() if script == "ablate" else _load_bench()
-
-
 def test_ablation(tiny_demo, tmp_path, monkeypatch):
     where, tiny = tiny_demo
-    ablation = _load("ablate")
+    ablation = load_benchmark("ablate_concrete_am")
     real = ablation.DemoSettings
     monkeypatch.setattr(ablation, "DemoSettings", lambda **chosen: real(**{**tiny, **chosen,
                                                                           "test_limit": tiny["test_limit"]}))
@@ -252,7 +246,8 @@ def test_bench_data_merges_embedded(tiny_demo, tmp_path, monkeypatch):
     monkeypatch.setattr(pyfuse.demo, "DemoSettings", lambda **chosen: real(**{**tiny, **chosen}))
     monkeypatch.setenv("PYFUSE_CACHE", str(where / "cache"))
     out = tmp_path / "embedded.json"
-    _load("bench").main(["--embedded", "--no-progress", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    load_benchmark("bench_data_merges").main(["--embedded", "--no-progress", "--workdir", str(tmp_path / "work"),
+                                              "--json", str(out)])
     result = json.loads(out.read_text())
     markdown = rendered("bench-data-merges", out)
     (table,) = tables(markdown)
@@ -268,18 +263,9 @@ def test_bench_data_merges_embedded(tiny_demo, tmp_path, monkeypatch):
 def test_every_benchmark_has_build_parser_and_main_with_argv(script):
     """tests/test_docs.py parses documented commands with `build_parser()`; tests call `main(argv)`."""
     import argparse
-    import importlib.util
     import inspect
 
-    spec = importlib.util.spec_from_file_location(f"bench_check_{Path(script).stem}", BENCH / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-        del sys.modules[spec.name]
+    module = load_benchmark(Path(script).stem)
     assert isinstance(module.build_parser(), argparse.ArgumentParser)
     argv = inspect.signature(module.main).parameters.get("argv")
     assert argv is not None and argv.default is None, f"{script}: main(argv=None)"
