@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> None:
                 for tag, (method, parameters) in SPARSE_METHODS.items()]
             others = []
             for method in methods:
-                params = {"iter_num": args.wudi_iters} if method == "wudi" else {}
+                chosen = {"iter_num": args.wudi_iters} if method == "wudi" else {}  # (params: the models' size)
                 label = f"pyfuse {method}" + (f" iter_num={args.wudi_iters}" if method == "wudi" else "")
-                others.append({"run": label, **pyfuse_run(root, method, method, params, env, not args.no_hash,
+                others.append({"run": label, **pyfuse_run(root, method, method, chosen, env, not args.no_hash,
                                                           **repeat)})
                 shutil.rmtree(root / f"out-pyfuse-{method}", ignore_errors=True)
         reference = runs[-1] if runs[-1]["run"].startswith("mergekit") else None
