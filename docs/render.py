@@ -140,6 +140,41 @@ def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[
     return "\n".join(lines)
 
 
+@renderer("schedules")
+def schedules_table(args: list[str]) -> str:
+    """`schedules FILE [FILE...]`: the adaptive rows of several demo reports, one setting per report (its steps,
+    learning rates, inner lr, clamp), with accuracy over seeds and how far the learned mask moved."""
+    from pyfuse.demo import ROWS
+    from pyfuse.methods import get_method
+
+    reports = [load_result(path) for path in args]
+    header = ["method", "steps", "lr", "mask lr", "inner lr", "clamp", "seeds", "avg", "worst task",
+              "mask \\|p−½\\|", "p<0.1 / p>0.9"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for report in reports:
+        rates, settings = report["learning_rates"], report["settings"]
+        for row in report["rows"]:
+            if row["method"] not in report["curves"]:
+                continue  # only the adaptive rows: their schedule is what varies
+            mask = row.get("mask")
+            worst = min(row["accuracy"], key=row["accuracy"].get)
+            declared = get_method(ROWS[row["method"]].method).params  # "—": a setting the method does not take
+
+            def rate(name: str, value: float, declared: dict = declared) -> str:
+                return f"{value:.3g}" if name in declared else "—"
+            lines.append("| " + " | ".join([
+                row["label"], str(settings["steps"]), rate("lr", rates["coefficients"]),
+                rate("mask_lr", rates["mask_logits"]), rate("inner_lr", rates["inner"]),
+                ("yes" if settings["clamp"] else "no") if "clamp" in declared else "—",
+                ",".join(map(str, report["seeds"])),
+                _cell(row["average"], row.get("average_std")), f"{worst} {100 * row['accuracy'][worst]:.1f}",
+                "" if mask is None else f"{mask['mean_abs_p_minus_half']:.3f}",
+                "" if mask is None else
+                f"{100 * mask['fraction_below_0.1']:.1f}% / {100 * mask['fraction_above_0.9']:.1f}%"]) + " |")
+    lines += ["", *(provenance_line(r["provenance"], p) for r, p in zip(reports, args))]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # reference text from the code
 # ---------------------------------------------------------------------------------------------

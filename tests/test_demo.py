@@ -91,6 +91,29 @@ def test_demo_pipeline(encoder, tmp_path):
         moved = rows[name]["mask"]
         assert 0 < moved["mean_abs_p_minus_half"] < 0.5 and 0 <= moved["fraction_above_0.9"] <= 1
     assert report["provenance"]["cores"] == os.cpu_count() and report["provenance"]["torch"] == torch.__version__
+    _check_rendered_tables(report, tmp_path / "out" / REPORT_NAME)
+
+
+def _check_rendered_tables(report, path):
+    """docs/render.py's tables of this report carry its numbers, row by row, and its provenance."""
+    from .test_docs import render
+
+    table = render.demo_table([str(path)])
+    cells = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ")][2:]
+    assert [c[0].strip() for c in cells] == [row["label"] for row in report["rows"]]
+    for row, line in zip(report["rows"], cells):
+        expected = f"{100 * row['average']:.1f}" + ("" if row["average_std"] is None else
+                                                      f" ± {100 * row['average_std']:.1f}")
+        assert line[len(TASKS) + 1].strip("* ") == expected
+        for i, task in enumerate(TASKS):
+            assert line[1 + i].startswith(f"{100 * row['accuracy'][task]:.1f}")
+        if row["mask"] is not None:
+            assert line[-2].strip() == f"{row['mask']['mean_abs_p_minus_half']:.3f}"
+    assert report["provenance"]["date"][:10] in table and report["provenance"]["cpu_model"] in table
+    schedules = render.schedules_table([str(path)])
+    adaptive = [line for line in schedules.splitlines() if line.startswith("| ")][2:]
+    assert [line.split(" | ")[0].strip("| ") for line in adaptive] == [
+        row["label"] for row in report["rows"] if row["method"] in report["curves"]]
 
 
 def test_cli_demo_reuses_the_cache_and_keeps_the_earlier_report(encoder, tmp_path, capsys):

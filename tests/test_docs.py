@@ -3,7 +3,8 @@
 Fenced blocks, by their info string (docs/development.md, "Examples in the docs"):
 
 - ```python: run, in order, in one namespace per document, in a fresh directory that holds the example
-  checkpoints (`llama-base`, `llama-math`, `llama-code`, made by the README's `make_checkpoints.py` block);
+  checkpoints (`llama-base`, `llama-math`, `llama-code`, made by the README's `make_checkpoints.py` block, and
+  the random tiny CLIP `clip-tiny` with two random stand-ins for fine-tunes, `clip-tiny-a`, `clip-tiny-b`);
 - ```bash: run there with bash (`set -euo pipefail`), the test's Python first on PATH;
 - ```bash parse-only: commands too long for the suite (the demo, benchmarks, installs): each is parsed by its
   real argument parser (`pyfuse ...`, `torchrun ... -m pyfuse ...`, `python benchmarks/NAME.py ...`) or, for
@@ -25,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from .clip_helpers import save_hf_clip
+
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
-CHECKPOINTS = ("llama-base", "llama-math", "llama-code")
+CHECKPOINTS = ("llama-base", "llama-math", "llama-code", "clip-tiny", "clip-tiny-a", "clip-tiny-b")
 
 
 def _render_module():
@@ -68,7 +71,7 @@ def parse_command(command: str) -> None:
     """Parse `command` with its real parser (or dry-run a make target); fail on anything unknown."""
     from pyfuse.cli import build_parser
 
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
     env_free = [w for w in words if not re.fullmatch(r"[A-Z_]+=.*", w)]  # VAR=value prefixes
     if env_free[:1] == ["pyfuse"]:
         args = env_free[1:]
@@ -106,6 +109,8 @@ def example_checkpoints(tmp_path_factory) -> Path:
                   if attrs.get("file") == "make_checkpoints.py")
     (where / "make_checkpoints.py").write_text(script)
     subprocess.run([sys.executable, "make_checkpoints.py"], cwd=where, check=True)
+    for seed, name in enumerate(CHECKPOINTS[3:]):  # a random tiny CLIP and two random stand-ins for fine-tunes
+        save_hf_clip(where / name, seed=seed)
     return where
 
 
@@ -114,9 +119,13 @@ def test_every_example_runs(path, example_checkpoints, tmp_path, monkeypatch):
     for name in CHECKPOINTS:
         shutil.copytree(example_checkpoints / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYFUSE_CACHE", str(tmp_path / "cache"))  # the demo's example fine-tunes into it
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-               PYFUSE_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(
+               PYTHONPATH=os.pathsep.join(
                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    from pyfuse.methods import base as registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # a method an example registers goes with it
     namespace: dict = {"__name__": "__docs__"}
     for line, language, attributes, body in blocks(path):
         where = f"{path.relative_to(ROOT)}:{line}"
