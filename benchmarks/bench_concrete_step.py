@@ -44,16 +44,7 @@ from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
 from pyfuse.memory import status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402,E501
-    LoadWatch,
-    print_table,
-    ratios_of,
-    run_provenance,
-    step_breakdown,
-    summary,
-    warn_unreliable,
-    write_json,
-)
+from common import LoadWatch, print_table, ratios_of, run_provenance, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501,I001
 
 POLL_SECONDS = 0.02
 KIB_PER_GIB = 2**20

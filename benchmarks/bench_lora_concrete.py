@@ -40,16 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402,E501
-    LoadWatch,
-    print_table,
-    ratios_of,
-    run_provenance,
-    step_breakdown,
-    summary,
-    warn_unreliable,
-    write_json,
-)
+from common import LoadWatch, print_table, ratios_of, run_provenance, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501,I001
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLASSES = 10
