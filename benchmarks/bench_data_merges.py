@@ -29,9 +29,10 @@ part (another part is added by appending a function to `PARTS`):
    and second MLP weight), on the systems MaTS builds (regularised Grams, task-arithmetic start). True
    residuals are evaluated at steps 0, 1, 2, 4, 8, ... and at the last; the solve's seconds leave those out.
 
-The defaults (8 tasks, 2 batches of 4 images per task, MaTS merges with 5 CG steps on one encoder layer, 12
-CG steps in part 3) keep a full run near a quarter of an hour on 2 cores. The work directory then holds
-about 17 GB: 9 models of 350 MB and, per task, 1.7 GB of statistics (mostly the Grams of the MLP layers).
+The defaults: 8 tasks, 2 batches of 4 images per task, MaTS merges with 5 CG steps on one encoder layer, 12
+CG steps in part 3, each merge run `--repeats` + 1 times (`--repeats 1` for a quicker look, its spread then
+meaningless). The work directory then holds about 17 GB: 9 models of 350 MB and, per task, 1.7 GB of
+statistics (mostly the Grams of the MLP layers).
 
 Memory is RssAnon (`pyfuse.memory.PeakRssAnon`, polled every 20 ms). Before each measurement garbage is
 collected and glibc's free heap trimmed, so that the baseline holds only what is alive. Wall seconds suffer
@@ -300,7 +301,7 @@ def merges_part(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         record: dict[str, Any] = {"merge": label, "method": method, "parameters": params}
         with _measured(record):  # memory, and the warm-up of the timed repeats
             plan = plan_merge(method, bench.base_path, bench.model_paths, statistics=statistics, **params)
-            merged = plan.state_dict(progress=False)
+            merged = plan.state_dict(progress=args.progress)
         record["output_mib"] = sum(t.numel() * t.element_size() for t in merged.values()) / MIB
         record.update(_summary(getattr(plan.method, "result", None) or {}))
         del plan, merged
