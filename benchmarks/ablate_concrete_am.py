@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                       + " ".join(f"{100 * v:.1f}" for v in row["accuracy"].values())
                       + f"  share {max(row['class_share'].values()):.2f}  {row['seconds']:.0f} s", flush=True)
                 write_json(args.json, {"benchmark": "ablation", "provenance": record, "seeds": seeds,
-                                       "variants": {v: variant_schedule(v, settings.steps) for v in variants},
+                                       "variants": {v: {"method": VARIANTS[v][0], **variant_schedule(v, settings.steps)}
+                                                    for v in variants},
                                        "settings": dataclasses.asdict(settings), "runs": rows,
                                        "summary": summarise(rows)})
     print()

@@ -440,9 +440,11 @@ def ablation_table(args: list[str]) -> str:
 
     def settings(row: dict[str, Any]) -> str:
         v = variants[row["variant"]]
-        return (f"{v['inner_optimizer']} {number(v['inner_lr'])}, clamp {'on' if v['clamp'] else 'off'}, "
-                f"T {number(v['temperature'])}, lr {number(v['lr'])}, mask lr {number(v['mask_lr'])}, "
-                f"{v['steps']} steps")
+        common = f"clamp {'on' if v['clamp'] else 'off'}, lr {number(v['lr'])}, {v['steps']} steps"
+        if v["method"] == "adamerging":  # no mask, no inner step
+            return f"AdaMerging: {common}"
+        return (f"inner {v['inner_optimizer']} {number(v['inner_lr'])}, {common}, mask lr {number(v['mask_lr'])}, "
+                f"T {number(v['temperature'])}")
 
     table = markdown_table(summary, [
         ("variant", text("variant")), ("eval mask", text("eval_mask")), ("settings", settings),

@@ -233,7 +233,10 @@ def test_ablation(tiny_demo, tmp_path, monkeypatch):
         assert float(std) == pytest.approx(100 * row["average_std"], abs=0.0501)
         for task, accuracy in row["accuracy"].items():
             assert float(cells[task]) == pytest.approx(100 * accuracy, abs=0.0501)
-        assert "adam 0.1" in cells["settings"] if row["variant"] == "inner_adam_0.1" else "adam 1," in cells["settings"]
+        variant = result["variants"][row["variant"]]
+        expected = ("AdaMerging: " if row["variant"] == "adamerging" else "inner adam 0.1, ") + (
+            f"clamp off, lr {render.number(variant['lr'])}, 2 steps")
+        assert cells["settings"].startswith(expected), cells["settings"]
     assert result["seeds"] == [0, 1]
     assert_ratios_and_source(markdown, result, {}, {})
 
