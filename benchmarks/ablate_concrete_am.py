@@ -1,7 +1,9 @@
 """Ablations of layer-wise Concrete AdaMerging on the embedded real benchmark, over seeds.
 
-Each variant changes one setting of Concrete AdaMerging (or of the AdaMerging baseline) from the demo's
-defaults and runs once per seed on the demo's fine-tuned models (the demo's cache; fine-tuned on first use).
+Each variant changes one or two settings of Concrete AdaMerging (or of the AdaMerging baseline) from the
+authors' CLIP setting (`AUTHORS_CLIP`) or their language setting (`LANGUAGE`), and names every setting it runs
+with, so its label holds whatever the demo's defaults become. Each runs once per seed on the demo's fine-tuned
+models (the demo's cache; fine-tuned on first use).
 For Concrete AdaMerging the meta phase runs once per (variant, seed) and phase 2 (AdaMerging under the
 fixed evaluation mask) once per evaluation mask asked for, so the evaluation-mask rows share their mask.
 
@@ -26,59 +28,78 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
+from common import provenance, write_json  # noqa: E402
 
 from pyfuse.adaptive.loop import AdaptiveLoop, RunOptions, Settings  # noqa: E402
 from pyfuse.demo import DemoSettings, evaluate, prepare_demo  # noqa: E402
 from pyfuse.ops import DEFAULT_TEMPERATURE  # noqa: E402
 from pyfuse.taskvectors import TaskVectors  # noqa: E402
 
-# name: (method, overrides of the demo's Concrete AM settings, evaluation masks)
+# The authors' CLIP setting (fusion_bench's Concrete AdaMerging): coefficients not clamped, inner step Adam 1,
+# temperature 0.5, Adam on the coefficients and the mask logits at 1/steps and 2/steps (a coefficient moves by up to
+# ~1 over a run, a logit by up to ~2: Adam's step is about its lr). Every variant below spells out each of these
+# settings (the demo's defaults, which change, are never read), so a row's label stays true.
+AUTHORS_CLIP: dict[str, Any] = {"clamp": False, "inner_optimizer": "adam", "inner_lr": 1.0,
+                                "temperature": DEFAULT_TEMPERATURE, "lr_movement": 1.0, "mask_movement": 2.0}
+# the authors' language (Flan-T5) setting: Adam 1e-4 x 1000 AdaMerging steps, inner Adam 0.1, mask Adam 1e-4 x 2000
+# meta steps, clamped; as totals over the schedule
+LANGUAGE: dict[str, Any] = {**AUTHORS_CLIP, "clamp": True, "inner_lr": 0.1, "lr_movement": 0.1, "mask_movement": 0.2}
+SETTINGS = ("clamp", "inner_optimizer", "inner_lr", "temperature")
+"""Every variant names each of these, and either `lr` or `lr_movement` and either `mask_lr` or `mask_movement`
+(`steps` optional: the schedule's length, `--steps` otherwise)."""
+
+# name: (method, its settings, evaluation masks)
 VARIANTS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
-    "adamerging": ("adamerging", {"clamp": False}, ()),
-    "adamerging_clamp": ("adamerging", {"clamp": True}, ()),
-    "authors_fusion_bench": ("concrete_adamerging", {"clamp": False}, ("relaxed",)),
-    "clamp": ("concrete_adamerging", {"clamp": True}, ("relaxed", "hard", "threshold", "expected")),
-    "inner_adam_0.1": ("concrete_adamerging", {"clamp": False, "inner_lr": 0.1}, ("relaxed",)),
-    "inner_sgd_1": ("concrete_adamerging", {"clamp": False, "inner_optimizer": "sgd", "inner_lr": 1.0}, ("relaxed",)),
-    "clamp_inner_adam_0.1": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1}, ("relaxed",)),
-    "clamp_T1": ("concrete_adamerging", {"clamp": True, "temperature": 1.0}, ("relaxed",)),
-    "clamp_T0.2": ("concrete_adamerging", {"clamp": True, "temperature": 0.2}, ("relaxed",)),
-    "clamp_paper_lrs": ("concrete_adamerging", {"clamp": True, "mask_lr": 1e-3, "lr": 1e-3}, ("relaxed",)),
-    "clamp_150_steps": ("concrete_adamerging", {"clamp": True, "steps": 150}, ("relaxed",)),
-    "authors_fusion_bench_150_steps": ("concrete_adamerging", {"clamp": False, "steps": 150}, ("relaxed",)),
-    # the authors' language (Flan-T5) setting: Adam 1e-4 x 1000 AdaMerging steps, inner Adam 0.1, mask Adam
-    # 1e-4 x 2000 meta steps, clamped; as totals over the demo's schedule
-    "language_adamerging": ("adamerging", {"clamp": True, "lr_movement": 0.1}, ()),
-    "language": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1, "lr_movement": 0.1, "mask_movement": 0.2},
-                 ("relaxed",)),
-    "language_T1": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1, "lr_movement": 0.1, "mask_movement": 0.2,
-                                            "temperature": 1.0}, ("relaxed",)),
-    "language_T0.2": ("concrete_adamerging", {"clamp": True, "inner_lr": 0.1, "lr_movement": 0.1,
-                                              "mask_movement": 0.2, "temperature": 0.2}, ("relaxed",)),
+    "adamerging": ("adamerging", AUTHORS_CLIP, ()),
+    "adamerging_clamp": ("adamerging", {**AUTHORS_CLIP, "clamp": True}, ()),
+    "authors_fusion_bench": ("concrete_adamerging", AUTHORS_CLIP, ("relaxed",)),
+    "clamp": ("concrete_adamerging", {**AUTHORS_CLIP, "clamp": True}, ("relaxed", "hard", "threshold", "expected")),
+    "inner_adam_0.1": ("concrete_adamerging", {**AUTHORS_CLIP, "inner_lr": 0.1}, ("relaxed",)),
+    "inner_sgd_1": ("concrete_adamerging", {**AUTHORS_CLIP, "inner_optimizer": "sgd", "inner_lr": 1.0}, ("relaxed",)),
+    "clamp_inner_adam_0.1": ("concrete_adamerging", {**AUTHORS_CLIP, "clamp": True, "inner_lr": 0.1}, ("relaxed",)),
+    "clamp_T1": ("concrete_adamerging", {**AUTHORS_CLIP, "clamp": True, "temperature": 1.0}, ("relaxed",)),
+    "clamp_T0.2": ("concrete_adamerging", {**AUTHORS_CLIP, "clamp": True, "temperature": 0.2}, ("relaxed",)),
+    "clamp_paper_lrs": ("concrete_adamerging", {**{k: AUTHORS_CLIP[k] for k in SETTINGS}, "clamp": True,
+                                                "mask_lr": 1e-3, "lr": 1e-3}, ("relaxed",)),
+    "clamp_150_steps": ("concrete_adamerging", {**AUTHORS_CLIP, "clamp": True, "steps": 150}, ("relaxed",)),
+    "authors_fusion_bench_150_steps": ("concrete_adamerging", {**AUTHORS_CLIP, "steps": 150}, ("relaxed",)),
+    "language_adamerging": ("adamerging", LANGUAGE, ()),
+    "language": ("concrete_adamerging", LANGUAGE, ("relaxed",)),
+    "language_T1": ("concrete_adamerging", {**LANGUAGE, "temperature": 1.0}, ("relaxed",)),
+    "language_T0.2": ("concrete_adamerging", {**LANGUAGE, "temperature": 0.2}, ("relaxed",)),
 }
 
 
+def variant_schedule(name: str, default_steps: int) -> dict[str, Any]:
+    """The variant's settings resolved for a run: `steps`, `lr`, `mask_lr` (from the movements over the steps
+    where the variant gives those) and each of `SETTINGS`; nothing taken from the demo's defaults."""
+    chosen = VARIANTS[name][1]
+    steps = chosen.get("steps", default_steps)
+    return {"steps": steps, **{key: chosen[key] for key in SETTINGS},
+            "lr": chosen["lr"] if "lr" in chosen else chosen["lr_movement"] / steps,
+            "mask_lr": chosen["mask_lr"] if "mask_lr" in chosen else chosen["mask_movement"] / steps}
+
+
 def run_variant(ctx, name: str, seed: int, backend: str, eval_masks: set[str] | None) -> list[dict[str, Any]]:
-    method, overrides, masks = VARIANTS[name]
+    method, _, masks = VARIANTS[name]
     masks = tuple(m for m in masks if eval_masks is None or m in eval_masks) or masks[:1]
-    overrides = dict(overrides)
-    steps = overrides.pop("steps", ctx.settings.steps)
-    lr = overrides.pop("lr", overrides.pop("lr_movement", 1.0) / steps)
-    mask_lr = overrides.pop("mask_lr", overrides.pop("mask_movement", 2.0) / steps)
-    common = {"coefficients": "layer", "lr": lr, "seed": seed, "inner_lr": ctx.settings.inner_lr, **overrides}
+    chosen = variant_schedule(name, ctx.settings.steps)
+    steps, mask_lr = chosen["steps"], chosen["mask_lr"]
+    common = {"coefficients": "layer", "lr": chosen["lr"], "seed": seed, "clamp": chosen["clamp"]}
     tasks = ctx.adaptation(seed)
     vectors = ctx.task_vectors()
     options = RunOptions(progress=False, backend=backend, checkpoint_every=0, eval_start=False)
-    base = {"variant": name, "method": method, "seed": seed, "steps": steps, "lr": lr, **overrides}
+    base = {"variant": name, "method": method, "seed": seed, **chosen}
     if method == "adamerging":
         clock = time.perf_counter()
-        settings = Settings(method=method, adapt_steps=steps, **{k: v for k, v in common.items() if k != "inner_lr"})
+        settings = Settings(method=method, adapt_steps=steps, **common)
         result = AdaptiveLoop(ctx.encoder.module, vectors, tasks, settings, options).run()
         return [{**base, "eval_mask": None, **_final(ctx, result, tasks), "seconds": time.perf_counter() - clock}]
 
     clock = time.perf_counter()
-    meta = Settings(method=method, meta_steps=steps, inner_steps=1, mask_lr=mask_lr, eval_mask="relaxed", **common)
+    meta = Settings(method=method, meta_steps=steps, inner_steps=1, mask_lr=mask_lr, eval_mask="relaxed",
+                    inner_lr=chosen["inner_lr"], inner_optimizer=chosen["inner_optimizer"],
+                    temperature=chosen["temperature"], **common)
     meta_result = AdaptiveLoop(ctx.encoder.module, vectors, tasks, meta, options).run()
     lam = meta_result.coefficients
     at_lambda = {"accuracy_at_lambda_prime": meta_result.report["final_average"],
@@ -93,10 +114,8 @@ def run_variant(ctx, name: str, seed: int, backend: str, eval_masks: set[str] | 
         if mask == "expected":  # m = sigmoid(logits), rescaled per tensor: folded into the task vectors
             phase_vectors = _expected_mask_vectors(vectors, meta_result.logits)
             eval_mask = "none"
-        settings = Settings(method=method, adapt_steps=steps, eval_mask=eval_mask,
-                            temperature=overrides.get("temperature", DEFAULT_TEMPERATURE),
-                            **{k: v for k, v in common.items() if k not in ("inner_lr", "inner_optimizer",
-                                                                            "temperature")})
+        settings = Settings(method=method, adapt_steps=steps, eval_mask=eval_mask, temperature=chosen["temperature"],
+                            **common)
         loop = AdaptiveLoop(ctx.encoder.module, phase_vectors, tasks, settings, options)
         with torch.no_grad():
             loop.merger.logits.copy_(meta_result.logits)
@@ -145,7 +164,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2")
@@ -153,8 +172,13 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="first N test examples per task (default all)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--eval-masks", help="only these of a variant's evaluation masks (default all)")
-    parser.add_argument("--json", help="write every run and the summary here")
-    args = parser.parse_args()
+    parser.add_argument("--json", help="write every run and the summary here (rewritten after every run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -167,6 +191,7 @@ def main() -> None:
         parser.error(f"unknown evaluation mask {unknown_mask!r}; choose from {', '.join(sorted(known))}")
     settings = DemoSettings(steps=args.steps, test_limit=args.test_limit, seeds=tuple(seeds))
     ctx = prepare_demo(settings, progress=False, log=print)
+    record = provenance()
     rows: list[dict[str, Any]] = []
     for variant in variants:
         for seed in seeds:
@@ -175,7 +200,10 @@ def main() -> None:
                 print(f"{variant:32s} seed {seed} eval {str(row['eval_mask']):9s} avg {100 * row['average']:.1f} "
                       + " ".join(f"{100 * v:.1f}" for v in row["accuracy"].values())
                       + f"  share {max(row['class_share'].values()):.2f}  {row['seconds']:.0f} s", flush=True)
-                write_json(args.json, {"settings": dataclasses.asdict(settings), "runs": rows,
+                write_json(args.json, {"benchmark": "ablation", "provenance": record, "seeds": seeds,
+                                       "variants": {v: {"method": VARIANTS[v][0], **variant_schedule(v, settings.steps)}
+                                                    for v in variants},
+                                       "settings": dataclasses.asdict(settings), "runs": rows,
                                        "summary": summarise(rows)})
     print()
     for s in summarise(rows):

@@ -30,9 +30,9 @@ from common import (  # noqa: E402
     clip_like_shapes,
     parse_size,
     print_table,
-    provenance,
     ratio,
     repeat_time,
+    run_provenance,
     warn_unreliable,
     write_json,
 )
@@ -155,13 +155,14 @@ def worker(args) -> dict:
     }
 
 
-def fraction_of_copy(name: str, row: dict, timing: dict, nbytes: int, load: dict, unreliable: dict) -> float | None:
-    """(nbytes / time) / copy bandwidth, i.e. copy_time / time scaled by the bytes: None (and a warning entry)
-    when the two times are not comparable."""
+def fraction_of_copy(key: str, name: str, row: dict, timing: dict, nbytes: int, load: dict,
+                     unreliable: dict) -> float | None:
+    """(nbytes / time) / copy bandwidth, i.e. copy_time / time scaled by the bytes: None (and a warning entry under
+    `key`) when the two times are not comparable."""
     value, problem = ratio(name, row["copy"], timing, load, sides=("copy_", name.rsplit(" ", 1)[-1].split("/")[0]))
     scale = nbytes / row["copy_bytes"]
     if problem:
-        unreliable[name] = {**problem, "value": problem["value"] * scale}
+        unreliable[key] = {**problem, "value": problem["value"] * scale}
         return None
     return value * scale
 
@@ -191,19 +192,22 @@ def add_ratios(row: dict, eager: dict | None, load: dict) -> None:
     row["copy_gbps"] = row["copy_bytes"] / row["copy"]["median"] / 1e9
     row["fwd_ms"], row["fwd_bwd_ms"] = row["fwd"]["median"] * 1e3, row["fwd_bwd"]["median"] * 1e3
     row["fwd_gbps"] = row["fwd_bytes"] / row["fwd"]["median"] / 1e9
-    row["fwd_frac_of_copy"] = fraction_of_copy(f"{tag} fwd/copy", row, row["fwd"], row["fwd_bytes"], load, unreliable)
+    row["fwd_frac_of_copy"] = fraction_of_copy("fwd_frac_of_copy", f"{tag} fwd/copy", row, row["fwd"],
+                                             row["fwd_bytes"], load, unreliable)
     if row["phases"]:
         ph = row["phases"]
         for name, t in ph.items():
             t["ms"], t["gbps"] = t["median"] * 1e3, t["bytes"] / t["median"] / 1e9
-            t["frac_of_copy"] = fraction_of_copy(f"{tag} {name}/copy", row, t, t["bytes"], load, unreliable)
+            t["frac_of_copy"] = fraction_of_copy(f"{name}_frac_of_copy", f"{tag} {name}/copy", row, t, t["bytes"],
+                                                 load, unreliable)
         for side, names, nbytes in (("kernel_fwd", ("mask_sums", "merge_apply"), row["fwd_bytes"]),
                                     ("kernel_bwd", ("backward_accumulate", "backward_logits"), row["bwd_bytes"])):
             # the phases' summed medians, spread that of the worse phase (conservative)
             total = {"median": sum(ph[k]["median"] for k in names), "spread": max(ph[k]["spread"] for k in names),
                      "samples": ph[names[0]]["samples"]}
             row[f"{side}_ms"] = total["median"] * 1e3
-            row[f"{side}_frac_of_copy"] = fraction_of_copy(f"{tag} {side}/copy", row, total, nbytes, load, unreliable)
+            row[f"{side}_frac_of_copy"] = fraction_of_copy(f"{side}_frac_of_copy", f"{tag} {side}/copy", row, total,
+                                                          nbytes, load, unreliable)
     if eager is not None and row is not eager:
         row["fwd_bwd_speedup_vs_eager"], problem = ratio(f"{tag} fwd+bwd speedup vs eager", row["fwd_bwd"],
                                                          eager["fwd_bwd"], load, invert=True,
@@ -233,7 +237,7 @@ def run_worker(impl: str, size: int, args) -> dict:
     return row
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,8M,32M,87.5M", help="comma-separated D values (K/M/G suffixes)")
     parser.add_argument("--tasks", type=int, default=8)
@@ -246,7 +250,11 @@ def main() -> None:
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -290,8 +298,11 @@ def main() -> None:
         if row["impl"] != "eager":
             print(f"  D={row['D']:,}: forward ~{row['h100_fwd_estimate_ms']:.2f} ms, "
                   f"forward+backward ~{row['h100_fwd_bwd_estimate_ms']:.2f} ms")
-    write_json(args.json, {"benchmark": "concrete_merge", "provenance": provenance(args.threads),
-                           "load": load.as_dict(), "rows": rows})
+    write_json(args.json, {"benchmark": "concrete_merge", "provenance": run_provenance(__file__, argv, args.threads),
+                           "load": load.as_dict(), "seeds": {"inputs": 0, "mask": 0},
+                           "config": {k: getattr(args, k) for k in ("sizes", "tasks", "dtype", "impls", "repeats",
+                                                                    "threads")},
+                           "rows": rows})
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings, entropy_loss
 from pyfuse.memory import status_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LoadWatch, print_table, provenance, ratios_of, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501
+from common import LoadWatch, print_table, ratios_of, run_provenance, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501,I001
 
 POLL_SECONDS = 0.02
 KIB_PER_GIB = 2**20
@@ -69,9 +69,15 @@ class _RandomImages:
             yield torch.randn(self.batch, 3, self.size, self.size, generator=generator)
 
 
+def tower_config(args) -> CLIPVisionConfig:
+    """ViT-B/32 at the defaults (hidden 768, 12 layers, 224-pixel images); smaller for quick runs and tests."""
+    return CLIPVisionConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                            num_attention_heads=max(1, args.hidden // 64), image_size=args.image_size)
+
+
 def _setup(args):
     torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig()).eval().requires_grad_(False)
+    model = CLIPVisionModel(tower_config(args)).eval().requires_grad_(False)
     config = model.config
     heads = []
     for i in range(args.tasks):
@@ -213,8 +219,8 @@ def _child(args) -> None:
 def _measure(impl: str, args) -> dict:
     command = [sys.executable, __file__, "--child", impl, "--tasks", str(args.tasks), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--classes", str(args.classes),
-               "--backend", args.backend,
-               "--vector-dtype", args.vector_dtype]
+               "--backend", args.backend, "--vector-dtype", args.vector_dtype, "--hidden", str(args.hidden),
+               "--layers", str(args.layers), "--image-size", str(args.image_size)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     events: dict[str, dict] = {}
 
@@ -250,7 +256,13 @@ def _measure(impl: str, args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_tower_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hidden", type=int, default=768, help="the tower's width (ViT-B/32: 768)")
+    parser.add_argument("--layers", type=int, default=12, help="the tower's encoder layers (ViT-B/32: 12)")
+    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels, patches of 32")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impl", choices=("fused", "eager", "both"), default="both")
     parser.add_argument("--tasks", type=int, default=8)
@@ -263,7 +275,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="task-vector storage of the fused impl (the eager one keeps fp32, as the authors)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=("fused", "eager"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    add_tower_options(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.child:
         _child(args)
         return
@@ -276,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"running {impl} ...", file=sys.stderr, flush=True)
             with LoadWatch(threads) as own:
                 results[impl] = {**_measure(impl, args), **own.as_dict()}
-    print(f"CLIP ViT-B/32 vision tower, {args.tasks} tasks, batch {args.batch}, {args.steps} outer steps timed after "
+    print(f"CLIP vision tower ({results[impls[0]]['parameters'] / 1e6:.1f}M parameters), {args.tasks} tasks, "
+          f"batch {args.batch}, {args.steps} outer steps timed after "
           f"{args.warmup} warm-up (layer-wise Concrete AdaMerging, 1 inner step); peaks over all steps; {threads} "
           f"thread(s); load average {load.before:.2f} before, {load.after:.2f} after")
     rows = [{"impl": impl, "backend": r.get("backend", "-"), "spread_pct": 100 * r["step"]["spread"], **r}
@@ -302,10 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         print("fused / eager: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if v is not None))
         warn_unreliable(unreliable)
     write_json(args.json, {
-        "provenance": provenance(threads), "load": load.as_dict(),
+        "benchmark": "concrete_step", "provenance": run_provenance(__file__, argv, threads), "load": load.as_dict(),
+        "seeds": {"tower": 0, "heads": "100 + task", "images": "200 + task", "task_vectors": 1, "mask": 0},
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
         "results": results, "ratios": ratios, "unreliable_ratios": unreliable,
     })
+
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,11 @@ part (another part is added by appending a function to `PARTS`):
 1. statistics: every task's "gram_in", "gram_out", "fisher" and "acts", one kind at a time (each on the
    same batches), timed, with the peak RssAnon over the collection; saved into the work directory.
 2. merges: task arithmetic and TIES (references), Fisher, RegMean, MaTS with the regmean, kfac and
-   diagonal_fisher objectives, ESM at a fixed alpha and ESM++, each by `plan_merge(...).state_dict()`: wall
-   and CPU seconds, the peak RssAnon and its rise over the baseline just before the merge (the rise includes
-   the merged state dict, which the merge returns). MaTS solves the Linear weights of the first
+   diagonal_fisher objectives, ESM at a fixed alpha and ESM++, each by `plan_merge(...).state_dict()`: a first
+   run measures the CPU seconds, the peak RssAnon and its rise over the baseline just before the merge (the
+   rise includes the merged state dict, which the merge returns); then `--repeats` timed runs give the median
+   wall seconds and their spread. (Part 1's spread is over the tasks: the same work on each task's data.)
+   MaTS solves the Linear weights of the first
    `--mats-layers` encoder layers and averages the rest: with the kfac objective, one CG step over the whole
    ViT-B/32 costs about 4 TFLOP of float64 for 8 tasks.
 3. cg: the residual norm `||b - A x||` of MaTS's conjugate gradient against the step count, for the regmean
@@ -27,9 +29,10 @@ part (another part is added by appending a function to `PARTS`):
    and second MLP weight), on the systems MaTS builds (regularised Grams, task-arithmetic start). True
    residuals are evaluated at steps 0, 1, 2, 4, 8, ... and at the last; the solve's seconds leave those out.
 
-The defaults (8 tasks, 2 batches of 4 images per task, MaTS merges with 5 CG steps on one encoder layer, 12
-CG steps in part 3) keep a full run near a quarter of an hour on 2 cores. The work directory then holds
-about 17 GB: 9 models of 350 MB and, per task, 1.7 GB of statistics (mostly the Grams of the MLP layers).
+The defaults: 8 tasks, 2 batches of 4 images per task, MaTS merges with 5 CG steps on one encoder layer, 12
+CG steps in part 3, each merge run `--repeats` + 1 times (`--repeats 1` for a quicker look, its spread then
+meaningless). The work directory then holds about 17 GB: 9 models of 350 MB and, per task, 1.7 GB of
+statistics (mostly the Grams of the MLP layers).
 
 Memory is RssAnon (`pyfuse.memory.PeakRssAnon`, polled every 20 ms). Before each measurement garbage is
 collected and glibc's free heap trimmed, so that the baseline holds only what is alive. Wall seconds suffer
@@ -42,7 +45,6 @@ import argparse
 import ctypes
 import gc
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -65,7 +67,7 @@ from pyfuse.methods.mats import MaTS, kfac_system, regmean_system, regularize_gr
 from pyfuse.stats import KINDS, Statistics, collect_statistics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakRssAnon, print_table, write_json  # noqa: E402
+from common import LoadWatch, PeakRssAnon, load_average, print_table, repeat_time, run_provenance, summary, write_json  # noqa: E402,E501
 
 from pyfuse.progress import progress_bar
 
@@ -246,6 +248,7 @@ def statistics_part(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
             "seconds_per_task": _mean([r["seconds"] for r in records]),
             "cpu_seconds_per_task": _mean([r["cpu_seconds"] for r in records]),
             "total_seconds": sum(r["seconds"] for r in records),
+            "timing": summary([r["seconds"] for r in records]),
             "peak_mib": max((r["peak_mib"] for r in records if r["peak_mib"] is not None), default=None),
             "extra_mib": max((r["extra_mib"] for r in records if r["extra_mib"] is not None), default=None),
             "stored_mib_per_task": _mean([r["stored_mib"] for r in records]),
@@ -296,19 +299,32 @@ def merges_part(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         if needs:
             statistics = bench.statistics(needs, solved.__contains__ if method == "mats" else lambda name: True)
         record: dict[str, Any] = {"merge": label, "method": method, "parameters": params}
-        with _measured(record):
+        with _measured(record):  # memory, and the warm-up of the timed repeats
             plan = plan_merge(method, bench.base_path, bench.model_paths, statistics=statistics, **params)
             merged = plan.state_dict(progress=args.progress)
         record["output_mib"] = sum(t.numel() * t.element_size() for t in merged.values()) / MIB
         record.update(_summary(getattr(plan.method, "result", None) or {}))
-        del plan, merged, statistics
+        del plan, merged
+        _settle()
+
+        def merge(method=method, params=params, statistics=statistics) -> None:
+            plan_merge(method, bench.base_path, bench.model_paths, statistics=statistics, **params).state_dict(
+                progress=False)
+
+        record["first_seconds"] = record.pop("seconds")
+        record["timing"] = repeat_time(merge, args.repeats, warmup=0)
+        record["seconds"] = record["timing"]["median"]
+        record["spread"] = record["timing"]["spread"]
+        del statistics
         rows.append(record)
     layers = f"{args.mats_layers} of {len(bench.layers)}"
     print(f"\nmerges of {bench.tasks} models ({sum(p.numel() for p in bench.model.parameters()) / 1e6:.1f}M "
           f"parameters each, read from safetensors); extra = peak RssAnon - RssAnon before the merge, merged "
           f"state dict included; MaTS: CG ({args.mats_iterations} steps) on the Linear weights of {layers} "
-          f"encoder layers")
-    print_table(rows, [("merge", "merge", ""), ("seconds", "s", ".2f"), ("cpu_seconds", "CPU s", ".2f"),
+          f"encoder layers; s = median of {args.repeats} timed runs after the measured first one (its CPU s, "
+          f"memory), spread = (max - min) / median")
+    print_table(rows, [("merge", "merge", ""), ("seconds", "s", ".2f"), ("spread", "spread", ".0%"),
+                       ("cpu_seconds", "CPU s", ".2f"),
                        ("peak_mib", "peak MiB", ".0f"), ("extra_mib", "extra MiB", ".0f"),
                        ("output_mib", "output MiB", ".0f"), ("solved_tensors", "CG tensors", "d"),
                        ("max_relative_residual", "max |r|/|b|", ".2e")])
@@ -391,13 +407,13 @@ def embedded_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from pyfuse.cli import demo_table
     from pyfuse.demo import DATA_METHODS, DemoSettings, run_demo
 
-    settings = DemoSettings(methods=("task_arithmetic", "ties", *DATA_METHODS))
+    settings = DemoSettings(methods=("task_arithmetic", "ties", *DATA_METHODS), seeds=tuple(args.seeds))
     with _workspace(args.workdir) as workdir:
         report = run_demo(settings, workdir / "embedded", progress=args.progress,
                           log=lambda message: print(message, file=sys.stderr, flush=True))
     print(demo_table(report))
-    return {"embedded": {"rows": report["rows"], "statistics_seconds": report["statistics_seconds"],
-                         "seconds": report["seconds"], "settings": report["settings"]}}
+    # the demo's report as written (its own provenance included), less the adaptive methods' curves (none here)
+    return {"embedded": {key: value for key, value in report.items() if key != "curves"}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,8 +423,7 @@ def _names(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The options, checked (errors name the option and the offending value) before any work."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"a small tower ({', '.join(f'{k}={v}' for k, v in QUICK_CONFIG.items())}) and "
@@ -422,6 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"statistics to collect, comma-separated among {','.join(KINDS)} (default: all)")
     parser.add_argument("--merges", type=_names,
                         help=f"comma-separated among {','.join(MERGES)} (default: all the collected kinds allow)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs of each merge after its first (measured for memory), median and spread")
     parser.add_argument("--mats-iterations", type=int, default=5, help="CG steps per tensor in the MaTS merges")
     parser.add_argument("--mats-layers", default="1",
                         help="MaTS solves the Linear weights of this many first encoder layers, or 'all' (the "
@@ -435,11 +452,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here (rewritten after every part)")
     parser.add_argument("--embedded", action="store_true",
                         help="instead: the accuracy table of the data-aware merges on the embedded real benchmark")
+    parser.add_argument("--seeds", default="0",
+                        help="--embedded: comma-separated seeds of the stochastic merges (their sampled statistics)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked (errors name the option and the offending value) before any work."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(seed) for seed in _names(args.seeds)]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        parser.error("--seeds: give at least one seed")
 
     if args.tasks is None:
         args.tasks = QUICK_TASKS if args.quick else 8
-    for option in ("tasks", "batches", "batch_size"):
+    for option in ("tasks", "batches", "batch_size", "repeats"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     for option in ("mats_iterations", "cg_iterations"):
@@ -488,26 +519,33 @@ def _workspace(path: str | None) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every part in `PARTS`; returns (and writes to `--json`) the results."""
     args = parse_args(argv)
-    results: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable), os.path.basename(__file__), *(argv or sys.argv[1:])]),
-        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__},
-        "config": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "progress")},
-    }
-    if args.embedded:
-        results.update(embedded_accuracy(args))
-        write_json(args.json, results)
-        return results
-    with _workspace(args.workdir) as workdir:
-        bench = _build(args, workdir)
-        results["model"] = {"parameters": sum(p.numel() for p in bench.model.parameters()),
-                            "tensors": len(list(bench.model.parameters())), "layers": len(bench.layers),
-                            "hidden_size": bench.model.config.hidden_size, "noise": NOISE, "classes": CLASSES}
-        print(f"CLIP vision tower: {results['model']['parameters'] / 1e6:.1f}M parameters, "
-              f"{bench.tasks} tasks, work directory {workdir}", file=sys.stderr, flush=True)
-        for part in PARTS:
-            results.update(part(args, bench))
+    threads = torch.get_num_threads()
+    with LoadWatch(threads) as load:
+        results: dict[str, Any] = {
+            "benchmark": "data_merges", "provenance": run_provenance(__file__, argv, threads),
+            "config": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "progress")},
+            "seeds": {"models": "1000 + task", "heads": "100 + task", "images": "200 + task", "statistics": "task"},
+        }
+
+        def write() -> None:
+            results["load"] = {**load.as_dict(), "load_after": load_average()}
             write_json(args.json, results)
+
+        if args.embedded:
+            results["seeds"] = {"merges": list(args.seeds)}
+            results.update(embedded_accuracy(args))
+            write()
+            return results
+        with _workspace(args.workdir) as workdir:
+            bench = _build(args, workdir)
+            results["model"] = {"parameters": sum(p.numel() for p in bench.model.parameters()),
+                                "tensors": len(list(bench.model.parameters())), "layers": len(bench.layers),
+                                "hidden_size": bench.model.config.hidden_size, "noise": NOISE, "classes": CLASSES}
+            print(f"CLIP vision tower: {results['model']['parameters'] / 1e6:.1f}M parameters, "
+                  f"{bench.tasks} tasks, work directory {workdir}", file=sys.stderr, flush=True)
+            for part in PARTS:
+                results.update(part(args, bench))
+                write()
     return results
 
 

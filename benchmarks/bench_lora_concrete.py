@@ -40,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LoadWatch, print_table, provenance, ratios_of, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501
+from common import LoadWatch, print_table, ratios_of, run_provenance, step_breakdown, summary, warn_unreliable, write_json  # noqa: E402,E501,I001
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLASSES = 10
@@ -176,7 +176,7 @@ def _max_rel_diff(factored: dict, dense: dict) -> tuple[float, float]:
     return of_params, of_updates
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
@@ -195,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.child:
         _child(args)
         return
@@ -239,9 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"max_rel_diff {max_rel_diff:.2e} (of the merged parameters); {max_rel_diff_of_update:.2e} of the merged "
           f"update (merged - base)")
     write_json(args.json, {
+        "benchmark": "lora_concrete", "seeds": {"model": 0, "adapters": "1000 + task", "tokens": "2000 + task",
+                                                "mask": 0},
         "dense": dense, "factored": factored, "max_rel_diff": max_rel_diff,
         "max_rel_diff_of_update": max_rel_diff_of_update, "ratios": ratios, "unreliable_ratios": unreliable,
-        "model": shape, "load": load.as_dict(), "provenance": provenance(dense["threads"]),
+        "model": shape, "load": load.as_dict(), "provenance": run_provenance(__file__, argv, dense["threads"]),
         "settings": {k: getattr(args, k) for k in ("tasks", "rank", "hidden", "mlp", "layers", "heads", "vocab",
                                                    "batch", "seq", "steps", "warmup", "backend")},
     })

@@ -11,9 +11,12 @@ TIES at density 0.5 three ways, each as a command-line subprocess so all are mea
 All use lambda 1 and the normalised (mean) merge, which is what mergekit's `ties` computes; pyfuse's
 per-tensor output is checked against mergekit's. Then pyfuse's sparsify-and-consensus methods on the same
 checkpoints (`SPARSE_METHODS`: breadcrumbs and DELLA at density 0.5, both variants, and MagMax), timed the
-same way (`--skip-sparse` leaves them out). Reported per run: wall time (process start to exit,
-imports included), pyfuse's own merge time from its report, and peak anonymous memory (RssAnon of the
-process, polled every 20 ms; memory-mapped weights are file-backed and not counted).
+same way (`--skip-sparse` leaves them out). Each command runs `--warmup` untimed times, then `--repeats`
+timed ones; reported: the median wall time (process start to exit, imports included) and its spread, pyfuse's
+own merge time from its report (median), and the largest peak anonymous memory (RssAnon of the process,
+polled every 20 ms; memory-mapped weights are file-backed and not counted). The time ratios (global over
+per-tensor trim, speed-up over mergekit) are withheld when load or spread make them meaningless
+(benchmarks/common.py); the memory ratio is always given.
 
     python benchmarks/bench_static_merge.py --json bench_static_merge.json
     python benchmarks/bench_static_merge.py --scale 0.25          # a quick run on ~15M-parameter models
@@ -33,13 +36,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, rss_anon_bytes, write_json  # noqa: E402
+from common import (  # noqa: E402
+    LoadWatch,
+    print_table,
+    ratio,
+    rss_anon_bytes,
+    run_provenance,
+    summary,
+    warn_unreliable,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DENSITY = 0.5
@@ -102,22 +115,44 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict:
     return {"wall_s": wall, "peak_rss_anon_mib": peak / 2**20}
 
 
-def pyfuse_run(root: Path, tag: str, method: str, parameters: dict, env: dict[str, str], hash_inputs: bool) -> dict:
+def run_repeated(command: list[str], env: dict[str, str], repeats: int, warmup: int,
+                 after: Callable[[], dict] = dict) -> dict:
+    """`run_measured` `warmup` untimed times, then `repeats` timed ones: the wall seconds' `summary` (`wall`, its
+    median `wall_s`), the largest peak RssAnon, and `after()`'s figures of each timed run as lists (by key)."""
+    for _ in range(warmup):
+        run_measured(command, env)
+    runs = []
+    for _ in range(repeats):
+        runs.append({**run_measured(command, env), **after()})
+    wall = summary([r["wall_s"] for r in runs])
+    extra = {key: [r[key] for r in runs] for key in runs[0] if key not in ("wall_s", "peak_rss_anon_mib")}
+    return {"wall": wall, "wall_s": wall["median"], "peak_rss_anon_mib": max(r["peak_rss_anon_mib"] for r in runs),
+            **extra}
+
+
+def pyfuse_run(root: Path, tag: str, method: str, parameters: dict, env: dict[str, str], hash_inputs: bool,
+               repeats: int = 1, warmup: int = 0) -> dict:
     config = {"method": method, "base": str(root / "base"), "models": [str(root / "ft0"), str(root / "ft1")],
               "parameters": parameters}
     path = root / f"pyfuse-{tag}.yaml"
     path.write_text(yaml.safe_dump(config))
     out = root / f"out-pyfuse-{tag}"
     command = [sys.executable, "-c", PYFUSE_CLI, "merge", str(path), str(out), "--no-progress", "--force"]
-    result = run_measured(command + ([] if hash_inputs else ["--no-hash"]), env)
-    report = json.loads((out / "merge_report.json").read_text())
-    result["merge_s"] = report["timings"]["total_s"]
-    result["hash_s"] = report["timings"].get("hash_s")
-    result["predicted_peak_rss_anon_mib"] = report["predicted_peak_rss_anon_bytes"] / 2**20
+
+    def from_report() -> dict:
+        report = json.loads((out / "merge_report.json").read_text())
+        return {"merge_s": report["timings"]["total_s"], "hash_s": report["timings"].get("hash_s"),
+                "predicted_peak_rss_anon_mib": report["predicted_peak_rss_anon_bytes"] / 2**20}
+
+    result = run_repeated(command + ([] if hash_inputs else ["--no-hash"]), env, repeats, warmup, from_report)
+    result["merge"] = summary(result.pop("merge_s"))
+    result["merge_s"] = result["merge"]["median"]
+    result["hash_s"] = result["hash_s"][-1]
+    result["predicted_peak_rss_anon_mib"] = result["predicted_peak_rss_anon_mib"][-1]
     return result
 
 
-def mergekit_run(root: Path, env: dict[str, str]) -> dict:
+def mergekit_run(root: Path, env: dict[str, str], repeats: int = 1, warmup: int = 0) -> dict:
     config = {"merge_method": "ties", "base_model": str(root / "base"), "dtype": "float32",
               "models": [{"model": str(root / f"ft{i}"), "parameters": {"weight": 1.0, "density": DENSITY}}
                          for i in range(2)],
@@ -126,7 +161,7 @@ def mergekit_run(root: Path, env: dict[str, str]) -> dict:
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), str(root / "out-mergekit"),
                "--no-copy-tokenizer", "--quiet"]
-    return run_measured(command, env)
+    return run_repeated(command, env, repeats, warmup)
 
 
 def compare(a: Path, b: Path) -> tuple[float, int]:
@@ -150,7 +185,13 @@ def compare(a: Path, b: Path) -> tuple[float, int]:
     return largest, count
 
 
-def main() -> None:
+def add_repeat_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs of each command after the warm-up (median and spread; >= 5 for ratios)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each command first")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="width of the models relative to ~168M (1.0)")
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a new temp dir, removed)")
@@ -163,7 +204,15 @@ def main() -> None:
                              f"{','.join(OTHER_METHODS)})")
     parser.add_argument("--wudi-iters", type=int, default=5,
                         help="WUDI's Adam steps per matrix here (its default, 400, takes hours on a CPU)")
-    args = parser.parse_args()
+    add_repeat_options(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(OTHER_METHODS))
     if unknown:
@@ -177,63 +226,74 @@ def main() -> None:
         params, size = build_checkpoints(root, args.scale)
         print(f"built 3 Llama checkpoints of {params / 1e6:.1f}M parameters ({size / 2**20:.0f} MiB each) in "
               f"{time.perf_counter() - started:.0f} s under {root}")
-        load = [os.getloadavg()[0]]
-        runs = []
-        for trim in ("global", "tensor"):
-            parameters = {"density": DENSITY, "scaling": 1.0, "merge_func": "mean", "trim": trim}
-            runs.append({"run": f"pyfuse ties trim={trim}",
-                         **pyfuse_run(root, trim, "ties", parameters, env, not args.no_hash)})
-        has_mergekit = importlib.util.find_spec("mergekit") is not None
-        if has_mergekit and not args.skip_mergekit:
-            runs.append({"run": "mergekit ties", **mergekit_run(root, env)})
-            difference, differing = compare(root / "out-pyfuse-tensor", root / "out-mergekit")
-            print(f"pyfuse trim=tensor vs mergekit: {differing} of {params} entries differ, by at most "
-                  f"{difference:.3g} (pyfuse keeps every tie at a tensor's threshold, mergekit exactly k)")
-        else:
-            difference = differing = None
-            print("mergekit: skipped (" + ("--skip-mergekit" if has_mergekit else
-                                           "not installed; pip install --no-deps mergekit and its light deps")
-                  + ")")
-        load.append(os.getloadavg()[0])
+        repeat = {"repeats": args.repeats, "warmup": args.warmup}
+        threads = torch.get_num_threads()  # each merge process's
+        with LoadWatch(threads) as load:
+            runs = []
+            for trim in ("global", "tensor"):
+                parameters = {"density": DENSITY, "scaling": 1.0, "merge_func": "mean", "trim": trim}
+                runs.append({"run": f"pyfuse ties trim={trim}",
+                             **pyfuse_run(root, trim, "ties", parameters, env, not args.no_hash, **repeat)})
+            has_mergekit = importlib.util.find_spec("mergekit") is not None
+            if has_mergekit and not args.skip_mergekit:
+                runs.append({"run": "mergekit ties", **mergekit_run(root, env, **repeat)})
+                difference, differing = compare(root / "out-pyfuse-tensor", root / "out-mergekit")
+                print(f"pyfuse trim=tensor vs mergekit: {differing} of {params} entries differ, by at most "
+                      f"{difference:.3g} (pyfuse keeps every tie at a tensor's threshold, mergekit exactly k)")
+            else:
+                difference = differing = None
+                print("mergekit: skipped (" + ("--skip-mergekit" if has_mergekit else
+                                               "not installed; pip install --no-deps mergekit and its light deps")
+                      + ")")
+            sparse = [] if args.skip_sparse else [
+                {"run": f"pyfuse {tag}", **pyfuse_run(root, tag, method, parameters, env, not args.no_hash, **repeat)}
+                for tag, (method, parameters) in SPARSE_METHODS.items()]
+            others = []
+            for method in methods:
+                chosen = {"iter_num": args.wudi_iters} if method == "wudi" else {}  # (params: the models' size)
+                label = f"pyfuse {method}" + (f" iter_num={args.wudi_iters}" if method == "wudi" else "")
+                others.append({"run": label, **pyfuse_run(root, method, method, chosen, env, not args.no_hash,
+                                                          **repeat)})
+                shutil.rmtree(root / f"out-pyfuse-{method}", ignore_errors=True)
         reference = runs[-1] if runs[-1]["run"].startswith("mergekit") else None
-        sparse = [] if args.skip_sparse else [
-            {"run": f"pyfuse {tag}", **pyfuse_run(root, tag, method, parameters, env, not args.no_hash)}
-            for tag, (method, parameters) in SPARSE_METHODS.items()]
-        load.append(os.getloadavg()[0])
+        ratios, unreliable = {}, {}
+        for key, (numerator, denominator, sides) in {
+                "global_over_tensor_time": (runs[0], runs[1], ("global", "tensor")),
+                **({f"{run['run']} speedup_vs_mergekit": (run, reference, ("pyfuse", "mergekit"))
+                    for run in runs[:2]} if reference else {})}.items():
+            ratios[key], problem = ratio(key, numerator["wall"], denominator["wall"], load.as_dict(),
+                                         invert="speedup" in key, sides=sides)
+            if problem:
+                unreliable[key] = problem
         for run in runs:
+            run["spread"] = run["wall"]["spread"]
             if reference is not None:
-                run["speedup_vs_mergekit"] = reference["wall_s"] / run["wall_s"]
+                run["speedup_vs_mergekit"] = ratios.get(f"{run['run']} speedup_vs_mergekit")
                 run["memory_vs_mergekit"] = run["peak_rss_anon_mib"] / reference["peak_rss_anon_mib"]
-        print_table(runs, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
-                           ("hash_s", "of which hash s", ".1f"), ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
-                           ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f"),
-                           ("speedup_vs_mergekit", "speed-up", ".1f"), ("memory_vs_mergekit", "memory ratio", ".2f")])
+        columns = [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("spread", "spread", ".0%"),
+                   ("merge_s", "merge s", ".1f"), ("hash_s", "of which hash s", ".1f"),
+                   ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
+                   ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f")]
+        print(f"medians of {args.repeats} timed runs after {args.warmup} warm-up; spread = (max - min) / median")
+        print_table(runs, columns + [("speedup_vs_mergekit", "speed-up", ".1f"),
+                                     ("memory_vs_mergekit", "memory ratio", ".2f")])
         if sparse:
             print(f"sparsify-and-consensus methods, density {DENSITY} (MagMax: none), the same checkpoints:")
-            print_table(sparse, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
-                                 ("hash_s", "of which hash s", ".1f"),
-                                 ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
-                                 ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f")])
-        others = []
-        for method in methods:
-            params = {"iter_num": args.wudi_iters} if method == "wudi" else {}
-            label = f"pyfuse {method}" + (f" iter_num={args.wudi_iters}" if method == "wudi" else "")
-            others.append({"run": label, **pyfuse_run(root, method, method, params, env, not args.no_hash)})
-            shutil.rmtree(root / f"out-pyfuse-{method}", ignore_errors=True)
+            print_table([{**r, "spread": r["wall"]["spread"]} for r in sparse], columns)
         if others:
             print("other methods (defaults), two fine-tuned models, each a `pyfuse merge` process:")
-            print_table(others, [("run", "run", ""), ("wall_s", "wall s", ".1f"), ("merge_s", "merge s", ".1f"),
-                                 ("peak_rss_anon_mib", "peak RssAnon MiB", ".0f"),
-                                 ("predicted_peak_rss_anon_mib", "predicted MiB", ".0f")])
-        global_over_tensor = runs[0]["wall_s"] / runs[1]["wall_s"]
-        print(f"global / per-tensor time: {global_over_tensor:.2f}; load average "
-              f"{' -> '.join(f'{value:.1f}' for value in load)} on {os.cpu_count()} cores")
+            print_table([{**r, "spread": r["wall"]["spread"]} for r in others], columns)
+        if ratios["global_over_tensor_time"] is not None:
+            print(f"global / per-tensor time: {ratios['global_over_tensor_time']:.2f}")
+        warn_unreliable(unreliable)
+        print(f"load average {load.before:.1f} -> {load.after:.1f} on {os.cpu_count()} cores")
         write_json(args.json, {
+            "benchmark": "static_merge", "provenance": run_provenance(__file__, argv, threads), "load": load.as_dict(),
+            "seeds": {"base": 0, "finetuned": "1 + model"}, "repeats": repeat,
             "models": {"parameters": params, "bytes_each": size, "scale": args.scale, "density": DENSITY},
-            "runs": runs, "other_methods": others, "sparse_runs": sparse, "global_over_tensor_time": global_over_tensor,
+            "runs": runs, "other_methods": others, "sparse_runs": sparse, "ratios": ratios,
+            "unreliable_ratios": unreliable,
             "pyfuse_tensor_vs_mergekit": {"max_abs_diff": difference, "entries_differing": differing},
-            "load_average": load,
-            "cpus": os.cpu_count(), "torch": torch.__version__,
         })
     finally:
         if not args.workdir:

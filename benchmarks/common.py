@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -30,6 +32,14 @@ from pyfuse.provenance import load_average, provenance  # noqa: F401  (re-export
 MIN_REPEATS = 5
 SPREAD_LIMIT = 0.10  # (max - min) / median of a timed region's repeats
 LOAD_SLACK = 0.5  # cores' worth of other load tolerated beside the run's own threads
+
+
+def run_provenance(script: str, argv: list[str] | None, threads: int | None) -> dict:
+    """`pyfuse.provenance.provenance(threads)` with the command as a user types it: `python benchmarks/NAME.py`
+    and the arguments `main` was given (`sys.argv[1:]` when None), also when `main(argv)` is called in-process."""
+    words = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", f"benchmarks/{os.path.basename(script)}", *map(str, words)])
+    return {**provenance(threads), "command": command}
 
 
 def summary(seconds: list[float]) -> dict:

@@ -75,7 +75,7 @@ VIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 patch_size=8)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="gpu_check.json", help="where the results go (default gpu_check.json)")
@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     parser.add_argument("--commit", help="the commit to record (default: git rev-parse HEAD, when there is a .git)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median; default 5)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())

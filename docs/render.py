@@ -105,6 +105,11 @@ def demo_table(args: list[str]) -> str:
     several reports of one setting (same fine-tuned models) are joined, each method taken from the first file
     that has it; the mask columns say how far a learned Concrete mask moved from its uniform start."""
     reports = [load_result(path) for path in args]
+    return demo_markdown(reports, [provenance_line(r["provenance"], p) for r, p in zip(reports, args)], args)
+
+
+def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[str]) -> str:
+    """The demo's table from its reports, followed by the `sources` lines (see `demo_table`)."""
     first = reports[0]
     tasks = [t["name"] for t in first["tasks"]]
     rows: dict[str, dict[str, Any]] = {}
@@ -131,7 +136,7 @@ def demo_table(args: list[str]) -> str:
     lines += ["", f"Test accuracy (%), fine-tuning `{settings['finetune']['mode']}` (seed {first['finetune_seed']}), "
               f"adaptation seeds {seeds} (stochastic rows: mean ± sample std over seeds), "
               f"{settings['steps']}-step adaptive schedules."]
-    lines += ["", *(provenance_line(r["provenance"], p) for r, p in zip(reports, args))]
+    lines += ["", *sources]
     return "\n".join(lines)
 
 
@@ -227,6 +232,229 @@ def command_help(args: list[str]) -> str:
         else:
             os.environ["COLUMNS"] = columns
     return "```text\n" + text.rstrip() + "\n```"
+
+# ---------------------------------------------------------------------------------------------
+# the benchmarks' JSONs (benchmarks/*.py --json): medians with their spread, ratios or why withheld
+# ---------------------------------------------------------------------------------------------
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def number(value: float | None) -> str:
+    """Four significant digits; integers whole, with thousands separators; an empty cell for a missing value."""
+    if value is None:
+        return ""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{value:.4g}"
+
+
+def timing(summary: dict[str, Any] | None, unit: str = "s") -> str:
+    """A repeated timing (benchmarks/common.summary): the median, in `unit` (s or ms), and its spread."""
+    if summary is None:
+        return ""
+    return f"{number(summary['median'] * {'s': 1, 'ms': 1e3}[unit])} {unit} ({100 * summary['spread']:.0f}%)"
+
+
+def timed(key: str, unit: str = "s") -> Callable[[dict[str, Any]], str]:
+    return lambda row: timing(row.get(key), unit)
+
+
+def value(key: str, scale: float = 1.0) -> Callable[[dict[str, Any]], str]:
+    return lambda row: number(row[key] * scale if scale != 1 and row.get(key) is not None else row.get(key))
+
+
+def text(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda row: "" if row.get(key) is None else str(row[key])
+
+
+def ratio_of(key: str, unreliable: Callable[[dict[str, Any]], dict[str, Any]] = lambda row: {}
+             ) -> Callable[[dict[str, Any]], str]:
+    """A ratio cell: its value, "withheld" where the JSON holds it under unreliable_ratios, else empty."""
+    def cell(row: dict[str, Any]) -> str:
+        if row.get(key) is not None:
+            return number(row[key])
+        return "withheld" if key in unreliable(row) else ""
+    return cell
+
+
+def ratio_lines(ratios: dict[str, float | None], unreliable: dict[str, Any]) -> list[str]:
+    """One bullet per ratio: its value, or `withheld: REASON` (the reason benchmarks/common.py gave)."""
+    lines = [f"- `{key}`: {number(v)}" for key, v in ratios.items() if v is not None]
+    lines += [f"- `{key}`: withheld: {entry['reason']}" for key, entry in unreliable.items()]
+    return lines
+
+
+def bench_sources(result: dict[str, Any], path: str) -> str:
+    """The provenance line of a benchmark's JSON, with the load average before and after its run."""
+    load = result.get("load") or {}
+    record = {**result["provenance"], "load_average": load.get("load_before", result["provenance"].get(
+        "load_average")), "load_average_after": load.get("load_after")}
+    return provenance_line(record, path)
+
+
+SPREAD_NOTE = ("Times: median over the timed repeats after a warm-up, (spread) = (max − min) / median; a ratio is "
+               "withheld when the load or a spread makes it meaningless (docs/benchmarks.md).")
+
+
+def bench_page(result: dict[str, Any], path: str, tables: list[str], ratios: dict[str, float | None] | None = None,
+               unreliable: dict[str, Any] | None = None) -> str:
+    """The tables, the ratios (or why withheld), the note on spreads and the provenance line."""
+    parts = [*tables]
+    lines = ratio_lines(ratios or {}, unreliable or {})
+    if lines:
+        parts.append("Ratios:\n\n" + "\n".join(lines))
+    parts += [SPREAD_NOTE, bench_sources(result, path)]
+    return "\n\n".join(parts)
+
+
+def withheld_in_rows(rows: list[dict[str, Any]], prefix: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The rows' own unreliable_ratios, keyed `PREFIX KEY`."""
+    return {f"{prefix(row)} {key}": entry for row in rows
+            for key, entry in (row.get("unreliable_ratios") or {}).items()}
+
+
+@renderer("bench-concrete-merge")
+def bench_concrete_merge(args: list[str]) -> str:
+    """`bench-concrete-merge FILE`: the fused op against the eager formula, and where the op's time goes."""
+    result = load_result(args[0])
+    rows = result["rows"]
+    withheld = lambda row: row.get("unreliable_ratios") or {}  # noqa: E731
+    main = markdown_table(rows, [
+        ("impl", text("impl")), ("D", value("D")), ("vectors", text("dtype")), ("forward", timed("fwd", "ms")),
+        ("forward+backward", timed("fwd_bwd", "ms")), ("extra peak MiB", value("extra_peak_mb")),
+        ("forward GB/s", value("fwd_gbps")), ("copy_ GB/s", value("copy_gbps")),
+        ("forward / copy_", ratio_of("fwd_frac_of_copy", withheld)),
+        ("phases fwd / copy_", ratio_of("kernel_fwd_frac_of_copy", withheld)),
+        ("phases bwd / copy_", ratio_of("kernel_bwd_frac_of_copy", withheld)),
+        ("speed-up vs eager", ratio_of("fwd_bwd_speedup_vs_eager", withheld)),
+        ("memory vs eager", value("extra_peak_vs_eager"))])
+    phases = [{"impl": row["impl"], "D": row["D"], "phase": name, **t,
+               "unreliable_ratios": {"frac_of_copy": withheld(row)[f"{name}_frac_of_copy"]}
+               if f"{name}_frac_of_copy" in withheld(row) else {}} for row in rows
+              for name, t in [*row["phases"].items(), ("copy_", {**row["copy"], "gbps": row["copy_gbps"]})]]
+    phase_table = markdown_table(phases, [
+        ("impl", text("impl")), ("D", value("D")), ("phase", text("phase")),
+        ("time", lambda row: timing(row, "ms")), ("GB/s", value("gbps")),
+        ("/ copy_", ratio_of("frac_of_copy", withheld))])
+    return bench_page(result, args[0], [main, "Each phase alone, into existing buffers:\n\n" + phase_table],
+                      unreliable=withheld_in_rows(rows, lambda row: f"{row['impl']} D={row['D']}"))
+
+
+def step_table(results: dict[str, dict[str, Any]], label: str, columns: list[Column]) -> str:
+    """One row per run of `results` ({name: figures}), its name in the first column."""
+    return markdown_table([{"name": name, **r} for name, r in results.items()], [(label, text("name")), *columns])
+
+
+@renderer("bench-concrete-step")
+def bench_concrete_step(args: list[str]) -> str:
+    """`bench-concrete-step FILE`: one Concrete AdaMerging outer step, pyfuse (fused) against the authors' (eager)."""
+    result = load_result(args[0])
+    table = step_table(result["results"], "impl", [
+        ("backend", text("backend")), ("vectors", text("vector_dtype")), ("step", timed("step")),
+        ("step CPU", timed("step_cpu")), ("peak RssAnon GiB", value("peak_rss_anon_gib")),
+        ("VmHWM GiB", value("vmhwm_gib")), ("threads", text("threads"))])
+    return bench_page(result, args[0], [table], result.get("ratios"), result.get("unreliable_ratios"))
+
+
+@renderer("bench-lora-concrete")
+def bench_lora_concrete(args: list[str]) -> str:
+    """`bench-lora-concrete FILE`: a Concrete AdaMerging step on LoRA task vectors, dense against factored."""
+    result = load_result(args[0])
+    table = step_table({kind: result[kind] for kind in ("dense", "factored")}, "task vectors", [
+        ("task-vector GiB", value("task_vector_bytes", 2**-30)), ("peak RssAnon GiB", value("peak_rss_anon_bytes",
+                                                                                              2**-30)),
+        ("step", timed("step")), ("step CPU", timed("step_cpu")), ("threads", text("threads"))])
+    note = (f"{result['model']}. Largest difference of the merged parameters, factored against dense: "
+            f"{number(result['max_rel_diff'])} (relative to the parameters).")
+    return bench_page(result, args[0], [table, note], result["ratios"], result["unreliable_ratios"])
+
+
+MERGE_COLUMNS: list[Column] = [
+    ("run", text("run")), ("wall", timed("wall")), ("merge (median)", value("merge_s")),
+    ("peak RssAnon MiB", value("peak_rss_anon_mib")), ("predicted MiB", value("predicted_peak_rss_anon_mib"))]
+
+
+@renderer("bench-static-merge")
+def bench_static_merge(args: list[str]) -> str:
+    """`bench-static-merge FILE`: TIES (and the other static methods) as `pyfuse merge` processes, mergekit beside."""
+    result = load_result(args[0])
+    models = result["models"]
+    tables = [f"Three Llama checkpoints of {models['parameters'] / 1e6:.1f}M parameters; TIES at density "
+              f"{models['density']}:\n\n" + markdown_table(result["runs"], [
+                  *MERGE_COLUMNS, ("memory vs mergekit", value("memory_vs_mergekit"))])]
+    for key, title in (("sparse_runs", "Sparsify-and-consensus methods"), ("other_methods", "Other methods")):
+        if result[key]:
+            tables.append(f"{title}, the same checkpoints:\n\n" + markdown_table(result[key], MERGE_COLUMNS))
+    return bench_page(result, args[0], tables, result["ratios"], result["unreliable_ratios"])
+
+
+@renderer("bench-data-merges")
+def bench_data_merges(args: list[str]) -> str:
+    """`bench-data-merges FILE`: statistics and data-aware merges on a CLIP tower, or with `--embedded` the
+    data-aware rows of the demo's accuracy table."""
+    result = load_result(args[0])
+    if "embedded" in result:
+        return demo_markdown([result["embedded"]], [bench_sources(result, args[0])], args)
+    statistics = markdown_table(result["statistics"], [
+        ("statistics", text("kind")), ("per task", timed("timing")), ("peak RssAnon MiB", value("peak_mib")),
+        ("extra MiB", value("extra_mib")), ("stored MiB / task", value("stored_mib_per_task"))])
+    merges = markdown_table(result["merges"], [
+        ("merge", text("merge")), ("time", timed("timing")), ("CPU s (first run)", value("cpu_seconds")),
+        ("peak RssAnon MiB", value("peak_mib")), ("extra MiB", value("extra_mib")),
+        ("max CG \\|r\\|/\\|b\\|", value("max_relative_residual"))])
+    model = result["model"]
+    head = (f"CLIP vision tower of {model['parameters'] / 1e6:.1f}M parameters, {result['config']['tasks']} tasks "
+            f"(statistics: the spread is over the tasks):")
+    return bench_page(result, args[0], [head, statistics, merges])
+
+
+@renderer("bench-distributed")
+def bench_distributed(args: list[str]) -> str:
+    """`bench-distributed FILE`: a TIES merge and a Concrete AdaMerging step at world size 1 and 2, per rank."""
+    result = load_result(args[0])
+    tables = []
+    if result["merge"]:
+        tables.append("TIES merge (`torchrun`), per rank:\n\n" + markdown_table(result["merge"], [
+            ("run", text("run")), ("rank", text("rank")), ("wall", timed("wall")), ("rank s", value("rank_s")),
+            ("tensors", text("tensors")), ("read MiB", value("read_mib")),
+            ("peak RssAnon MiB", value("peak_rss_anon_mib"))]))
+    tables.append("Concrete AdaMerging outer step, per rank:\n\n" + markdown_table(result["concrete_step"], [
+        ("run", text("run")), ("rank", text("rank")), ("step", timed("step")), ("shard elements", value("elements")),
+        ("of D", value("elements_share")), ("task vectors MiB", value("task_vector_mib")),
+        ("peak RssAnon MiB", value("peak_rss_anon_mib"))]))
+    return bench_page(result, args[0], tables, result["ratios"], result["unreliable_ratios"])
+
+
+@renderer("ablation")
+def ablation_table(args: list[str]) -> str:
+    """`ablation FILE`: the Concrete AdaMerging ablations (benchmarks/ablate_concrete_am.py), mean ± sample std
+    over seeds, each variant with the settings it ran."""
+    result = load_result(args[0])
+    summary = result["summary"]
+    tasks = list(summary[0]["accuracy"])
+    variants = result["variants"]
+
+    def settings(row: dict[str, Any]) -> str:
+        v = variants[row["variant"]]
+        common = f"clamp {'on' if v['clamp'] else 'off'}, lr {number(v['lr'])}, {v['steps']} steps"
+        if v["method"] == "adamerging":  # no mask, no inner step
+            return f"AdaMerging: {common}"
+        return (f"inner {v['inner_optimizer']} {number(v['inner_lr'])}, {common}, mask lr {number(v['mask_lr'])}, "
+                f"T {number(v['temperature'])}")
+
+    table = markdown_table(summary, [
+        ("variant", text("variant")), ("eval mask", text("eval_mask")), ("settings", settings),
+        *((task, lambda row, task=task: _cell(row["accuracy"][task], None)) for task in tasks),
+        ("avg", lambda row: _cell(row["average"], row["average_std"])),
+        ("max class share", value("max_class_share")), ("time / seed", lambda row: _seconds(row["seconds"]))])
+    seeds = ",".join(map(str, result["seeds"]))
+    return (f"{table}\n\nTest accuracy (%), mean over seeds {seeds} (avg: ± sample std over seeds).\n\n"
+            f"{bench_sources(result, args[0])}")
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,8 @@ figures that follow from the tower's shapes, and MaTS's CG residuals re-derived 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,28 +13,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pyfuse.stats import Statistics  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_data_merges.py"
+from .bench_helpers import load_benchmark  # noqa: E402
+
 HIDDEN, INTERMEDIATE, LAYERS, TASKS, PATCHES = 256, 1024, 4, 3, 50  # --quick: 224 / 32 = 7, 7 * 7 + 1 tokens
-BATCHES, BATCH_SIZE, CG_ITERATIONS = 2, 4, 8
+BATCHES, BATCH_SIZE, CG_ITERATIONS, REPEATS = 2, 4, 8, 1
 MERGES = ["task_arithmetic", "ties", "fisher", "regmean", "mats[regmean]", "mats[kfac]", "mats[diagonal_fisher]",
           "esm", "esm++"]
 MIB = 2**20
 
 
 def _load_bench():
-    """The script as a module (registered first: its dataclass looks its module up by name)."""
-    if "bench_data_merges" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_data_merges", SCRIPT)
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules["bench_data_merges"]
+    return load_benchmark("bench_data_merges")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out = root / "bench.json"
-    results = _load_bench().main(["--quick", "--no-progress", "--batches", str(BATCHES), "--batch-size",
+    results = _load_bench().main(["--quick", "--no-progress", "--repeats", str(REPEATS), "--batches", str(BATCHES),
+                                  "--batch-size",
                                   str(BATCH_SIZE), "--cg-iterations", str(CG_ITERATIONS), "--workdir",
                                   str(root / "work"), "--json", str(out)])
     return results, json.loads(out.read_text()), root / "work"
@@ -58,7 +52,11 @@ def _parameters() -> int:
 def test_json_is_the_returned_results_with_every_part(run):
     results, written, _ = run
     assert written == results
-    assert {"command", "machine", "config", "model", "statistics", "merges", "cg"} <= set(written)
+    assert {"provenance", "load", "config", "model", "statistics", "merges", "cg"} <= set(written)
+    assert {"command", "commit", "date", "cpu_model", "cores", "threads", "torch", "load_average"} <= set(
+        written["provenance"])
+    assert written["load"]["load_before"] >= 0 and written["load"]["load_after"] >= 0
+    assert written["provenance"]["command"].startswith("python benchmarks/bench_data_merges.py --quick")
     assert written["model"]["parameters"] == _parameters()
     assert written["model"]["layers"] == LAYERS and written["config"]["tasks"] == TASKS
 
@@ -83,6 +81,7 @@ def test_statistics_rows_and_their_stored_sizes(run):
             payload = record["stored_mib"] * MIB
             assert expected[kind] <= payload < expected[kind] + 64 * 1024, kind  # + the safetensors header
         assert row["total_seconds"] == pytest.approx(sum(r["seconds"] for r in row["per_task"]))
+        assert sorted(row["timing"]["samples"]) == sorted(r["seconds"] for r in row["per_task"])
 
 
 def test_every_merge_is_measured(run):
@@ -91,6 +90,8 @@ def test_every_merge_is_measured(run):
     assert [row["merge"] for row in rows] == MERGES
     for row in rows:
         assert row["seconds"] > 0 and row["peak_mib"] >= row["baseline_mib"] > 0
+        samples = row["timing"]["samples"]  # the timed runs after the measured first one
+        assert len(samples) == REPEATS and row["seconds"] == row["timing"]["median"] == samples[0]
         assert row["extra_mib"] == pytest.approx(row["peak_mib"] - row["baseline_mib"])
         assert row["output_mib"] == pytest.approx(_parameters() * 4 / MIB)  # every merged tensor is fp32
     mats = {row["merge"]: row for row in rows if row["method"] == "mats"}
@@ -151,3 +152,38 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys):
             bench.main(["--quick", "--workdir", str(work), *argv])
         assert message in capsys.readouterr().err
         assert not work.exists()
+
+
+def test_embedded_run_writes_its_json(tmp_path, monkeypatch):
+    """`--embedded --json F` (the demo's data-aware rows) at a tiny size: the JSON is written, holding the demo's
+    report (rows, settings, its provenance) and the seeds asked for."""
+    import pyfuse.demo
+    from pyfuse.data.embedded import load_embedded_tasks
+    from pyfuse.finetune import FinetuneConfig
+
+    from .text_helpers import tiny_encoder_dir
+
+    tasks = ("tweet_sentiment", "definition_pos")
+    texts = [text for task in load_embedded_tasks() for text in
+             (*task.train_texts, *task.test_texts, *task.class_descriptions)]
+    encoder = tiny_encoder_dir(tmp_path / "encoder", texts, hidden=16)
+    real = pyfuse.demo.DemoSettings
+
+    def tiny(**chosen):
+        return real(tasks=tasks, test_limit=40, stats_examples=16, validation_examples=8, encoder=str(encoder),
+                    finetune=FinetuneConfig(steps=4, batch_size=16, lr=3e-3, warmup=0.0), **chosen)
+
+    monkeypatch.setattr(pyfuse.demo, "DemoSettings", tiny)
+    monkeypatch.setenv("PYFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "embedded.json"
+    results = _load_bench().main(["--embedded", "--no-progress", "--seeds", "0,1", "--workdir",
+                                  str(tmp_path / "work"), "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(results))
+    embedded = written["embedded"]
+    assert [t["name"] for t in embedded["tasks"]] == list(tasks) and embedded["seeds"] == [0, 1]
+    assert written["seeds"] == {"merges": [0, 1]}
+    methods = [row["method"] for row in embedded["rows"]]
+    assert methods[:4] == ["individual", "pretrained", "task_arithmetic", "ties"]
+    assert set(pyfuse.demo.DATA_METHODS) <= set(methods)
+    assert {"commit", "date", "cpu_model"} <= set(embedded["provenance"]) and "provenance" in written

@@ -84,10 +84,12 @@ def parse_command(command: str) -> None:
         spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(script.parent))
+        sys.modules[spec.name] = module  # a dataclass in the script looks its module up by name
         try:
             spec.loader.exec_module(module)
         finally:
             sys.path.remove(str(script.parent))
+            del sys.modules[spec.name]
         module.build_parser().parse_args(env_free[2:])
         return
     elif env_free[:1] in (["nsys"], ["ncu"]):  # a profiler around a command: that command is parsed
@@ -173,3 +175,9 @@ def test_parse_only_refuses_an_unknown_command_and_a_bad_option():
         parse_command("pyfuse merge merge.yaml out --no-such-option")
     with pytest.raises(AssertionError):
         parse_command("make no-such-target")
+
+
+def test_parse_only_parses_benchmark_commands_with_their_own_parser():
+    parse_command("python benchmarks/bench_data_merges.py --quick --json out.json")
+    with pytest.raises(SystemExit):
+        parse_command("python benchmarks/bench_static_merge.py --no-such-option")
