@@ -169,6 +169,20 @@ def test_regmean_plusplus_excludes_and_errors():
         method.merge(base, [fts[0], broken], tasks)
 
 
+def test_regmean_plusplus_leaves_a_computed_buffer_before_the_first_block_alone():
+    """A non-persistent buffer that runs before the first block (Llama's rotary `inv_freq`) is in no checkpoint:
+    it keeps the model's value, and the merge equals the one without it."""
+    base, fts = family(2)
+    tasks = [Task(f"t{i}", batches(10 + i), pooled) for i in range(2)]
+    expected = create_method("regmean++").merge(base, fts, tasks)
+    with_buffer = copy.deepcopy(base)
+    computed = torch.arange(4, dtype=torch.float64)
+    with_buffer.embeddings.register_buffer("computed", computed.clone(), persistent=False)
+    merged = create_method("regmean++").merge(with_buffer, [ft.state_dict() for ft in fts], tasks)
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert torch.equal(with_buffer.embeddings.computed, computed)
+
+
 def test_regmean_plusplus_through_the_merge_engine(tmp_path):
     """pyfuse.merge / merge_to_dir run it like any method: the same tensors as the method's own entry, the
     base given as a module or as files with the architecture apart; every wrong combination refused first."""

@@ -315,6 +315,7 @@ class ESM(DataMethod):
 
     name = "esm"
     display_name = "ESM"
+    reference = "Essential Subspace Merging for Multi-Task Learning (from the paper's summary; no reference code)"
     summary = "essential subspace merging: activation-shift PCA per Linear, orthogonalised fusion"
     needs = ("acts",)
     params = {

@@ -52,6 +52,7 @@ class Average(_Linear):
 
     name = "average"
     display_name = "Weight Averaging"
+    reference = "Wortsman et al., 2022, Model soups"
     summary = "mean of the fine-tuned models (optionally weighted)"
     params = {"weights": WEIGHTS}
 

@@ -86,6 +86,7 @@ class RegMeanPlusPlus(TaskDataMethod):
 
     name = "regmean++"
     display_name = "RegMean++"
+    reference = "fusion_bench's RegMeanAlgorithmPlusPlus (Nguyen et al., 2025, RegMean++)"
     summary = "RegMean block by block, Grams on the merged earlier blocks' outputs (needs the models and data)"
     params = {
         "alpha": Param(0.95, number(0, 1), "scale of the Grams' off-diagonal entries (fusion_bench's "
@@ -159,7 +160,8 @@ class RegMeanPlusPlus(TaskDataMethod):
         for module_name in finished:
             module = work.get_submodule(module_name)
             for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if value.is_floating_point():
+                # a non-persistent buffer (e.g. Llama's rotary `inv_freq`) is computed, not in any checkpoint
+                if value.is_floating_point() and key not in module._non_persistent_buffers_set:  # noqa: SLF001
                     full = f"{module_name}.{key}"
                     value.copy_(torch.stack([state.get(full).to(value) for state in states]).mean(0))
 

@@ -73,6 +73,7 @@ class Slerp(_Interpolation):
 
     name = "slerp"
     display_name = "SLERP"
+    reference = "fusion_bench's and mergekit's slerp (Shoemake, 1985, Animating Rotation with Quaternion Curves)"
     summary = "spherical interpolation between the two fine-tuned models, per tensor (t=0: the first)"
     params = {
         "t": Param(0.5, number(), "interpolation factor: 0 gives the first model, 1 the second"),
@@ -104,6 +105,7 @@ class NuSlerp(_Interpolation):
 
     name = "nuslerp"
     display_name = "NuSLERP"
+    reference = "mergekit's nuslerp (Goddard et al., 2024, Arcee's MergeKit)"
     summary = "mergekit's NuSLERP: spherical interpolation of two task vectors (or models), t = w1 / (w0 + w1)"
     params = {
         "weights": Param(None, WEIGHTS.check, "per-model weights (mergekit's per-model `weight`); "
