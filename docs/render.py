@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +43,11 @@ def documents() -> list[Path]:
     return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
-def render_text(text: str, where: str = "<text>") -> str:
-    """`text` with every generated part re-rendered."""
+def render_text(text: str, where: str | os.PathLike = DOCS / "<text>") -> str:
+    """`text`, the document at `where`, with every generated part re-rendered (result paths relative to it)."""
+    global _document_dir
+    _document_dir = Path(where).parent
+
     def replace(match: re.Match) -> str:
         name, *args = match["spec"].split()
         if name not in RENDERERS:
@@ -58,30 +60,26 @@ def render_text(text: str, where: str = "<text>") -> str:
 # ---------------------------------------------------------------------------------------------
 # provenance
 # ---------------------------------------------------------------------------------------------
+_document_dir = DOCS  # the directory of the document being rendered: result paths are relative to it
+
+
 def load_result(path: str) -> dict[str, Any]:
-    file = DOCS / path
+    file = _document_dir / path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such result file (run the command its table names)")
     return json.loads(file.read_text())
 
 
-def head_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def provenance_line(record: dict[str, Any], path: str) -> str:
-    """One line saying where a table's figures come from; it says so when they are from a modified tree."""
-    commit = record.get("commit") or "unknown commit"
-    short = commit[:7] + (" (uncommitted changes)" if commit.endswith("+dirty") else "")
+    """One line saying where a table's figures come from: the code's commit (later commits may have changed it:
+    `git log COMMIT..` lists them; a modified tree is said), the command, the machine."""
+    commit = record.get("commit") or "an unknown commit"
+    short = commit[:7] + (" with uncommitted changes" if commit.endswith("+dirty") else "")
     load = record.get("load_average")
     after = record.get("load_average_after")
     loads = "" if load is None else f", load {load:.1f}" + ("" if after is None else f"→{after:.1f}")
-    return (f"<sub>Source: [`{path}`]({path if path.startswith('..') else path}) — `{record.get('command')}`; "
-            f"commit {short}, {record.get('date', '?')[:10]}, {record.get('cpu_model', '?')}, "
+    return (f"<sub>Source: [`{path}`]({path}) — `{record.get('command')}`; "
+            f"measured at commit {short}, {record.get('date', '?')[:10]}, {record.get('cpu_model', '?')}, "
             f"{record.get('cores', '?')} cores, {record.get('threads', '?')} threads{loads}, "
             f"torch {record.get('torch', '?')}.</sub>")
 
@@ -464,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for path in documents():
         text = path.read_text()
-        rendered = render_text(text, str(path.relative_to(ROOT)))
+        rendered = render_text(text, path)
         if rendered != text:
             stale.append(path.relative_to(ROOT))
             if not args.check:
