@@ -129,11 +129,11 @@ class DemoSettings:
     coefficient moves by up to ~0.1 over a run, a logit by up to ~0.2, Adam's step being about lr), so `lr`
     and `mask_lr` default to `0.1 / steps` and `0.2 / steps`; the inner step is Adam 0.1 and the
     coefficients are clamped to [0, 1], as in their code. Their CLIP setting is `inner_lr=1, lr=1/steps,
-    mask_lr=2/steps`; the README's ablation table shows why it is not the default here.
+    mask_lr=2/steps`; docs/concrete-adamerging.md says why it is not the default here.
     Every stochastic method (DELLA, the adaptive and data-aware ones) runs once per seed in `seeds`; the seed
     keys the mask noise, the order of the unlabeled batches and the statistics' samples. One seed by default,
     so a cold first run (five fine-tunings, then every method) stays near a quarter of an hour on two cores;
-    the README's table is `--seeds 0,1,2` (about 3.5 minutes more per extra seed). `test_limit`
+    the tables in docs/results.md are `--seeds 0,1,2` (each extra seed repeats the stochastic rows). `test_limit`
     keeps the first examples of each test split (None: all); adaptation uses the same examples, unlabeled.
     """
 

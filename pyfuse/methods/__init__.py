@@ -2,7 +2,7 @@
 
 The interface lives in `base` (`Method`, `StaticMethod`, `Param`, the registry); the data-aware kinds in
 `data_aware`, the methods learned at test time in `learned` (they run the engine in `pyfuse.adaptive`).
-Importing this package registers every built-in method. A new method is one module here (docs/README.md,
+Importing this package registers every built-in method. A new method is one module here (docs/development.md,
 "Adding a method").
 """
 

@@ -5,7 +5,7 @@ it and registers the built-in methods.
 Any method is a `Method` subclass with a `name` and a `params` table, its declared parameters (`Param`:
 default, check, help), registered with `@register`; `create_method(name, **parameters)` checks the values
 against it, with errors that name the method and the parameter, into `method.parameters`. Where a new
-method goes (docs/README.md, "Adding a method"):
+method goes (docs/development.md, "Adding a method"):
 
 - static (data-free): a `StaticMethod` (below) in its own module here, e.g. `ties.py`; sparsifying methods
   build on the shared core `sparsify.py`;
