@@ -78,7 +78,10 @@ def provenance_line(record: dict[str, Any], path: str) -> str:
     load = record.get("load_average")
     after = record.get("load_average_after")
     loads = "" if load is None else f", load {load:.1f}" + ("" if after is None else f"→{after:.1f}")
-    return (f"<sub>Source: [`{path}`]({path}) — `{record.get('command')}`; "
+    command = str(record.get("command"))
+    if command.startswith("__main__.py "):  # recorded before provenance kept `python -m pyfuse` whole
+        command = "python -m pyfuse " + command.removeprefix("__main__.py ")
+    return (f"<sub>Source: [`{path}`]({path}) — `{command}`; "
             f"measured at commit {short}, {record.get('date', '?')[:10]}, {record.get('cpu_model', '?')}, "
             f"{record.get('cores', '?')} cores, {record.get('threads', '?')} threads{loads}, "
             f"torch {record.get('torch', '?')}.</sub>")

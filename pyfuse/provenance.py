@@ -47,11 +47,19 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def command_line() -> str:
+    """The command as typed: `python -m pyfuse demo ...` for a module run (whose argv[0] is its __main__.py)."""
+    words = list(getattr(sys, "orig_argv", sys.argv))
+    if words and (words[0] == sys.executable or os.path.basename(words[0]).startswith("python")):
+        words[0] = "python"
+    return " ".join(words)
+
+
 def provenance(threads: int | None = None) -> dict:
     """The record: `command`, `commit`, `date` (UTC), `cpu_model`, `cores`, `threads` (torch's when None),
     `torch`, `python`, `platform` and `load_average` (1 minute, when the record is taken)."""
     return {
-        "command": " ".join([os.path.basename(sys.argv[0]) if sys.argv[0] else "python", *sys.argv[1:]]),
+        "command": command_line(),
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(), "cores": os.cpu_count(),
