@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 listing the files that differ")
     args = parser.parse_args(argv)
+    from pyfuse.io.atomic import atomic_path
+
     stale = []
     for path in documents():
         text = path.read_text()
@@ -469,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         if rendered != text:
             stale.append(path.relative_to(ROOT))
             if not args.check:
-                path.write_text(rendered)
+                with atomic_path(path) as tmp:  # a failed write leaves the document as it was
+                    tmp.write_text(rendered)
     if args.check and stale:
         print("out of date (run `make docs`): " + ", ".join(map(str, stale)), file=sys.stderr)
         return 1
