@@ -111,14 +111,25 @@ def demo_table(args: list[str]) -> str:
 
 def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[str]) -> str:
     """The demo's table from its reports, followed by the `sources` lines (see `demo_table`)."""
+    from pyfuse.demo import ROWS
+
     first = reports[0]
     tasks = [t["name"] for t in first["tasks"]]
-    rows: dict[str, dict[str, Any]] = {}
-    for report in reports:
-        if [t["name"] for t in report["tasks"]] != tasks or report["finetuned"].keys() != first["finetuned"].keys():
-            raise ValueError(f"{args}: the reports are of different tasks")
+    found: dict[str, dict[str, Any]] = {}
+    for path, report in zip(args, reports):
+        models = {name: entry["path"] for name, entry in report["finetuned"].items()}
+        if [t["name"] for t in report["tasks"]] != tasks or models != {
+                name: entry["path"] for name, entry in first["finetuned"].items()}:
+            raise ValueError(f"{path}: not the fine-tuned models of {args[0]} (a table joins reports of one setting)")
+        differing = [key for key in first["settings"] if key != "methods"
+                     and report["settings"].get(key) != first["settings"][key]]
+        if differing:
+            raise ValueError(f"{path}: setting {differing[0]!r} is {report['settings'].get(differing[0])!r}, "
+                             f"{first['settings'][differing[0]]!r} in {args[0]} (a table joins reports of one setting)")
         for row in report["rows"]:
-            rows.setdefault(row["method"], row)
+            found.setdefault(row["method"], row)
+    order = ["individual", "pretrained", *ROWS]  # each Concrete row beside the method it builds on
+    rows = {name: found[name] for name in sorted(found, key=lambda n: order.index(n) if n in order else len(order))}
     best = max(row["average"] for name, row in rows.items() if name not in ("individual", "pretrained"))
     header = ["method", *tasks, "avg", "time / seed", "mask \\|p−½\\|", "p<0.1 / p>0.9"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

@@ -60,12 +60,20 @@ class DemoRow:
         return create_method(self.method, **self.parameters)
 
 
-ROWS = {  # the default rows first, in the table's order, then the opt-in ones
+ROWS = {  # the table's order: each Concrete row beside the method whose task vectors it masks; opt-in rows run
+    # only when named (`--methods`)
     "weight_averaging": DemoRow("average"),
     "task_arithmetic": DemoRow("task_arithmetic", {"scaling": 0.3}),
+    "concrete_task_arithmetic": DemoRow("concrete_task_arithmetic"),
     "ties": DemoRow("ties", {"density": 0.2, "scaling": 0.3}),
+    # the Concrete mask over other methods' per-task vectors (`vectors`): TIES' at AdaMerging++'s density and task
+    # arithmetic's 0.3, TSV-M's at its scaling 1
+    "concrete_task_arithmetic_ties": DemoRow("concrete_task_arithmetic", {"vectors": "ties"}, "Concrete TA (TIES)",
+                                             opt_in=True),
     "model_stock": DemoRow("model_stock"),
     "tsv": DemoRow("tsv"),
+    "concrete_tsvm": DemoRow("concrete_tsvm", opt_in=True),
+    "wudi": DemoRow("wudi", opt_in=True),  # 400 Adam steps per matrix take minutes on a CPU
     "iso_c": DemoRow("iso_c"),
     "iso_cts": DemoRow("iso_cts"),
     # mergekit's methods at a density that sparsifies (their default, 1, keeps everything): breadcrumbs sums,
@@ -73,27 +81,20 @@ ROWS = {  # the default rows first, in the table's order, then the opt-in ones
     "breadcrumbs": DemoRow("breadcrumbs", {"density": 0.9, "gamma": 0.01, "lambda": 0.3}),
     "della": DemoRow("della", {"density": 0.5, "epsilon": 0.1}),
     "magmax": DemoRow("magmax"),
-    "adamerging": DemoRow("adamerging", label="AdaMerging (layer-wise)"),
-    "concrete_task_arithmetic": DemoRow("concrete_task_arithmetic"),
-    "concrete_adamerging": DemoRow("concrete_adamerging", label="Concrete AM (layer-wise)"),
     "fisher": DemoRow("fisher", opt_in=True),
     "regmean": DemoRow("regmean", opt_in=True),
+    # runs the models on the training examples the statistics come from
+    "regmean++": DemoRow("regmean++", opt_in=True),
     "mats_regmean": DemoRow("mats", {"objective": "regmean"}, "MaTS-RegMean", opt_in=True),
     "mats_kfac": DemoRow("mats", {"objective": "kfac"}, "MaTS-KFAC", opt_in=True),
     "esm": DemoRow("esm", opt_in=True),
     "esm++": DemoRow("esm++", opt_in=True),
-    # runs the models on the training examples the statistics come from
-    "regmean++": DemoRow("regmean++", opt_in=True),
-    "wudi": DemoRow("wudi", opt_in=True),  # 400 Adam steps per matrix take minutes on a CPU
-    # the Concrete mask over other methods' per-task vectors (`vectors`): TSV-M's at its scaling 1, TIES' at
-    # AdaMerging++'s density and task arithmetic's 0.3
-    "concrete_tsvm": DemoRow("concrete_tsvm", opt_in=True),
-    "concrete_task_arithmetic_ties": DemoRow("concrete_task_arithmetic", {"vectors": "ties"}, "Concrete TA (TIES)",
-                                             opt_in=True),
-    "concrete_adamerging_tsv": DemoRow("concrete_adamerging", {"vectors": "tsv", "init": 1.0},
-                                       "Concrete AM (TSV-M, layer-wise)", opt_in=True),
+    "adamerging": DemoRow("adamerging", label="AdaMerging (layer-wise)"),
+    "concrete_adamerging": DemoRow("concrete_adamerging", label="Concrete AM (layer-wise)"),
     "concrete_adamerging_ties": DemoRow("concrete_adamerging", {"vectors": "ties"}, "Concrete AM (TIES, layer-wise)",
                                         opt_in=True),
+    "concrete_adamerging_tsv": DemoRow("concrete_adamerging", {"vectors": "tsv", "init": 1.0},
+                                       "Concrete AM (TSV-M, layer-wise)", opt_in=True),
 }
 METHODS = tuple(name for name, row in ROWS.items() if not row.opt_in)
 """The demo's default rows; the others are opt-in (`--methods`)."""
