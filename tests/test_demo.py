@@ -110,6 +110,17 @@ def _check_rendered_tables(report, path):
         if row["mask"] is not None:
             assert line[-2].strip() == f"{row['mask']['mean_abs_p_minus_half']:.3f}"
     assert report["provenance"]["date"][:10] in table and report["provenance"]["cpu_model"] in table
+    # a second report of the same setting joins in the registry's order, whatever order its rows came in
+    other = json.loads(path.read_text())
+    other["rows"] = other["rows"][::-1]
+    (path.parent / "other.json").write_text(json.dumps(other))
+    joined = render.demo_table([str(path.parent / "other.json"), str(path)])
+    assert [line.split(" | ")[0].strip("| ") for line in joined.splitlines() if line.startswith("| ")][2:] == [
+        row["label"] for row in report["rows"]]
+    other["settings"]["steps"] += 1  # another setting: refused, naming it
+    (path.parent / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="setting 'steps' is"):
+        render.demo_table([str(path), str(path.parent / "other.json")])
     schedules = render.schedules_table([str(path)])
     adaptive = [line for line in schedules.splitlines() if line.startswith("| ")][2:]
     assert [line.split(" | ")[0].strip("| ") for line in adaptive] == [
