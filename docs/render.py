@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,8 +110,10 @@ def demo_table(args: list[str]) -> str:
     return demo_markdown(reports, [provenance_line(r["provenance"], p) for r, p in zip(reports, args)], args)
 
 
-def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[str]) -> str:
-    """The demo's table from its reports, followed by the `sources` lines (see `demo_table`)."""
+def joined_rows(reports: list[dict[str, Any]], args: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The first report and the rows of all `reports` (files `args`), each method from the first report that has
+    it, in the registry's order; refused unless every report is of one setting: the same fine-tuned models and
+    every setting but the methods equal."""
     from pyfuse.demo import ROWS
 
     first = reports[0]
@@ -121,15 +124,23 @@ def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[
         if [t["name"] for t in report["tasks"]] != tasks or models != {
                 name: entry["path"] for name, entry in first["finetuned"].items()}:
             raise ValueError(f"{path}: not the fine-tuned models of {args[0]} (a table joins reports of one setting)")
-        differing = [key for key in first["settings"] if key != "methods"
-                     and report["settings"].get(key) != first["settings"][key]]
+        differing = [key for key in sorted({*first["settings"], *report["settings"]}) if key != "methods"
+                     and report["settings"].get(key) != first["settings"].get(key)]
         if differing:
-            raise ValueError(f"{path}: setting {differing[0]!r} is {report['settings'].get(differing[0])!r}, "
-                             f"{first['settings'][differing[0]]!r} in {args[0]} (a table joins reports of one setting)")
+            key = differing[0]
+            raise ValueError(f"{path}: setting {key!r} is {report['settings'].get(key)!r}, "
+                             f"{first['settings'].get(key)!r} in {args[0]} (a table joins reports of one setting)")
         for row in report["rows"]:
             found.setdefault(row["method"], row)
     order = ["individual", "pretrained", *ROWS]  # each Concrete row beside the method it builds on
-    rows = {name: found[name] for name in sorted(found, key=lambda n: order.index(n) if n in order else len(order))}
+    return first, {name: found[name] for name in sorted(found, key=lambda n: order.index(n) if n in order
+                                                          else len(order))}
+
+
+def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[str]) -> str:
+    """The demo's table from its reports, followed by the `sources` lines (see `demo_table`)."""
+    first, rows = joined_rows(reports, args)
+    tasks = [t["name"] for t in first["tasks"]]
     best = max(row["average"] for name, row in rows.items() if name not in ("individual", "pretrained"))
     header = ["method", *tasks, "avg", "time / seed", "mask \\|p−½\\|", "p<0.1 / p>0.9"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -149,6 +160,49 @@ def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[
               f"adaptation seeds {seeds} (stochastic rows: mean ± sample std over seeds), "
               f"{settings['steps']}-step adaptive schedules."]
     lines += ["", *sources]
+    return "\n".join(lines)
+
+
+@renderer("demo-summary")
+def demo_summary(args: list[str]) -> str:
+    """`demo-summary NAME=FILE[,FILE...] ...`: each method's average accuracy (mean ± sample std over seeds) in
+    several settings side by side, one column per NAME (its files joined as `demo` joins them), and the mean of
+    the columns where a method has them all; the best of each column in bold."""
+    columns: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    sources: list[str] = []
+    for arg in args:
+        name, _, files = arg.partition("=")
+        paths = files.split(",")
+        if not name or not files:
+            raise ValueError(f"demo-summary: {arg!r} is not NAME=FILE[,FILE...]")
+        reports = [load_result(path) for path in paths]
+        columns.append((name, joined_rows(reports, paths)[1]))
+        sources += [provenance_line(r["provenance"], path) for r, path in zip(reports, paths)]
+    order = list(dict.fromkeys(method for _, rows in columns for method in rows))
+    merges = [m for m in order if m not in ("individual", "pretrained")]
+
+    def both(method: str) -> float | None:
+        values = [rows[method]["average"] for _, rows in columns if method in rows]
+        return statistics.fmean(values) if len(values) == len(columns) else None
+
+    best = {name: max(rows[m]["average"] for m in merges if m in rows) for name, rows in columns}
+    best_both = max((v for v in map(both, merges) if v is not None), default=None)
+    header = ["method", *(name for name, _ in columns), "mean of the columns"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for method in order:
+        label = next(rows[method]["label"] for _, rows in columns if method in rows)
+        cells = [label]
+        for name, rows in columns:
+            row = rows.get(method)
+            cell = "" if row is None else _cell(row["average"], row.get("average_std"))
+            cells.append(f"**{cell}**" if row is not None and row["average"] == best[name] and method in merges
+                         else cell)
+        mean = both(method)
+        cells.append("" if mean is None else (f"**{100 * mean:.1f}**" if mean == best_both and method in merges
+                                              else f"{100 * mean:.1f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Average test accuracy (%) over the tasks; stochastic rows: mean ± sample std over seeds.",
+              "", *sources]
     return "\n".join(lines)
 
 

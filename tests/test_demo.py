@@ -121,6 +121,22 @@ def _check_rendered_tables(report, path):
     (path.parent / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="setting 'steps' is"):
         render.demo_table([str(path), str(path.parent / "other.json")])
+    # the summary: one column per setting, and their mean where a method has every column
+    other = json.loads(path.read_text())
+    other["rows"] = [{**row, "average": row["average"] - 0.1} for row in other["rows"][:-1]]  # one method absent
+    (path.parent / "other.json").write_text(json.dumps(other))
+    summary = render.demo_summary([f"a={path}", f"b={path.parent / 'other.json'}"])
+    lines = [line.strip("|").split(" | ") for line in summary.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in lines[0]] == ["method", "a", "b", "mean of the columns"]
+    for row, cells in zip(report["rows"], lines[2:]):
+        assert cells[1].strip("* ").startswith(f"{100 * row['average']:.1f}")
+        if row is report["rows"][-1]:
+            assert cells[2].strip() == cells[3].strip() == ""
+        else:
+            assert cells[2].strip("* ").startswith(f"{100 * (row['average'] - 0.1):.1f}")
+            assert cells[3].strip("* ") == f"{100 * (row['average'] - 0.05):.1f}"
+    merged = [r["average"] for r in report["rows"] if r["method"] not in ("individual", "pretrained")]
+    assert sum(cells[1].startswith("**") for cells in lines[2:]) == merged.count(max(merged))
     schedules = render.schedules_table([str(path)])
     adaptive = [line for line in schedules.splitlines() if line.startswith("| ")][2:]
     assert [line.split(" | ")[0].strip("| ") for line in adaptive] == [
