@@ -65,6 +65,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "authors_fusion_bench_150_steps": ("concrete_adamerging", {**AUTHORS_CLIP, "steps": 150}, ("relaxed",)),
     "language_adamerging": ("adamerging", LANGUAGE, ()),
     "language": ("concrete_adamerging", LANGUAGE, ("relaxed",)),
+    # the demo's default: the language setting with the CLIP setting's mask total
+    "language_clip_mask": ("concrete_adamerging", {**LANGUAGE, "mask_movement": 2.0}, ("relaxed",)),
     "language_T1": ("concrete_adamerging", {**LANGUAGE, "temperature": 1.0}, ("relaxed",)),
     "language_T0.2": ("concrete_adamerging", {**LANGUAGE, "temperature": 0.2}, ("relaxed",)),
 }

@@ -80,11 +80,12 @@ def provenance_line(record: dict[str, Any], path: str) -> str:
     after = record.get("load_average_after")
     loads = "" if load is None else f", load {load:.1f}" + ("" if after is None else f"→{after:.1f}")
     command = str(record.get("command"))
+    threads = record.get("threads", "?")
     if command.startswith("__main__.py "):  # recorded before provenance kept `python -m pyfuse` whole
         command = "python -m pyfuse " + command.removeprefix("__main__.py ")
     return (f"<sub>Source: [`{path}`]({path}) — `{command}`; "
             f"measured at commit {short}, {record.get('date', '?')[:10]}, {record.get('cpu_model', '?')}, "
-            f"{record.get('cores', '?')} cores, {record.get('threads', '?')} threads{loads}, "
+            f"{record.get('cores', '?')} cores, {threads} thread{'' if threads == 1 else 's'}{loads}, "
             f"torch {record.get('torch', '?')}.</sub>")
 
 
@@ -158,7 +159,9 @@ def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[
     seeds = ",".join(map(str, first["seeds"]))
     lines += ["", f"Test accuracy (%), fine-tuning `{settings['finetune']['mode']}` (seed {first['finetune_seed']}), "
               f"adaptation seeds {seeds} (stochastic rows: mean ± sample std over seeds), "
-              f"{settings['steps']}-step adaptive schedules."]
+              f"{settings['steps']}-step adaptive schedules (Adam lr {first['learning_rates']['coefficients']:.3g} on "
+              f"the coefficients, {first['learning_rates']['mask_logits']:.3g} on the mask logits, inner lr "
+              f"{first['learning_rates']['inner']:.3g})."]
     lines += ["", *sources]
     return "\n".join(lines)
 
@@ -170,13 +173,20 @@ def demo_summary(args: list[str]) -> str:
     the columns where a method has them all; the best of each column in bold."""
     columns: list[tuple[str, dict[str, dict[str, Any]]]] = []
     sources: list[str] = []
+    settings_lines: list[str] = []
     for arg in args:
         name, _, files = arg.partition("=")
         paths = files.split(",")
         if not name or not files:
             raise ValueError(f"demo-summary: {arg!r} is not NAME=FILE[,FILE...]")
         reports = [load_result(path) for path in paths]
-        columns.append((name, joined_rows(reports, paths)[1]))
+        first, rows = joined_rows(reports, paths)
+        columns.append((name, rows))
+        rates = first["learning_rates"]
+        settings_lines.append(f"{name}: fine-tuning `{first['settings']['finetune']['mode']}`, adaptation seeds "
+                              f"{','.join(map(str, first['seeds']))}, {first['settings']['steps']}-step adaptive "
+                              f"schedules (lr {rates['coefficients']:.3g}, mask lr {rates['mask_logits']:.3g}, "
+                              f"inner lr {rates['inner']:.3g}).")
         sources += [provenance_line(r["provenance"], path) for r, path in zip(reports, paths)]
     order = list(dict.fromkeys(method for _, rows in columns for method in rows))
     merges = [m for m in order if m not in ("individual", "pretrained")]
@@ -201,8 +211,8 @@ def demo_summary(args: list[str]) -> str:
         cells.append("" if mean is None else (f"**{100 * mean:.1f}**" if mean == best_both and method in merges
                                               else f"{100 * mean:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Average test accuracy (%) over the tasks; stochastic rows: mean ± sample std over seeds.",
-              "", *sources]
+    lines += ["", "Average test accuracy (%) over the tasks; stochastic rows: mean ± sample std over seeds. "
+              + " ".join(settings_lines), "", *sources]
     return "\n".join(lines)
 
 
@@ -214,7 +224,7 @@ def schedules_table(args: list[str]) -> str:
     from pyfuse.methods import get_method
 
     reports = [load_result(path) for path in args]
-    header = ["method", "steps", "lr", "mask lr", "inner lr", "clamp", "seeds", "avg", "worst task",
+    header = ["method", "fine-tuning", "steps", "lr", "mask lr", "inner lr", "clamp", "seeds", "avg", "worst task",
               "mask \\|p−½\\|", "p<0.1 / p>0.9"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for report in reports:
@@ -229,7 +239,7 @@ def schedules_table(args: list[str]) -> str:
             def rate(name: str, value: float, declared: dict = declared) -> str:
                 return f"{value:.3g}" if name in declared else "—"
             lines.append("| " + " | ".join([
-                row["label"], str(settings["steps"]), rate("lr", rates["coefficients"]),
+                row["label"], settings["finetune"]["mode"], str(settings["steps"]), rate("lr", rates["coefficients"]),
                 rate("mask_lr", rates["mask_logits"]), rate("inner_lr", rates["inner"]),
                 ("yes" if settings["clamp"] else "no") if "clamp" in declared else "—",
                 ",".join(map(str, report["seeds"])),

@@ -331,7 +331,7 @@ def _finetune_config(args: argparse.Namespace, quick: bool = False):
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import ALL_METHODS, METHODS, STOCHASTIC, DemoSettings
+    from .demo import ALL_METHODS, LR_MOVEMENT, MASK_MOVEMENT, METHODS, STOCHASTIC, DemoSettings
     from .ops.backends import BACKENDS
 
     defaults = DemoSettings()
@@ -349,8 +349,8 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(map(str, defaults.seeds))}; --quick: 0)")
     parser.add_argument("--test-limit", type=int,
                         help="evaluate (and adapt) on the first N test examples of each task (default: all)")
-    parser.add_argument("--lr", type=float, help="Adam lr of the coefficients (default 0.1/steps)")
-    parser.add_argument("--mask-lr", type=float, help="Adam lr of the mask logits (default 0.2/steps)")
+    parser.add_argument("--lr", type=float, help=f"Adam lr of the coefficients (default {LR_MOVEMENT:g}/steps)")
+    parser.add_argument("--mask-lr", type=float, help=f"Adam lr of the mask logits (default {MASK_MOVEMENT:g}/steps)")
     parser.add_argument("--inner-lr", type=float, help=f"Concrete AM's inner Adam lr (default {defaults.inner_lr})")
     parser.add_argument("--no-clamp", dest="clamp", action="store_false", default=None,
                         help="do not clamp the coefficients to [0, 1] (fusion_bench's choice)")

@@ -268,7 +268,7 @@ def test_demo_command_line_sets_the_adaptive_schedule():
     from pyfuse.cli import build_parser, demo_settings
 
     default = demo_settings(build_parser().parse_args(["demo"]))
-    assert (default.coefficient_lr, default.logits_lr) == pytest.approx((0.1 / default.steps, 0.2 / default.steps))
+    assert (default.coefficient_lr, default.logits_lr) == pytest.approx((0.1 / default.steps, 2.0 / default.steps))
     assert default.clamp and default.inner_lr == 0.1 and default.seeds == (0,) and default.test_limit is None
     clip = demo_settings(build_parser().parse_args(
         ["demo", "--steps", "1000", "--lr", "1e-3", "--mask-lr", "1e-3", "--inner-lr", "1", "--no-clamp"]))
