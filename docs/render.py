@@ -111,19 +111,35 @@ def demo_table(args: list[str]) -> str:
     return demo_markdown(reports, [provenance_line(r["provenance"], p) for r, p in zip(reports, args)], args)
 
 
-def joined_rows(reports: list[dict[str, Any]], args: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The first report and the rows of all `reports` (files `args`), each method from the first report that has
-    it, in the registry's order; refused unless every report is of one setting: the same fine-tuned models and
-    every setting but the methods equal."""
+def in_table_order(methods: Any) -> list[str]:
+    """`methods` in the demo table's order: Individual, Pre-trained, then the registry's rows (each Concrete row
+    beside the method it builds on); names the registry lacks last."""
     from pyfuse.demo import ROWS
 
+    order = ["individual", "pretrained", *ROWS]
+    return sorted(methods, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def schedule_text(report: dict[str, Any]) -> str:
+    """The report's fine-tuning, seeds and adaptive schedule, in words."""
+    rates, settings = report["learning_rates"], report["settings"]
+    return (f"fine-tuning `{settings['finetune']['mode']}` (seed {report['finetune_seed']}), adaptation seeds "
+            f"{','.join(map(str, report['seeds']))}, {settings['steps']}-step adaptive schedules (Adam lr "
+            f"{rates['coefficients']:.3g} on the coefficients, {rates['mask_logits']:.3g} on the mask logits, inner "
+            f"lr {rates['inner']:.3g})")
+
+
+def joined_rows(reports: list[dict[str, Any]], args: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The first report and the rows of all `reports` (files `args`), each method from the first report that has
+    it, in the table's order (`in_table_order`); refused unless every report is of one setting: the same
+    fine-tuned models and every setting but the methods equal."""
     first = reports[0]
     tasks = [t["name"] for t in first["tasks"]]
+    models = {name: entry["path"] for name, entry in first["finetuned"].items()}
     found: dict[str, dict[str, Any]] = {}
     for path, report in zip(args, reports):
-        models = {name: entry["path"] for name, entry in report["finetuned"].items()}
         if [t["name"] for t in report["tasks"]] != tasks or models != {
-                name: entry["path"] for name, entry in first["finetuned"].items()}:
+                name: entry["path"] for name, entry in report["finetuned"].items()}:
             raise ValueError(f"{path}: not the fine-tuned models of {args[0]} (a table joins reports of one setting)")
         differing = [key for key in sorted({*first["settings"], *report["settings"]}) if key != "methods"
                      and report["settings"].get(key) != first["settings"].get(key)]
@@ -133,9 +149,7 @@ def joined_rows(reports: list[dict[str, Any]], args: list[str]) -> tuple[dict[st
                              f"{first['settings'].get(key)!r} in {args[0]} (a table joins reports of one setting)")
         for row in report["rows"]:
             found.setdefault(row["method"], row)
-    order = ["individual", "pretrained", *ROWS]  # each Concrete row beside the method it builds on
-    return first, {name: found[name] for name in sorted(found, key=lambda n: order.index(n) if n in order
-                                                          else len(order))}
+    return first, {name: found[name] for name in in_table_order(found)}
 
 
 def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[str]) -> str:
@@ -155,13 +169,7 @@ def demo_markdown(reports: list[dict[str, Any]], sources: list[str], args: list[
                  "" if mask is None else
                  f"{100 * mask['fraction_below_0.1']:.1f}% / {100 * mask['fraction_above_0.9']:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
-    settings = first["settings"]
-    seeds = ",".join(map(str, first["seeds"]))
-    lines += ["", f"Test accuracy (%), fine-tuning `{settings['finetune']['mode']}` (seed {first['finetune_seed']}), "
-              f"adaptation seeds {seeds} (stochastic rows: mean ± sample std over seeds), "
-              f"{settings['steps']}-step adaptive schedules (Adam lr {first['learning_rates']['coefficients']:.3g} on "
-              f"the coefficients, {first['learning_rates']['mask_logits']:.3g} on the mask logits, inner lr "
-              f"{first['learning_rates']['inner']:.3g})."]
+    lines += ["", f"Test accuracy (%), {schedule_text(first)}; stochastic rows: mean ± sample std over seeds."]
     lines += ["", *sources]
     return "\n".join(lines)
 
@@ -182,13 +190,9 @@ def demo_summary(args: list[str]) -> str:
         reports = [load_result(path) for path in paths]
         first, rows = joined_rows(reports, paths)
         columns.append((name, rows))
-        rates = first["learning_rates"]
-        settings_lines.append(f"{name}: fine-tuning `{first['settings']['finetune']['mode']}`, adaptation seeds "
-                              f"{','.join(map(str, first['seeds']))}, {first['settings']['steps']}-step adaptive "
-                              f"schedules (lr {rates['coefficients']:.3g}, mask lr {rates['mask_logits']:.3g}, "
-                              f"inner lr {rates['inner']:.3g}).")
+        settings_lines.append(f"{name}: {schedule_text(first)}.")
         sources += [provenance_line(r["provenance"], path) for r, path in zip(reports, paths)]
-    order = list(dict.fromkeys(method for _, rows in columns for method in rows))
+    order = in_table_order({method for _, rows in columns for method in rows})
     merges = [m for m in order if m not in ("individual", "pretrained")]
 
     def both(method: str) -> float | None:
