@@ -38,7 +38,7 @@ from .methods import Method, create_method, get_method, learned
 from .methods.esm import install_routed_experts
 from .models.text_classifier import DEFAULT_ENCODER, TextClassifierTask, TextEncoder
 from .provenance import load_average, provenance
-from .stats import Statistics, collect_statistics
+from .stats import Statistics, collect_statistics, join_statistics, seeded_kinds
 from .task import evaluate_with_class_shares
 from .taskvectors import TaskVectors
 
@@ -99,8 +99,12 @@ ROWS = {  # the table's order: each Concrete row beside the method whose task ve
 METHODS = tuple(name for name, row in ROWS.items() if not row.opt_in)
 """The demo's default rows; the others are opt-in (`--methods`)."""
 ALL_METHODS = tuple(ROWS)
-STOCHASTIC = tuple(name for name, row in ROWS.items() if get_method(row.method).stochastic)
-"""Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per seed."""
+STATISTICS_LABELS = "gold"
+"""The `y` of the gradient statistics: each training example's own label, so only the "acts" kind is seeded."""
+STOCHASTIC = tuple(name for name, row in ROWS.items() if get_method(row.method).stochastic
+                   and (not row.instance().needs or seeded_kinds(row.instance().needs, STATISTICS_LABELS)))
+"""Methods whose result depends on the seed (drops, mask noise, batch order, sampled statistics): run once per
+seed. A data-aware row whose statistics no seed changes (Fisher, RegMean, MaTS on gold labels) runs once."""
 # The tables this module kept before the registry answered for each method, as views of ROWS in their old shapes
 # (deprecated, for one release): nothing here is written by hand.
 STATIC_METHODS = {name: (row.method, row.parameters) for name, row in ROWS.items()
@@ -204,7 +208,7 @@ class DemoContext:
     models: dict[str, dict[str, torch.Tensor]]
     base: dict[str, torch.Tensor]
     _vectors: TaskVectors | None = None
-    _statistics: dict[int, list[Statistics]] = field(default_factory=dict)
+    _statistics: dict[int | None, list[Statistics]] = field(default_factory=dict)  # None: the seedless kinds
 
     def task_vectors(self) -> TaskVectors:
         """The fine-tuned models' task vectors over the base (built on first use, then kept)."""
@@ -225,10 +229,21 @@ class DemoContext:
         return [dataclasses.replace(t, head=t.head.to(device)) for t in self.tasks]
 
     def statistics(self, seed: int, progress: bool) -> list[Statistics]:
-        if seed not in self._statistics:
-            self._statistics[seed] = _statistics(self.encoder, self.tasks_on_device(), self.models, self.settings,
-                                                 progress, seed)
-        return self._statistics[seed]
+        """Every task's statistics of the kinds the chosen data-aware rows need, for `seed`: the kinds no seed
+        changes are collected once (the first seed's pass) and joined with the seeded ones, collected per seed."""
+        kinds = sorted({kind for m in self.settings.methods for kind in ROWS[m].instance().needs})
+        seeded = seeded_kinds(kinds, STATISTICS_LABELS)
+        stable = [kind for kind in kinds if kind not in seeded]
+        for key, key_kinds in ((None, stable), (seed, seeded)):
+            if key_kinds and key not in self._statistics:
+                self._statistics[key] = _statistics(self.encoder, self.tasks_on_device(), self.models, key_kinds,
+                                                    self.settings, progress, seed)
+        parts = [self._statistics[key] for key, key_kinds in ((None, stable), (seed, seeded)) if key_kinds]
+        if len(parts) == 1:
+            return parts[0]
+        weights = self.encoder.module.state_dict()
+        return [join_statistics(task_parts, {**weights, **self.models[task.name]})
+                for task, task_parts in zip(self.tasks, zip(*parts))]
 
 
 @dataclass
@@ -375,18 +390,15 @@ def _individual(ctx: DemoContext, tests: Sequence[Task]) -> tuple[dict[str, floa
 
 
 def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], models: dict[str, dict[str, torch.Tensor]],
-                settings: DemoSettings, progress: bool, seed: int) -> list[Statistics]:
-    """Each fine-tuned model's statistics on its own task's first training examples (all kinds the chosen
-    data-aware methods need, in one pass per task); none when no data-aware method is chosen."""
-    kinds = sorted({kind for m in settings.methods for kind in ROWS[m].instance().needs})
-    if not kinds:
-        return []
+                kinds: Sequence[str], settings: DemoSettings, progress: bool, seed: int) -> list[Statistics]:
+    """Each fine-tuned model's `kinds` statistics on its own task's first training examples, gold labels (one
+    pass per task)."""
     stats = []
     for task in tasks:
         model = copy.deepcopy(encoder.module)
         model.load_state_dict(models[task.name], strict=False)
         batches = [{**batch, "labels": y} for batch, y in _statistics_batches(encoder, task, settings)]
-        stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels="gold",
+        stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels=STATISTICS_LABELS,
                                         label_fn=lambda b: b["labels"],
                                         token_mask_fn=lambda b: b["attention_mask"].bool(), name=task.name,
                                         progress=progress, seed=seed, device=settings.device))

@@ -40,7 +40,7 @@ from .ops.profiling import nvtx_range
 from .progress import progress_bar
 from .task import ModelCall, Task
 
-__all__ = ["KINDS", "Statistics", "collect_statistics", "model_fingerprint"]
+__all__ = ["KINDS", "Statistics", "collect_statistics", "join_statistics", "model_fingerprint", "seeded_kinds"]
 
 KINDS = ("gram_in", "gram_out", "fisher", "acts")
 GRADIENT_KINDS = ("gram_out", "fisher")
@@ -218,6 +218,43 @@ def model_fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], names
         digest.update(f"{name}:{list(value.shape)}\n".encode())
         digest.update(memoryview(value.cpu().to(torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy()))
     return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def seeded_kinds(kinds: Iterable[str], labels: str) -> tuple[str, ...]:
+    """The kinds among `kinds` whose values depend on `collect_statistics`' `seed`: "acts" (its rows are
+    sampled) and, with `labels="sampled"`, the gradient kinds (their `y` is drawn). The others come out the same
+    for every seed, so a run over several seeds can collect them once."""
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    return tuple(kind for kind in kinds if kind == "acts" or (labels == "sampled" and kind in GRADIENT_KINDS))
+
+
+def join_statistics(parts: Sequence[Statistics], model: torch.nn.Module | Mapping[str, torch.Tensor]) -> Statistics:
+    """One task's statistics from `parts` of different kinds, each collected on the same examples of `model` (e.g.
+    the kinds no seed changes, collected once, and the seeded ones, collected per seed): what one
+    `collect_statistics` call with all their kinds gives. Parts of other tasks, examples or models are refused."""
+    if not parts:
+        raise ValueError("join_statistics needs at least one Statistics")
+    first = parts[0]
+    seen: dict[str, str] = {}
+    for part in parts:
+        if (part.task, part.examples) != (first.task, first.examples):
+            raise ValueError(f"cannot join statistics of {part.origin} ({part.examples} examples) with those of "
+                             f"{first.origin} ({first.examples} examples): not one task's examples")
+        for kind in part.kinds():
+            if kind in seen:
+                raise ValueError(f"statistics kind {kind!r} is in both {seen[kind]} and {part.origin}")
+            seen[kind] = part.origin
+        part.check_model(model, "the model given to join_statistics")
+    labels = {part.labels for part in parts} - {None}
+    if len(labels) > 1:
+        raise ValueError(f"cannot join statistics of task {first.task!r} with labels {sorted(labels)}")
+    tensors = {key: part._source.get(key) for part in parts for key in part._source.keys()}
+    return Statistics(tensors, task=first.task, examples=first.examples, tokens=max(p.tokens for p in parts),
+                      labels=next(iter(labels), None),
+                      fingerprint=model_fingerprint(model, {key.split("/", 1)[1] for key in tensors}),
+                      counts={key: n for part in parts for key, n in part.counts.items()},
+                      transposed=set().union(*(part.transposed for part in parts)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -335,6 +335,30 @@ def test_demo_runs_the_concrete_rows_over_other_vectors(encoder, tmp_path):
         assert phases == (["meta", "adapt"] if "adamerging" in name else ["meta"])
 
 
+def test_the_demo_collects_the_seedless_statistics_once_over_its_seeds(encoder, tmp_path, monkeypatch):
+    """On gold labels only ESM's sampled "acts" depend on the seed: the other kinds are collected once for all
+    seeds, and the rows that need only them run once (the seed cannot change them); ESM runs per seed."""
+    import pyfuse.demo as demo
+
+    assert {"esm", "esm++"} <= set(STOCHASTIC)
+    assert not {"fisher", "regmean", "mats_regmean", "mats_kfac"} & set(STOCHASTIC)
+    calls = []
+    real_collect = demo.collect_statistics
+
+    def collect(model, batches, logits, **kwargs):
+        calls.append((kwargs["name"], tuple(kwargs["kinds"]), kwargs["seed"]))
+        return real_collect(model, batches, logits, **kwargs)
+
+    monkeypatch.setattr(demo, "collect_statistics", collect)
+    settings = DemoSettings(tasks=TASKS[:2], methods=("fisher", "esm"), seeds=(0, 1), test_limit=30,
+                            stats_examples=16, encoder=str(encoder), finetune=FINETUNE)
+    report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert calls == [(t, ("fisher",), 0) for t in TASKS[:2]] + [(t, ("acts",), s) for s in (0, 1) for t in TASKS[:2]]
+    rows = {row["method"]: row for row in report["rows"]}
+    assert rows["fisher"]["per_seed"] is None and rows["fisher"]["seeds"] == [0]
+    assert [r["seed"] for r in rows["esm"]["per_seed"]] == [0, 1]
+
+
 def test_the_demo_runs_its_data_aware_rows_on_its_device(encoder, tmp_path, monkeypatch):
     """The statistics, the data-aware merges and regmean++ get the demo's device (the CPU given explicitly
     here; tests/test_device_data.py shows what each does with a device), and with them every batch and head."""

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from pyfuse import Task
-from pyfuse.stats import Statistics, collect_statistics
+from pyfuse.stats import Statistics, collect_statistics, join_statistics, seeded_kinds
 
 from .stats_helpers import TokenMLP, bert_batches, bert_logits, mlp_batches, mlp_logits, tiny_bert
 
@@ -135,6 +135,58 @@ def test_sampled_labels_are_seeded_and_follow_the_model():
         assert torch.equal(sampled.get("fisher", key), again.get("fisher", key))
         torch.testing.assert_close(sampled.get("fisher", key), gold.get("fisher", key))
     assert sampled.labels == "sampled"
+
+
+def test_seeded_kinds_are_the_sampled_ones():
+    assert seeded_kinds(["gram_in", "gram_out", "fisher", "acts"], "gold") == ("acts",)
+    assert seeded_kinds(["gram_in", "gram_out", "fisher", "acts"], "sampled") == ("gram_out", "fisher", "acts")
+    assert seeded_kinds(["gram_in"], "sampled") == ()
+    with pytest.raises(ValueError, match="labels must be one of"):
+        seeded_kinds(["acts"], "drawn")
+
+
+def test_seedless_kinds_collected_once_join_the_seeded_ones_as_one_pass_gives_them():
+    """What a run over seeds does (pyfuse.demo): the kinds no seed changes once, "acts" per seed, joined. The
+    result equals one collection of every kind with that seed, tensor for tensor; each seed's own sample differs."""
+    torch.manual_seed(6)
+    model = TokenMLP()
+    batches = mlp_batches()
+    gold = {"labels": "gold", "label_fn": lambda b: b["y"], "token_mask_fn": _mask, "progress": False, "max_rows": 5}
+    stable = collect_statistics(model, batches, mlp_logits, kinds=["gram_in", "gram_out", "fisher"], seed=0, **gold)
+    samples = []
+    for seed in (1, 2):
+        seeded = collect_statistics(model, batches, mlp_logits, kinds=["acts"], seed=seed, **gold)
+        joined = join_statistics([stable, seeded], model)
+        whole = collect_statistics(model, batches, mlp_logits, kinds=["gram_in", "gram_out", "fisher", "acts"],
+                                   seed=seed, **gold)
+        assert joined.metadata == whole.metadata and joined.kinds() == whole.kinds()
+        for kind in whole.kinds():
+            assert joined.names(kind) == whole.names(kind)
+            for key in whole.names(kind):
+                assert torch.equal(joined.get(kind, key), whole.get(kind, key)), (kind, key)
+        samples.append(joined.get("acts", "fc1.weight"))
+    assert not torch.equal(*samples)
+    joined.check_model(model, "the model")
+
+
+def test_join_statistics_refuses_parts_that_are_not_one_tasks_examples():
+    torch.manual_seed(7)
+    model, other = TokenMLP(), TokenMLP()
+    batches = mlp_batches()
+    grams = collect_statistics(model, batches, mlp_logits, kinds=["gram_in"], progress=False, name="a")
+    acts = collect_statistics(model, batches, mlp_logits, kinds=["acts"], progress=False, name="a")
+    with pytest.raises(ValueError, match="'gram_in' is in both task 'a'"):
+        join_statistics([grams, grams], model)
+    with pytest.raises(ValueError, match="not one task's examples"):
+        join_statistics([grams, collect_statistics(model, batches, mlp_logits, kinds=["acts"], progress=False,
+                                                   name="b")], model)
+    with pytest.raises(ValueError, match="not one task's examples"):
+        join_statistics([grams, collect_statistics(model, batches[:2], mlp_logits, kinds=["acts"], progress=False,
+                                                   name="a")], model)
+    with pytest.raises(ValueError, match="were not collected on the model given to join_statistics"):
+        join_statistics([grams, acts], other)
+    with pytest.raises(ValueError, match="at least one"):
+        join_statistics([], model)
 
 
 def test_conv1d_weights_are_detected_as_transposed():
