@@ -132,7 +132,8 @@ def schedule_text(report: dict[str, Any]) -> str:
 def joined_rows(reports: list[dict[str, Any]], args: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The first report and the rows of all `reports` (files `args`), each method from the first report that has
     it, in the table's order (`in_table_order`); refused unless every report is of one setting: the same
-    fine-tuned models and every setting but the methods equal."""
+    fine-tuned models, every setting but the methods equal, and the rows that learn (the ones with curves)
+    learned at the first report's learning rates (a row that learns nothing does not depend on them)."""
     first = reports[0]
     tasks = [t["name"] for t in first["tasks"]]
     models = {name: entry["path"] for name, entry in first["finetuned"].items()}
@@ -148,7 +149,12 @@ def joined_rows(reports: list[dict[str, Any]], args: list[str]) -> tuple[dict[st
             raise ValueError(f"{path}: setting {key!r} is {report['settings'].get(key)!r}, "
                              f"{first['settings'].get(key)!r} in {args[0]} (a table joins reports of one setting)")
         for row in report["rows"]:
-            found.setdefault(row["method"], row)
+            if row["method"] in found:
+                continue
+            if row["method"] in report.get("curves", {}) and report["learning_rates"] != first["learning_rates"]:
+                raise ValueError(f"{path}: {row['label']} learned at learning rates {report['learning_rates']}, "
+                                 f"{first['learning_rates']} in {args[0]} (a table joins reports of one setting)")
+            found[row["method"]] = row
     return first, {name: found[name] for name in in_table_order(found)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -121,6 +122,17 @@ def _check_rendered_tables(report, path):
     (path.parent / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="setting 'steps' is"):
         render.demo_table([str(path), str(path.parent / "other.json")])
+    # other learning rates: only the rows that learn depend on them, so only those are refused
+    static, other = json.loads(path.read_text()), json.loads(path.read_text())
+    static["rows"] = [row for row in static["rows"] if row["method"] not in static["curves"]]
+    other["learning_rates"] = {key: 10 * rate for key, rate in other["learning_rates"].items()}
+    for name, report_ in (("static.json", static), ("other.json", other)):
+        (path.parent / name).write_text(json.dumps(report_))
+    first = render.demo_table([str(path), str(path.parent / "other.json")])  # every row from the first report
+    assert first.split("\n\n")[0] == render.demo_table([str(path)]).split("\n\n")[0]
+    learner = next(row["label"] for row in other["rows"] if row["method"] in other["curves"])
+    with pytest.raises(ValueError, match=f"other.json: {re.escape(learner)} learned at learning rates"):
+        render.demo_table([str(path.parent / "static.json"), str(path.parent / "other.json")])
     # the summary: one column per setting, and their mean where a method has every column
     other = json.loads(path.read_text())
     other["rows"] = [{**row, "average": row["average"] - 0.1} for row in other["rows"][:-1]]  # one method absent
