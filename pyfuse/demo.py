@@ -392,7 +392,7 @@ def _individual(ctx: DemoContext, tests: Sequence[Task]) -> tuple[dict[str, floa
 def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], models: dict[str, dict[str, torch.Tensor]],
                 kinds: Sequence[str], settings: DemoSettings, progress: bool, seed: int) -> list[Statistics]:
     """Each fine-tuned model's `kinds` statistics on its own task's first training examples, gold labels (one
-    pass per task)."""
+    pass per task), of the parameters it fine-tuned (the ones merged: under LoRA its targets)."""
     stats = []
     for task in tasks:
         model = copy.deepcopy(encoder.module)
@@ -401,7 +401,8 @@ def _statistics(encoder: TextEncoder, tasks: Sequence[TextClassifierTask], model
         stats.append(collect_statistics(model, batches, task.logits, kinds=kinds, labels=STATISTICS_LABELS,
                                         label_fn=lambda b: b["labels"],
                                         token_mask_fn=lambda b: b["attention_mask"].bool(), name=task.name,
-                                        progress=progress, seed=seed, device=settings.device))
+                                        progress=progress, seed=seed, device=settings.device,
+                                        parameters=models[task.name]))
     return stats
 
 

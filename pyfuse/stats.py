@@ -334,6 +334,7 @@ def collect_statistics(
     progress: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
+    parameters: Iterable[str] | None = None,
 ) -> Statistics:
     """Statistics of `model` on one task's batches (one pass over them, or the first `max_batches`).
 
@@ -349,6 +350,9 @@ def collect_statistics(
             rows where it is False are left out of the Grams and of "acts".
         max_rows: rows of each Linear's input kept for "acts".
         name: the task's name (default: the Task's, else "task").
+        parameters: the parameter names to collect for (e.g. the ones a merge combines: a LoRA fine-tune's
+            targets): Grams and "acts" of the Linear weights among them, the Fisher of the trainable ones among
+            them. Default: every Linear weight and every trainable parameter. A name the model lacks is an error.
         device: where the model runs and the sums accumulate ("cpu", "cuda", "cuda:1"); the model is moved
             there (in place, as `nn.Module.to`, and left there), each batch as it is drawn; the statistics
             come back to the CPU. Default: where the model is, batches as given. A task's own tensors (a
@@ -376,12 +380,24 @@ def collect_statistics(
         if not isinstance(task_or_batches, Iterable):
             raise TypeError(f"expected a pyfuse.Task or an iterable of batches, got {type(task_or_batches).__name__}")
         batches, logits_fn, name = task_or_batches, logits_fn or _default_logits, name or "task"
-    layers = _linear_layers(model) if any(kind != "fisher" for kind in kinds) else []
+    wanted = None if parameters is None else set(parameters)
+    if wanted is not None:
+        missing = sorted(wanted - {key for key, _ in model.named_parameters(remove_duplicate=False)})
+        if missing:
+            raise ValueError(f"parameters not in {type(model).__name__}: {', '.join(map(repr, missing[:5]))}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+    def trainable() -> list[tuple[str, torch.nn.Parameter]]:
+        return [(key, p) for key, p in model.named_parameters() if p.requires_grad and (wanted is None or key in wanted)]
+
+    layers = [layer for layer in _linear_layers(model) if wanted is None or layer.key in wanted] \
+        if any(kind != "fisher" for kind in kinds) else []
+    among = "" if wanted is None else " among the parameters given"
     if any(kind != "fisher" for kind in kinds) and not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to collect {list(kinds)} on")
-    params = [(key, p) for key, p in model.named_parameters() if p.requires_grad] if "fisher" in kinds else []
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer{among} to collect {list(kinds)} on")
+    params = trainable() if "fisher" in kinds else []
     if "fisher" in kinds and not params:
-        raise ValueError("the Fisher needs trainable parameters (requires_grad=True); the model has none")
+        raise ValueError(f"the Fisher needs trainable parameters (requires_grad=True); the model has none{among}")
     if "gram_out" in kinds and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("gram_out needs gradients at the layers' outputs, but no parameter requires grad")
 
@@ -389,7 +405,7 @@ def collect_statistics(
     if device is not None:
         device = resolve_device(device)
         model.to(device)  # may give the model new Parameter objects (a move to another kind of tensor)
-        params = [(key, p) for key, p in model.named_parameters() if p.requires_grad] if "fisher" in kinds else []
+        params = trainable() if "fisher" in kinds else []
         batches = OnDevice(batches, device)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
     fisher = {key: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for key, p in params}

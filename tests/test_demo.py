@@ -371,6 +371,30 @@ def test_the_demo_collects_the_seedless_statistics_once_over_its_seeds(encoder, 
     assert [r["seed"] for r in rows["esm"]["per_seed"]] == [0, 1]
 
 
+def test_the_demo_runs_its_data_aware_rows_on_lora_fine_tunes(encoder, tmp_path, monkeypatch):
+    """Under LoRA only the targets are merged: the statistics cover those (a Fisher of every parameter was
+    refused by the merge, naming a LayerNorm bias), and every data-aware row runs."""
+    import pyfuse.demo as demo
+
+    collected = []
+    real_collect = demo.collect_statistics
+
+    def collect(model, batches, logits, **kwargs):
+        collected.append(real_collect(model, batches, logits, **kwargs))
+        return collected[-1]
+
+    monkeypatch.setattr(demo, "collect_statistics", collect)
+    rows = ("fisher", "regmean", "mats_kfac", "esm")
+    lora = FinetuneConfig(mode="lora", steps=20, batch_size=32, lr=3e-3, warmup=0.0, lora_r=4, lora_alpha=8)
+    settings = DemoSettings(tasks=TASKS[:2], methods=rows, test_limit=30, stats_examples=16, encoder=str(encoder),
+                            finetune=lora)
+    report = run_demo(settings, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert [row["method"] for row in report["rows"][2:]] == list(rows)
+    targets = {key for stats in collected for kind in stats.kinds() for key in stats.names(kind)}
+    assert targets and all(key.endswith((".query.weight", ".value.weight", ".query.bias", ".value.bias"))
+                           for key in targets), sorted(targets)
+
+
 def test_the_demo_runs_its_data_aware_rows_on_its_device(encoder, tmp_path, monkeypatch):
     """The statistics, the data-aware merges and regmean++ get the demo's device (the CPU given explicitly
     here; tests/test_device_data.py shows what each does with a device), and with them every batch and head."""

@@ -169,6 +169,29 @@ def test_seedless_kinds_collected_once_join_the_seeded_ones_as_one_pass_gives_th
     joined.check_model(model, "the model")
 
 
+def test_parameters_restrict_the_statistics_to_the_merged_ones():
+    """A LoRA fine-tune merges only its targets: statistics of `parameters` are those entries of the whole
+    model's, the same values, and nothing else (a merge refuses statistics of parameters it does not merge)."""
+    torch.manual_seed(8)
+    model = TokenMLP()
+    batches = mlp_batches()
+    gold = {"labels": "gold", "label_fn": lambda b: b["y"], "token_mask_fn": _mask, "progress": False, "seed": 1}
+    kinds = ["gram_in", "gram_out", "fisher", "acts"]
+    whole = collect_statistics(model, batches, mlp_logits, kinds=kinds, **gold)
+    part = collect_statistics(model, batches, mlp_logits, kinds=kinds, parameters=["fc2.weight", "fc1.bias"], **gold)
+    assert {kind: part.names(kind) for kind in kinds} == {"gram_in": ["fc2.weight"], "gram_out": ["fc2.weight"],
+                                                           "fisher": ["fc1.bias", "fc2.weight"], "acts": ["fc2.weight"]}
+    assert whole.names("fisher") == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    for kind in ("gram_in", "gram_out", "fisher"):
+        for key in part.names(kind):
+            torch.testing.assert_close(part.get(kind, key), whole.get(kind, key), rtol=1e-6, atol=1e-9)
+    part.check_model(model, "the model")
+    with pytest.raises(ValueError, match="parameters not in TokenMLP: 'fc3.weight'"):
+        collect_statistics(model, batches, mlp_logits, kinds=kinds, parameters=["fc3.weight"], **gold)
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D layer among the parameters given"):
+        collect_statistics(model, batches, mlp_logits, kinds=["gram_in"], parameters=["fc1.bias"], **gold)
+
+
 def test_join_statistics_refuses_parts_that_are_not_one_tasks_examples():
     torch.manual_seed(7)
     model, other = TokenMLP(), TokenMLP()
