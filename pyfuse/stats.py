@@ -388,7 +388,8 @@ def collect_statistics(
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def trainable() -> list[tuple[str, torch.nn.Parameter]]:
-        return [(key, p) for key, p in model.named_parameters() if p.requires_grad and (wanted is None or key in wanted)]
+        return [(key, p) for key, p in model.named_parameters()
+                if p.requires_grad and (wanted is None or key in wanted)]
 
     layers = [layer for layer in _linear_layers(model) if wanted is None or layer.key in wanted] \
         if any(kind != "fisher" for kind in kinds) else []
