@@ -117,6 +117,23 @@ def phase_timings(args, inputs) -> dict:
     return {name: {**repeat_time(run, args.repeats), "bytes": moved[name]} for name, run in runs.items()}
 
 
+def noise_timing(args, D: int) -> dict | None:
+    """The Philox uniforms of all D elements alone (the SPEC's noise: one Philox4x32-10 per element and step, the
+    same in every backend), in chunks of 2^20 so that allocating them costs little: the floor under the mask
+    sampling that no rewrite of the mask's arithmetic removes. None for a backend without `uniform`."""
+    from pyfuse.ops import backends
+
+    phases = backends.phases(args.impl.removeprefix("pyfuse-"))
+    if not hasattr(phases, "uniform"):
+        return None
+    chunk = 1 << 20
+
+    def run():
+        for start in range(0, D, chunk):
+            phases.uniform(0, 1, start, min(chunk, D - start))
+    return repeat_time(run, args.repeats)
+
+
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     impl = eager_run if args.impl == "eager" else fused_impl(args.impl.removeprefix("pyfuse-"))
@@ -142,11 +159,12 @@ def worker(args) -> dict:
             fwd = repeat_time(lambda: impl(*inputs, backward=False), args.repeats)
         fwd_bwd = repeat_time(lambda: (reset(), impl(*inputs, backward=True)), args.repeats)
         phases = phase_timings(args, inputs) if args.impl != "eager" else {}
+        noise = noise_timing(args, D) if args.impl != "eager" else None
     triton_fwd_bytes = D * 4 * 5 + tv.nbytes  # + the mask written and re-read through the output buffer
     triton_bwd_bytes = D * 4 * 6 + tv.nbytes  # grad, logits (x2), base-free; ga written and re-read
     return {
         "impl": args.impl, "D": D, "n": n, "tensors": len(shapes), "dtype": args.dtype, "threads": args.threads,
-        "copy": copy, "fwd": fwd, "fwd_bwd": fwd_bwd, "phases": phases, "worker_load": load.as_dict(),
+        "copy": copy, "fwd": fwd, "fwd_bwd": fwd_bwd, "phases": phases, "noise": noise, "worker_load": load.as_dict(),
         "fwd_bytes": D * 4 * 3 + tv.nbytes,  # read base, logits, task vectors once; write out once
         "bwd_bytes": D * 4 * 3 + tv.nbytes,  # read grad, logits, task vectors once; write the logits' gradient once
         "copy_bytes": 2 * D * 4,
@@ -182,6 +200,19 @@ def mask_share(row: dict, load: dict) -> None:
         row["unreliable_ratios"]["mask_share_of_forward"] = problem
     print(f"{row['impl']} D={row['D']:,}: mask sampling (Philox, then log, log1p, exp per element) costs "
           f"{per_element:.1f} ns per element and thread, {text}; the backward samples it twice.")
+    if row.get("noise"):
+        # the noise's time over what the whole forward may take at 70 % of copy_'s bandwidth (issue 27's target)
+        per_copy, problem = ratio(f"{row['impl']} D={row['D']:,} noise/copy", row["noise"], row["copy"], load,
+                                  sides=("noise", "copy_"))
+        budget = 0.7 * row["copy_bytes"] / row["fwd_bytes"]
+        row["noise_share_of_fwd_budget"] = None if problem else per_copy * budget
+        if problem:
+            row["unreliable_ratios"]["noise_share_of_fwd_budget"] = {**problem, "value": problem["value"] * budget}
+        noise_ns = row["noise"]["median"] / row["D"] * row["threads"] * 1e9
+        share = (f"{row['noise_share_of_fwd_budget']:.0%} of the whole forward's time at 70 % of copy_'s bandwidth"
+                 if not problem else "its share of the forward's budget withheld (see the warnings)")
+        print(f"  of which the Philox noise alone (one Philox4x32-10 per element and step: the SPEC's, shared by the "
+              f"three backends) {noise_ns:.1f} ns per element and thread, {share}.")
 
 
 def add_ratios(row: dict, eager: dict | None, load: dict) -> None:

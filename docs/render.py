@@ -417,7 +417,8 @@ def bench_concrete_merge(args: list[str]) -> str:
         ("phases fwd / copy_", ratio_of("kernel_fwd_frac_of_copy", withheld)),
         ("phases bwd / copy_", ratio_of("kernel_bwd_frac_of_copy", withheld)),
         ("speed-up vs eager", ratio_of("fwd_bwd_speedup_vs_eager", withheld)),
-        ("memory vs eager", value("extra_peak_vs_eager"))])
+        ("memory vs eager", value("extra_peak_vs_eager")),
+        ("Philox alone / forward at 70 % of copy_", ratio_of("noise_share_of_fwd_budget", withheld))])
     phases = [{"impl": row["impl"], "D": row["D"], "phase": name, **t,
                "unreliable_ratios": {"frac_of_copy": withheld(row)[f"{name}_frac_of_copy"]}
                if f"{name}_frac_of_copy" in withheld(row) else {}} for row in rows

@@ -100,13 +100,21 @@ def test_bench_concrete_merge(tmp_path):
         assert_timing(cells["forward+backward"], row["fwd_bwd"])
         assert_number(cells["extra peak MiB"], row["extra_peak_mb"])
         assert_number(cells["copy_ GB/s"], row["copy_gbps"])
-        for header, key in (("forward / copy_", "fwd_frac_of_copy"), ("speed-up vs eager", "fwd_bwd_speedup_vs_eager")):
+        for header, key in (("forward / copy_", "fwd_frac_of_copy"), ("speed-up vs eager", "fwd_bwd_speedup_vs_eager"),
+                            ("Philox alone / forward at 70 % of copy_", "noise_share_of_fwd_budget")):
             if key in row["unreliable_ratios"]:
                 assert cells[header] == "withheld"
             else:
                 assert_number(cells[header], row.get(key))
         unreliable.update({f"{row['impl']} D={row['D']} {k}": v for k, v in row["unreliable_ratios"].items()})
     fused = result["rows"][0]
+    # the noise alone against the forward's time at 70 % of copy_'s bandwidth: its median over copy_'s, rescaled
+    share = fused["noise_share_of_fwd_budget"]
+    assert fused["noise"]["median"] > 0
+    assert (share is None) == ("noise_share_of_fwd_budget" in fused["unreliable_ratios"])
+    if share is not None:
+        assert share == pytest.approx(fused["noise"]["median"] / fused["copy"]["median"] * 0.7 * fused["copy_bytes"]
+                                      / fused["fwd_bytes"])
     assert [r["phase"] for r in phases[:5]] == [*fused["phases"], "copy_"]
     for cells, phase in zip(phases, fused["phases"].values()):
         assert_timing(cells["time"], phase)
