@@ -420,8 +420,10 @@ def _task_data_merge(method: str, ctx: DemoContext) -> Callable[..., Any]:
     the data-aware methods' statistics come from."""
     tasks = [Task(t.name, [batch for batch, _ in _statistics_batches(ctx.encoder, t, ctx.settings)], t.logits)
              for t in ctx.tasks_on_device()]
-    merged = merge(ROWS[method].method, ctx.encoder.module, list(ctx.models.values()), tasks=tasks,
-                   device=ctx.settings.device)
+    # it runs whole models, so a LoRA fine-tune (its targets only) is completed with the encoder's other weights
+    weights = {name: p.detach() for name, p in ctx.encoder.module.named_parameters()}
+    merged = merge(ROWS[method].method, ctx.encoder.module, [{**weights, **m} for m in ctx.models.values()],
+                   tasks=tasks, device=ctx.settings.device)
     return _bound(ctx.encoder, merged)
 
 

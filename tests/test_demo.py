@@ -384,7 +384,7 @@ def test_the_demo_runs_its_data_aware_rows_on_lora_fine_tunes(encoder, tmp_path,
         return collected[-1]
 
     monkeypatch.setattr(demo, "collect_statistics", collect)
-    rows = ("fisher", "regmean", "mats_kfac", "esm")
+    rows = ("fisher", "regmean", "regmean++", "mats_regmean", "mats_kfac", "esm", "esm++")
     lora = FinetuneConfig(mode="lora", steps=20, batch_size=32, lr=3e-3, warmup=0.0, lora_r=4, lora_alpha=8)
     settings = DemoSettings(tasks=TASKS[:2], methods=rows, test_limit=30, stats_examples=16, encoder=str(encoder),
                             finetune=lora)
