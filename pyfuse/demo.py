@@ -241,9 +241,12 @@ class DemoContext:
         parts = [self._statistics[key] for key, key_kinds in ((None, stable), (seed, seeded)) if key_kinds]
         if len(parts) == 1:
             return parts[0]
-        weights = self.encoder.module.state_dict()
-        return [join_statistics(task_parts, {**weights, **self.models[task.name]})
+        return [join_statistics(task_parts, self.whole_model(task.name))
                 for task, task_parts in zip(self.tasks, zip(*parts))]
+
+    def whole_model(self, name: str) -> dict[str, torch.Tensor]:
+        """Task `name`'s fine-tuned model, every parameter: under LoRA its targets over the encoder's others."""
+        return {**{key: p.detach() for key, p in self.encoder.module.named_parameters()}, **self.models[name]}
 
 
 @dataclass
@@ -420,10 +423,8 @@ def _task_data_merge(method: str, ctx: DemoContext) -> Callable[..., Any]:
     the data-aware methods' statistics come from."""
     tasks = [Task(t.name, [batch for batch, _ in _statistics_batches(ctx.encoder, t, ctx.settings)], t.logits)
              for t in ctx.tasks_on_device()]
-    # it runs whole models, so a LoRA fine-tune (its targets only) is completed with the encoder's other weights
-    weights = {name: p.detach() for name, p in ctx.encoder.module.named_parameters()}
-    merged = merge(ROWS[method].method, ctx.encoder.module, [{**weights, **m} for m in ctx.models.values()],
-                   tasks=tasks, device=ctx.settings.device)
+    merged = merge(ROWS[method].method, ctx.encoder.module, [ctx.whole_model(name) for name in ctx.models],
+                   tasks=tasks, device=ctx.settings.device)  # it runs whole models: LoRA's targets are not one
     return _bound(ctx.encoder, merged)
 
 
