@@ -209,6 +209,7 @@ class DemoContext:
     base: dict[str, torch.Tensor]
     _vectors: TaskVectors | None = None
     _statistics: dict[int | None, list[Statistics]] = field(default_factory=dict)  # None: the seedless kinds
+    _joined: dict[int, list[Statistics]] = field(default_factory=dict)  # per seed: every kind, joined
 
     def task_vectors(self) -> TaskVectors:
         """The fine-tuned models' task vectors over the base (built on first use, then kept)."""
@@ -231,6 +232,8 @@ class DemoContext:
     def statistics(self, seed: int, progress: bool) -> list[Statistics]:
         """Every task's statistics of the kinds the chosen data-aware rows need, for `seed`: the kinds no seed
         changes are collected once (the first seed's pass) and joined with the seeded ones, collected per seed."""
+        if seed in self._joined:  # every data-aware row asks again: the join re-hashes the models
+            return self._joined[seed]
         kinds = sorted({kind for m in self.settings.methods for kind in ROWS[m].instance().needs})
         seeded = seeded_kinds(kinds, STATISTICS_LABELS)
         stable = [kind for kind in kinds if kind not in seeded]
@@ -239,10 +242,10 @@ class DemoContext:
                 self._statistics[key] = _statistics(self.encoder, self.tasks_on_device(), self.models, key_kinds,
                                                     self.settings, progress, seed)
         parts = [self._statistics[key] for key, key_kinds in ((None, stable), (seed, seeded)) if key_kinds]
-        if len(parts) == 1:
-            return parts[0]
-        return [join_statistics(task_parts, self.whole_model(task.name))
-                for task, task_parts in zip(self.tasks, zip(*parts))]
+        self._joined[seed] = parts[0] if len(parts) == 1 else [
+            join_statistics(task_parts, self.whole_model(task.name))
+            for task, task_parts in zip(self.tasks, zip(*parts))]
+        return self._joined[seed]
 
     def whole_model(self, name: str) -> dict[str, torch.Tensor]:
         """Task `name`'s fine-tuned model, every parameter: under LoRA its targets over the encoder's others."""
