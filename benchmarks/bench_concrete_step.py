@@ -12,16 +12,19 @@ fresh batch per task.
   per tensor, the merged state dict built by Python loops over tasks and tensors, fp32 task vectors, and
   the n tasks' losses summed before one backward.
 - `fused`: pyfuse's `AdaptiveLoop.meta_step`: one fused merge per pass, the tasks' forward/backward one at
-  a time into one flat gradient, one fused backward; task vectors in `--vector-dtype` (bf16 by default).
+  a time into one flat gradient, one fused backward; task vectors in `--vector-dtype` (bf16 by default);
+  with `--base-on-disk DIR` the base is a disk-backed buffer (`RunOptions.base_on_disk`: file pages, which
+  RssAnon does not count and the kernel may drop under memory pressure).
 
-Each impl runs in its own subprocess. The parent polls /proc/<pid>/status (RssAnon, VmRSS) while it runs;
-the child resets its VmHWM (via /proc/self/clear_refs) after setup and reports it after the steps, so both
-peaks cover the steps only, with the setup's resident buffers (weights, task vectors) included. Step time
-is wall-clock, the median and spread of `--steps` steps after `--warmup` untimed ones; the process's CPU
-time (all threads) is reported beside it, being far less disturbed by other load on a shared machine. One
-more step under `torch.profiler` says where a step's time goes (the fused op's forward and backward, the
-optimisers, the model's forward and backward and the rest). Time ratios are printed only when the load
-and the spread allow (benchmarks/common.py); the memory ratios always.
+Each impl runs in its own subprocess (glibc's mmap threshold fixed, so freed blocks leave at once). The
+parent polls /proc/<pid>/status (RssAnon, VmRSS) while it runs; the child resets its VmHWM (via
+/proc/self/clear_refs) after setup and reports it after the steps, so both peaks cover the steps only, with
+the setup's resident buffers (weights, task vectors) included. Step time is wall-clock, the median and
+spread of `--steps` steps after `--warmup` untimed ones; the process's CPU time (all threads) is reported
+beside it, being far less disturbed by other load on a shared machine. One more step under `torch.profiler`
+says where a step's time goes (the fused op's forward and backward, the optimisers, the model's forward and
+backward and the rest). Time ratios are printed only when the load and the spread allow
+(benchmarks/common.py); the memory ratios always.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ def _fused(args, model, heads, images, ranks=None):
             row[a - lo:b - lo].copy_(values[a - first:b - first])
     names = [f"task{i}" for i in range(args.tasks)]
     tv = pyfuse.TaskVectors(layout, base, vectors, names, shard=segments if ranks is not None else None)
+    if args.base_on_disk:
+        tv = tv.with_base_on_disk(args.base_on_disk)
+        base = tv.base  # the in-memory copy is dropped here
     if ranks is None:
         # The merged values replace the model's weights in every call: let them share the base's memory (as the
         # authors' code uses the pre-trained weights themselves as the base), not hold a second copy of D floats.
@@ -122,6 +128,7 @@ def _fused(args, model, heads, images, ranks=None):
     loop = AdaptiveLoop(model, tv, [task(i) for i in range(args.tasks)], settings,
                         RunOptions(progress=False, backend=args.backend))
     return loop.meta_step, {"backend": loop.backend, "vector_dtype": args.vector_dtype,
+                            "base": "disk" if args.base_on_disk else "memory",
                             "task_vector_bytes": loop.merger.task_vectors.nbytes, "elements": hi - lo,
                             "numel": layout.numel}
 
@@ -221,7 +228,12 @@ def _measure(impl: str, args) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--classes", str(args.classes),
                "--backend", args.backend, "--vector-dtype", args.vector_dtype, "--hidden", str(args.hidden),
                "--layers", str(args.layers), "--image-size", str(args.image_size)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    if args.base_on_disk:
+        command += ["--base-on-disk", args.base_on_disk]
+    # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors (as in the
+    # other benchmarks), not what the allocator kept of freed ones: the eager side's peaks spread 14-18 GiB without
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ,
+                                                                           "MALLOC_MMAP_THRESHOLD_": "65536"})
     events: dict[str, dict] = {}
 
     def read():
@@ -273,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", help="the fused op's backend (fused impl only)")
     parser.add_argument("--vector-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                         help="task-vector storage of the fused impl (the eager one keeps fp32, as the authors)")
+    parser.add_argument("--base-on-disk", metavar="DIR",
+                        help="the fused impl holds its base in a disk-backed buffer in DIR (pyfuse.memory.disk_buffer: "
+                             "file pages, not anonymous memory; the file is unlinked at once)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=("fused", "eager"), help=argparse.SUPPRESS)
     add_tower_options(parser)
@@ -300,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"impl": impl, "backend": r.get("backend", "-"), "spread_pct": 100 * r["step"]["spread"], **r}
             for impl, r in results.items()]
     print_table(rows, [("impl", "impl", ""), ("backend", "backend", ""), ("vector_dtype", "vectors", ""),
+                       ("base", "base", ""),
                        ("median_step_seconds", "step s", ".2f"), ("spread_pct", "spread %", ".0f"),
                        ("median_step_cpu_seconds", "step CPU s", ".2f"),
                        ("peak_rss_anon_gib", "RssAnon GiB", ".2f"),

@@ -13,17 +13,18 @@ are the last position's first 10 vocabulary logits. The step: one inner pass on 
 (Adam 0.1) and one outer pass on the mask logits (Adam 1e-4), the authors' Flan-T5 learning rates.
 
 Each form runs in a fresh subprocess, one after the other. The child measures its peak RssAnon
-(`pyfuse.memory.PeakRssAnon`) from before the model is built to the end of the first outer step, so the model,
-the task vectors and every buffer of the step count (glibc's mmap threshold fixed, so freed blocks leave at once).
-Step time is wall-clock (CPU time beside it), the median and spread
-of `--steps` outer steps timed after `--warmup` untimed ones (the first of which the memory window covers), without
-the one-off loading of the op's backend (done before, on a tiny input). One more step, under `torch.profiler`, says
-where a step's time goes: the fused op's forward and backward, the optimisers, the model's forward and backward
-(and the rest). The step-time ratio is printed only when the load and the spread allow (benchmarks/common.py). In
-both runs the model's own q, k, v, o weights are made views of the base buffer, since the merged values replace
-them in every call (a copy of D floats neither run needs). The child saves the merged parameters after the
-steps (the evaluation mask, `loop.merged_flat()`); the parent compares them: `max_rel_diff` is the largest,
-over tensors, of max |factored - dense| / max |dense|.
+(`pyfuse.memory.PeakRssAnon`) from before the model is built to the end of the first outer step, so the model, the
+task vectors and every buffer of the step count (glibc's mmap threshold fixed, so freed blocks leave at once). Step
+time is wall-clock (CPU time beside it), the median and spread of `--steps` outer steps timed after `--warmup`
+untimed ones (the first of which the memory window covers), without the one-off loading of the op's backend (done
+before, on a tiny input). With `--base-on-disk DIR` both forms hold the base in a disk-backed buffer
+(`RunOptions.base_on_disk`), whose file pages RssAnon does not count. One more step, under `torch.profiler`, says
+where a step's time goes: the fused op's forward and backward, the optimisers, the model's forward and backward (and
+the rest). The step-time ratio is printed only when the load and the spread allow (benchmarks/common.py). In both
+runs the model's own q, k, v, o weights are made views of the base buffer, since the merged values replace them in
+every call (a copy of D floats neither run needs). The child saves the merged parameters after the steps (the
+evaluation mask, `loop.merged_flat()`); the parent compares them: `max_rel_diff` is the largest, over tensors, of
+max |factored - dense| / max |dense|.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def _child(args) -> None:
             tv = lora_task_vectors(model, adapters)
         build_seconds = time.perf_counter() - start
         del adapters
+        if args.base_on_disk:
+            tv = tv.with_base_on_disk(args.base_on_disk)  # the in-memory base goes with the object it replaces
         # The merged values replace these weights in every call: let them share the base's memory.
         parameters = dict(model.named_parameters())
         for name, view in tv.layout.unflatten(tv.base).items():
@@ -145,7 +148,7 @@ def _child(args) -> None:
         "task_vector_bytes": tv.nbytes, "peak_rss_anon_bytes": peak.peak, "step_seconds": statistics.median(seconds),
         "step_cpu_seconds": statistics.median(cpu_seconds), "step": summary(seconds), "step_cpu": summary(cpu_seconds),
         "breakdown": breakdown,
-        "build_seconds": build_seconds, "backend": loop.backend,
+        "build_seconds": build_seconds, "backend": loop.backend, "base": "disk" if args.base_on_disk else "memory",
         "merged_parameters": tv.layout.numel, "merged_tensors": len(tv.layout),
         "model_parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
     }), flush=True)
@@ -159,6 +162,8 @@ def _measure(kind: str, args, out: str) -> dict:
     # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors (as in
     # bench_concrete_merge.py), not what the allocator kept from the model's initialisation
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    if args.base_on_disk:
+        command += ["--base-on-disk", args.base_on_disk]
     with LoadWatch(torch.get_num_threads()) as load:
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
     return {**json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1]), **load.as_dict()}
@@ -192,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed outer steps first; the memory window covers the first of them")
     parser.add_argument("--backend", default="auto", help="the fused op's backend")
+    parser.add_argument("--base-on-disk", metavar="DIR",
+                        help="both forms hold the base in a disk-backed buffer in DIR (pyfuse.memory.disk_buffer: "
+                             "file pages, not anonymous memory; the file is unlinked at once)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_rel_diff_of_update": max_rel_diff_of_update, "ratios": ratios, "unreliable_ratios": unreliable,
         "model": shape, "load": load.as_dict(), "provenance": run_provenance(__file__, argv, dense["threads"]),
         "settings": {k: getattr(args, k) for k in ("tasks", "rank", "hidden", "mlp", "layers", "heads", "vocab",
-                                                   "batch", "seq", "steps", "warmup", "backend")},
+                                                   "batch", "seq", "steps", "warmup", "backend", "base_on_disk")},
     })
 
 

@@ -441,8 +441,8 @@ def bench_concrete_step(args: list[str]) -> str:
     """`bench-concrete-step FILE`: one Concrete AdaMerging outer step, pyfuse (fused) against the authors' (eager)."""
     result = load_result(args[0])
     table = step_table(result["results"], "impl", [
-        ("backend", text("backend")), ("vectors", text("vector_dtype")), ("step", timed("step")),
-        ("step CPU", timed("step_cpu")), ("peak RssAnon GiB", value("peak_rss_anon_gib")),
+        ("backend", text("backend")), ("vectors", text("vector_dtype")), ("base", text("base")),
+        ("step", timed("step")), ("step CPU", timed("step_cpu")), ("peak RssAnon GiB", value("peak_rss_anon_gib")),
         ("VmHWM GiB", value("vmhwm_gib")), ("threads", text("threads"))])
     return bench_page(result, args[0], [table], result.get("ratios"), result.get("unreliable_ratios"))
 

@@ -11,6 +11,8 @@ the layout's segments (`shard`, from `pyfuse.distributed.segment_shards`); the l
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ from .finite import check_finite
 from .io.lora import factored
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
+from .memory import disk_buffer
 from .ops.factors import LoraFactors
 from .ops.profiling import nvtx_range
 from .progress import progress_bar
@@ -90,6 +93,15 @@ class TaskVectors:
             return self
         return TaskVectors(self.layout, self.base.to(device), self.vectors.to(device), list(self.names),
                            {key: t.to(device) for key, t in self.carried.items()}, self.shard)
+
+    def with_base_on_disk(self, near: str | os.PathLike) -> TaskVectors:
+        """The same task vectors with the base copied into a disk-backed buffer beside `near`
+        (`pyfuse.memory.disk_buffer`): file pages, which the kernel may drop and re-read under memory
+        pressure, instead of anonymous memory. The copy is this object's until it is dropped."""
+        if self.base.device.type != "cpu":
+            raise ValueError(f"a disk-backed base is a CPU buffer; this base is on {self.base.device}")
+        base = disk_buffer(self.base.numel(), self.base.dtype, near).copy_(self.base)
+        return dataclasses.replace(self, base=base)
 
     def require_whole(self, what: str) -> None:
         """Raise, naming `what`, if these task vectors are a shard."""
@@ -166,6 +178,7 @@ class TaskVectors:
         allow_nonfinite: bool = False,
         shard_of: tuple[int, int] | None = None,
         device: torch.device | str = "cpu",
+        base_dir: str | os.PathLike | None = None,
     ) -> TaskVectors:
         """Build from a base and n fine-tuned models (state dicts, modules or safetensors paths).
 
@@ -175,12 +188,14 @@ class TaskVectors:
         tensor raises, naming the model and the tensor, unless `allow_nonfinite`. With `shard_of` = (rank,
         world size), only that rank's segments (`pyfuse.distributed.segment_shards`) are read and held. The
         buffers are allocated on `device` and filled one tensor at a time, so a GPU run never holds them on the
-        CPU.
+        CPU. With `base_dir` (CPU only), the base is a disk-backed buffer there (`pyfuse.memory.disk_buffer`).
         """
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"task vectors are stored as one of {_STORAGE_DTYPES}, got {dtype}")
         if not finetuned:
             raise ValueError("need at least one fine-tuned model")
+        if base_dir is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"a disk-backed base (base_dir) is a CPU buffer, not one on {device}")
         names = list(names) if names is not None else [f"task{i}" for i in range(len(finetuned))]
         if len(names) != len(finetuned) or len(set(names)) != len(names):
             raise ValueError(f"need {len(finetuned)} distinct task names, got {names}")
@@ -195,7 +210,8 @@ class TaskVectors:
             first, last = segment_shards(layout.sizes, world_size)[rank]
         offsets = layout.offsets.tolist()
         lo, hi = offsets[first], offsets[last]
-        base_flat = torch.empty(hi - lo, dtype=torch.float32, device=device)
+        base_flat = (torch.empty(hi - lo, dtype=torch.float32, device=device) if base_dir is None
+                     else disk_buffer(hi - lo, torch.float32, base_dir))
         vectors = torch.empty(len(sources), hi - lo, dtype=dtype, device=device)
         for index in progress_bar(range(first, last), desc="task vectors", disable=not progress):
             key, start, end = layout.names[index], offsets[index] - lo, offsets[index + 1] - lo

@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/bench_lora_concrete.py at a tiny size: the JSON's required keys, task-vector bytes that
-follow from the shapes, and the two forms' merged parameters agreeing."""
+follow from the shapes, and the two forms' merged parameters agreeing (with the base on disk)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_tiny_run_writes_the_required_figures(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(SCRIPT), "--tasks", str(TASKS), "--rank", str(RANK), "--hidden", str(HIDDEN),
                "--mlp", "96", "--layers", str(LAYERS), "--heads", "4", "--vocab", "32", "--batch", "1", "--seq", "4",
-               "--steps", "1", "--json", str(out)]
+               "--steps", "1", "--base-on-disk", str(tmp_path), "--json", str(out)]
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     result = json.loads(out.read_text())
     keys = {"task_vector_bytes", "peak_rss_anon_bytes", "step_seconds"}
@@ -31,4 +31,5 @@ def test_tiny_run_writes_the_required_figures(tmp_path):
     tables = tensors * 8 + (tensors + 1) * 8 + components * (8 + 4)
     assert result["factored"]["task_vector_bytes"] == factors + tables
     assert 0 <= result["max_rel_diff"] <= 1e-5
+    assert result["dense"]["base"] == result["factored"]["base"] == "disk"
     assert all(result[k]["peak_rss_anon_bytes"] > 0 and result[k]["step_seconds"] > 0 for k in ("dense", "factored"))

@@ -123,11 +123,12 @@ def test_bench_concrete_merge(tmp_path):
 
 
 def test_bench_concrete_step(tmp_path):
-    result = run_bench("bench_concrete_step.py", tmp_path, "--tasks", "2", "--batch", "1", "--hidden", "32",
-                       "--layers", "1", "--image-size", "32")
+    result = run_bench("bench_concrete_step.py", tmp_path, "--base-on-disk", str(tmp_path), "--tasks", "2",
+                       "--batch", "1", "--hidden", "32", "--layers", "1", "--image-size", "32")
     markdown = rendered("bench-concrete-step", tmp_path / "bench_concrete_step.json")
     (table,) = tables(markdown)
     assert [r["impl"] for r in table] == ["fused", "eager"]
+    assert [r["base"] for r in table] == ["disk", ""]
     for cells in table:
         run = result["results"][cells["impl"]]
         assert_timing(cells["step"], run["step"])

@@ -78,11 +78,13 @@ def test_matches_float64_spec_on_the_densified_vectors(backend, mask, rescale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("taskwise", [False, True])
 def test_factored_equals_dense_op_on_densified_vectors(backend, dtype, taskwise):
-    # Larger tensors: many row tiles per segment, rows that are not multiples of the blocking, a row longer
-    # than a whole tile, and ranks summing past a power of two.
+    # Larger tensors: several row tiles per segment (the C++ backend's tiles hold 262144 elements), rows that
+    # are not multiples of the blocking, a row longer than a whole tile, and ranks summing past a power of two.
     if backend == "triton":
         shapes = [(40, 33), (3, 1100), (70, 17)]
-    else:
+    elif backend == "cpp":
+        shapes = [(2700, 100), (2, 300000), (67, 129), (1, 3)]
+    else:  # the reference's fp32 sums over these many elements drift past the tolerance from the dense order
         shapes = [(300, 100), (2, 20000), (67, 129), (1, 3)]
     ranks = [[4, 1, 16, 0], [8, 2, 0, 1], [16, 0, 5, 0]]
     ranks = [r[: len(shapes)] for r in ranks]
@@ -103,7 +105,7 @@ def test_factored_equals_dense_op_on_densified_vectors(backend, dtype, taskwise)
 def test_the_mask_is_the_dense_ops_mask(backend):
     # With a = 1 everywhere (rank one, all-ones factors), base 0 and no rescale, the output IS the mask: the
     # same Philox positions as the dense op and `sample_concrete_mask`, across row tiles and segments.
-    shapes = [(9, 7), (130, 40)] if backend == "triton" else [(9, 7), (700, 50)]
+    shapes = [(9, 7), (130, 40)] if backend == "triton" else [(9, 7), (6000, 50)]
     offsets = torch.tensor([0, 63, 63 + shapes[1][0] * shapes[1][1]])
     terms = [[(0, torch.ones(r, 1), torch.ones(1, c), 1.0)] for r, c in shapes]
     factors = LoraFactors.from_segments(offsets, [r for r, _ in shapes], terms, 1)

@@ -1,0 +1,135 @@
+"""`pyfuse.memory.disk_buffer` and the disk-backed base of an adaptive run (`base_on_disk`): file pages instead of
+anonymous memory, the same results, and the refusals (a file system in memory, a full disk, a GPU run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import pyfuse
+from pyfuse import memory
+from pyfuse.adaptive import AdaptiveLoop, RunOptions, Settings
+from pyfuse.config import run_from_config
+from pyfuse.memory import disk_buffer, is_disk_backed, status_bytes
+
+from .adaptive_helpers import CLIP_TASKS, clip_state_dicts, clip_task, save_clip_dirs, tiny_clip
+
+MIB = 2**20
+
+
+def test_disk_buffer_holds_its_values_in_file_pages_and_leaves_no_file(tmp_path):
+    numel = 16 * MIB  # 64 MiB of fp32
+    values = torch.arange(numel, dtype=torch.float64).mul_(0.5)
+    buffer = disk_buffer(numel, torch.float32, tmp_path)
+    anon, file = status_bytes("RssAnon"), status_bytes("RssFile")  # before any page of the buffer is touched
+    assert torch.count_nonzero(buffer) == 0 and is_disk_backed(buffer)
+    assert list(tmp_path.iterdir()) == []  # unlinked at once
+    buffer.copy_(values)
+    assert status_bytes("RssFile") - file >= 60 * MIB  # the buffer's pages are the file's
+    assert status_bytes("RssAnon") - anon < 16 * MIB
+    assert torch.equal(buffer[-3:], torch.tensor([numel - 3, numel - 2, numel - 1], dtype=torch.float32) * 0.5)
+    assert not is_disk_backed(torch.zeros(3))
+
+
+def test_disk_buffer_goes_beside_a_path_not_created_yet(tmp_path):
+    buffer = disk_buffer(10, torch.bfloat16, tmp_path / "out" / "run")
+    assert buffer.dtype == torch.bfloat16 and buffer.shape == (10,) and is_disk_backed(buffer)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the directories it was named for
+
+
+def test_disk_buffer_refuses_a_file_system_in_memory_and_a_full_disk(tmp_path, monkeypatch):
+    if memory.filesystem_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm here")
+    with pytest.raises(ValueError, match="/dev/shm is on tmpfs, which keeps its files in memory"):
+        disk_buffer(10, torch.float32, "/dev/shm")
+    with pytest.raises(ValueError, match="/dev/shm is on tmpfs"):
+        disk_buffer(10, torch.float32, "/dev/shm/not/yet")
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(OSError, match=f"{tmp_path}: a disk-backed buffer needs 4,000 bytes, 1,000 are free"):
+        disk_buffer(1000, torch.float32, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_filesystem_type_takes_the_longest_mount_point(tmp_path):
+    assert memory.filesystem_type("/proc/self") == "proc"
+    assert memory.filesystem_type(tmp_path) not in (None, "proc")
+
+
+def _loop(task_vectors, options):
+    settings = Settings(method="concrete_adamerging", coefficients="layer", meta_steps=2, inner_steps=1,
+                        eval_mask="relaxed", seed=3)
+    tasks = [clip_task(name) for name in CLIP_TASKS]
+    return AdaptiveLoop(tiny_clip(), task_vectors, tasks, settings, options)
+
+
+def test_a_disk_backed_base_gives_the_same_run_bit_for_bit(tmp_path):
+    base, finetuned = clip_state_dicts()
+    in_memory = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS), dtype=torch.bfloat16)
+    on_disk = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS), dtype=torch.bfloat16,
+                                             base_dir=tmp_path)
+    assert is_disk_backed(on_disk.base) and not is_disk_backed(in_memory.base)
+    assert torch.equal(on_disk.base, in_memory.base) and torch.equal(on_disk.vectors, in_memory.vectors)
+    assert list(tmp_path.iterdir()) == []
+
+    runs = []
+    for task_vectors, options in ((in_memory, RunOptions(progress=False, backend="cpp")),
+                                  (on_disk, RunOptions(progress=False, backend="cpp")),
+                                  (in_memory, RunOptions(progress=False, backend="cpp", base_on_disk=True,
+                                                         out_dir=tmp_path / "out"))):
+        loop = _loop(task_vectors, options)
+        assert is_disk_backed(loop.merger.task_vectors.base) == (task_vectors is on_disk or options.base_on_disk)
+        runs.append([loop.meta_step(t) for t in range(2)] + [loop.merged_flat()])
+    assert not (tmp_path / "out").exists()
+    for run in runs[1:]:
+        assert run[:2] == runs[0][:2]
+        assert torch.equal(run[2], runs[0][2])
+
+
+def test_base_on_disk_is_refused_without_out_dir_or_off_the_cpu(tmp_path):
+    base, finetuned = clip_state_dicts()
+    task_vectors = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS))
+    with pytest.raises(ValueError, match="base_on_disk puts the base in out_dir: give out_dir"):
+        _loop(task_vectors, RunOptions(progress=False, base_on_disk=True))
+    with pytest.raises(ValueError, match="base_on_disk must be true or false"):
+        RunOptions(base_on_disk="yes")
+    with pytest.raises(ValueError, match="a disk-backed base .base_dir. is a CPU buffer, not one on cuda"):
+        pyfuse.TaskVectors.from_models(base, finetuned, base_dir=tmp_path, device="cuda")
+
+
+def test_a_config_run_with_base_on_disk_builds_the_base_there(tmp_path, monkeypatch):
+    root = save_clip_dirs(tmp_path / "clip")
+    config = {
+        "method": "concrete_task_arithmetic", "base": str(root / "base"),
+        "models": {name: str(root / name) for name in CLIP_TASKS},
+        "tasks": {name: {"factory": "tests.adaptive_helpers:clip_task", "kwargs": {"name": name}}
+                  for name in CLIP_TASKS},
+        "parameters": {"steps": 1, "seed": 1},
+        "run": {"progress": False, "backend": "cpp", "base_on_disk": True},
+    }
+    built = []
+    real = pyfuse.TaskVectors.from_models.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(kwargs.get("base_dir"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(pyfuse.TaskVectors, "from_models", classmethod(spy))
+    on_disk = run_from_config(config, tmp_path / "disk", trust_code=True)
+    assert built == [tmp_path / "disk"]
+    config["run"]["base_on_disk"] = False
+    in_memory = run_from_config(config, tmp_path / "memory", trust_code=True)
+    assert built[-1] is None
+    assert torch.equal(on_disk.flat, in_memory.flat) and torch.equal(on_disk.logits, in_memory.logits)
+    assert not any(p.name.startswith(".pyfuse-buffer") for p in tmp_path.rglob("*"))
+
+    if memory.filesystem_type("/dev/shm") == "tmpfs" and os.access("/dev/shm", os.W_OK):
+        config["run"]["base_on_disk"] = True
+        with pytest.raises(ValueError, match="is on tmpfs, which keeps its files in memory"):
+            run_from_config(config, "/dev/shm/pyfuse-test-out", trust_code=True)
+        assert not os.path.exists("/dev/shm/pyfuse-test-out")
