@@ -13,10 +13,10 @@ are the last position's first 10 vocabulary logits. The step: one inner pass on 
 (Adam 0.1) and one outer pass on the mask logits (Adam 1e-4), the authors' Flan-T5 learning rates.
 
 Each form runs in a fresh subprocess, one after the other. The child measures its peak RssAnon
-(`pyfuse.memory.PeakRssAnon`) from before the model is built to the end of the first outer step, so the model, the
+(`pyfuse.memory.PeakRssAnon`) from before the model is built to the end of the last timed step, so the model, the
 task vectors and every buffer of the step count (glibc's mmap threshold fixed, so freed blocks leave at once). Step
 time is wall-clock (CPU time beside it), the median and spread of `--steps` outer steps timed after `--warmup`
-untimed ones (the first of which the memory window covers), without the one-off loading of the op's backend (done
+untimed ones (the memory window covers them all), without the one-off loading of the op's backend (done
 before, on a tiny input). With `--base-on-disk DIR` both forms hold the base in a disk-backed buffer
 (`RunOptions.base_on_disk`), whose file pages RssAnon does not count. One more step, under `torch.profiler`, says
 where a step's time goes: the fused op's forward and backward, the optimisers, the model's forward and backward (and
@@ -134,13 +134,14 @@ def _child(args) -> None:
         settings = Settings(method="concrete_adamerging", coefficients="layer", meta_steps=1, inner_steps=1,
                             inner_lr=0.1, mask_lr=1e-4, eval_mask="relaxed", seed=0)
         loop = AdaptiveLoop(model, tv, tasks, settings, RunOptions(progress=False, backend=args.backend))
-        loop.meta_step(0)  # the first warm-up step, inside the memory window
-    for t in range(1, args.warmup):
-        loop.meta_step(t)
-    seconds: list[float] = []
-    cpu_seconds: list[float] = []
-    for t in range(max(1, args.warmup), max(1, args.warmup) + args.steps):
-        _timed(loop, t, seconds, cpu_seconds)
+        for t in range(max(1, args.warmup)):
+            loop.meta_step(t)
+        # The timed steps stay inside the memory window: from the second step on, Adam's two [D] moments
+        # exist while the model runs, which the first step's peak does not show.
+        seconds: list[float] = []
+        cpu_seconds: list[float] = []
+        for t in range(max(1, args.warmup), max(1, args.warmup) + args.steps):
+            _timed(loop, t, seconds, cpu_seconds)
     breakdown = step_breakdown(lambda: loop.meta_step(max(1, args.warmup) + args.steps))
     merged = loop.merged_flat()  # for the comparison only, after the measured window
     torch.save({"merged": merged, "base": tv.base, "offsets": tv.layout.offsets}, args.out)
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5,
                         help="outer steps timed after the warm-up (median and spread; >= 5 for the time ratio)")
     parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed outer steps first; the memory window covers the first of them")
+                        help="untimed outer steps first (inside the memory window, as the timed ones)")
     parser.add_argument("--backend", default="auto", help="the fused op's backend")
     parser.add_argument("--base-on-disk", metavar="DIR",
                         help="both forms hold the base in a disk-backed buffer in DIR (pyfuse.memory.disk_buffer: "

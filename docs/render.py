@@ -436,6 +436,15 @@ def step_table(results: dict[str, dict[str, Any]], label: str, columns: list[Col
     return markdown_table([{"name": name, **r} for name, r in results.items()], [(label, text("name")), *columns])
 
 
+def breakdown_table(results: dict[str, dict[str, Any]], label: str) -> str:
+    """Where one profiled step's time goes, per run (`benchmarks/common.py:step_breakdown`), in seconds."""
+    return "Where a step's time goes (one more step under `torch.profiler`, seconds):\n\n" + step_table(
+        {name: r["breakdown"] for name, r in results.items()}, label, [
+            ("op forward", value("op_forward")), ("op backward", value("op_backward")),
+            ("optimiser", value("optimiser")), ("model forward and backward, rest", value("model_and_rest")),
+            ("step", value("profiled_step_seconds"))])
+
+
 @renderer("bench-concrete-step")
 def bench_concrete_step(args: list[str]) -> str:
     """`bench-concrete-step FILE`: one Concrete AdaMerging outer step, pyfuse (fused) against the authors' (eager)."""
@@ -444,20 +453,80 @@ def bench_concrete_step(args: list[str]) -> str:
         ("backend", text("backend")), ("vectors", text("vector_dtype")), ("base", text("base")),
         ("step", timed("step")), ("step CPU", timed("step_cpu")), ("peak RssAnon GiB", value("peak_rss_anon_gib")),
         ("VmHWM GiB", value("vmhwm_gib")), ("threads", text("threads"))])
-    return bench_page(result, args[0], [table], result.get("ratios"), result.get("unreliable_ratios"))
+    return bench_page(result, args[0], [table, breakdown_table(result["results"], "impl")], result.get("ratios"),
+                      result.get("unreliable_ratios"))
 
 
 @renderer("bench-lora-concrete")
 def bench_lora_concrete(args: list[str]) -> str:
     """`bench-lora-concrete FILE`: a Concrete AdaMerging step on LoRA task vectors, dense against factored."""
     result = load_result(args[0])
-    table = step_table({kind: result[kind] for kind in ("dense", "factored")}, "task vectors", [
-        ("task-vector GiB", value("task_vector_bytes", 2**-30)), ("peak RssAnon GiB", value("peak_rss_anon_bytes",
-                                                                                              2**-30)),
+    forms = {kind: result[kind] for kind in ("dense", "factored")}
+    table = step_table(forms, "task vectors", [
+        ("task-vector GiB", value("task_vector_bytes", 2**-30)), ("base", text("base")),
+        ("peak RssAnon GiB", value("peak_rss_anon_bytes", 2**-30)),
         ("step", timed("step")), ("step CPU", timed("step_cpu")), ("threads", text("threads"))])
     note = (f"{result['model']}. Largest difference of the merged parameters, factored against dense: "
             f"{number(result['max_rel_diff'])} (relative to the parameters).")
-    return bench_page(result, args[0], [table, note], result["ratios"], result["unreliable_ratios"])
+    return bench_page(result, args[0], [table, breakdown_table(forms, "task vectors"), note], result["ratios"],
+                      result["unreliable_ratios"])
+
+
+def _ratio_or_withheld(ratios: dict[str, Any], unreliable: dict[str, Any], key: str) -> str:
+    if (ratios or {}).get(key) is not None:
+        return number(ratios[key])
+    entry = (unreliable or {}).get(key)
+    return f"withheld ({entry['reason']})" if entry else ""
+
+
+def _target_rows(result: dict[str, Any], path: str) -> list[dict[str, str]]:
+    """The rows one benchmark JSON gives the targets table (see `bench_targets`)."""
+    kind, threads = result["benchmark"], result["provenance"].get("threads")
+    ratios, unreliable = result.get("ratios") or {}, result.get("unreliable_ratios") or {}
+    source = f"`{Path(path).name}`"
+    if kind == "concrete_step":
+        fused = result["results"]["fused"]
+        what = (f"one Concrete AdaMerging step, CLIP ViT-B/32, {result['config']['tasks']} {fused['vector_dtype']} "
+                f"task vectors, base {'on disk' if fused.get('base') == 'disk' else 'in memory'}; pyfuse / the "
+                f"authors' algorithm, {threads} thread(s)")
+        return [{"what": f"{what}: peak RssAnon", "figure": _ratio_or_withheld(ratios, unreliable, "peak_rss_anon"),
+                 "target": "≤ 0.30", "source": source},
+                {"what": f"{what}: step time", "figure": _ratio_or_withheld(ratios, unreliable, "step_time"),
+                 "target": "", "source": source}]
+    if kind == "lora_concrete":
+        what = f"LoRA task vectors factored / dense, Concrete AdaMerging step, {threads} thread(s)"
+        return [{"what": f"{what}: step time", "figure": _ratio_or_withheld(ratios, unreliable, "step_seconds"),
+                 "target": "≤ 1.0", "source": source},
+                {"what": f"{what}: peak RssAnon", "figure": number(ratios.get("peak_rss_anon_bytes")),
+                 "target": "≤ 0.45", "source": source}]
+    if kind == "concrete_merge":
+        rows = []
+        for row in result["rows"]:
+            if row["impl"] != "pyfuse-cpp" or row["D"] != max(r["D"] for r in result["rows"]):
+                continue
+            what = f"fused op (C++), D = {row['D'] / 1e6:.1f}M, {row['dtype']} task vectors, {threads} thread(s)"
+            withheld = row.get("unreliable_ratios") or {}
+            rows += [{"what": f"{what}: forward / `copy_` bandwidth",
+                      "figure": _ratio_or_withheld(row, withheld, "fwd_frac_of_copy"), "target": "≥ 0.70",
+                      "source": source},
+                     {"what": f"{what}: fused backward / `copy_` bandwidth",
+                      "figure": _ratio_or_withheld(row, withheld, "kernel_bwd_frac_of_copy"), "target": "≥ 0.60",
+                      "source": source},
+                     {"what": f"{what}: the Philox noise alone / the forward's time at 70 % of `copy_`",
+                      "figure": _ratio_or_withheld(row, withheld, "noise_share_of_fwd_budget"),
+                      "target": "(< 1 for ≥ 0.70 to be possible)", "source": source}]
+        return rows
+    raise ValueError(f"{path}: no targets for benchmark {kind!r}")
+
+
+@renderer("bench-targets")
+def bench_targets(args: list[str]) -> str:
+    """`bench-targets FILE...`: the performance targets (issue 27) against the figures the benchmarks wrote."""
+    results = [(path, load_result(path)) for path in args]
+    table = markdown_table([row for path, result in results for row in _target_rows(result, path)], [
+        ("measured", text("what")), ("ratio", text("figure")), ("target", text("target")), ("JSON", text("source"))])
+    sources = "\n".join(f"- {bench_sources(result, path)}" for path, result in results)
+    return f"{table}\n\n{sources}"
 
 
 MERGE_COLUMNS: list[Column] = [

@@ -76,6 +76,15 @@ def assert_ratios_and_source(markdown: str, result: dict, ratios: dict, unreliab
     assert f"`{record['command']}`" in source
 
 
+def assert_breakdown(table: list[dict[str, str]], label: str, results: dict) -> None:
+    assert [cells[label] for cells in table] == list(results)
+    for cells in table:
+        parts = results[cells[label]]["breakdown"]
+        for header, key in (("op forward", "op_forward"), ("op backward", "op_backward"), ("optimiser", "optimiser"),
+                            ("model forward and backward, rest", "model_and_rest"), ("step", "profiled_step_seconds")):
+            assert_number(cells[header], parts[key])
+
+
 def rendered(name: str, path: Path) -> str:
     return render.RENDERERS[name]([str(path)])
 
@@ -126,7 +135,8 @@ def test_bench_concrete_step(tmp_path):
     result = run_bench("bench_concrete_step.py", tmp_path, "--base-on-disk", str(tmp_path), "--tasks", "2",
                        "--batch", "1", "--hidden", "32", "--layers", "1", "--image-size", "32")
     markdown = rendered("bench-concrete-step", tmp_path / "bench_concrete_step.json")
-    (table,) = tables(markdown)
+    table, breakdown = tables(markdown)
+    assert_breakdown(breakdown, "impl", result["results"])
     assert [r["impl"] for r in table] == ["fused", "eager"]
     assert [r["base"] for r in table] == ["disk", ""]
     for cells in table:
@@ -143,8 +153,9 @@ def test_bench_lora_concrete(tmp_path):
     result = run_bench("bench_lora_concrete.py", tmp_path, "--tasks", "2", "--rank", "2", "--hidden", "32", "--mlp",
                        "48", "--layers", "1", "--heads", "2", "--vocab", "32", "--batch", "1", "--seq", "4")
     markdown = rendered("bench-lora-concrete", tmp_path / "bench_lora_concrete.json")
-    (table,) = tables(markdown)
+    table, breakdown = tables(markdown)
     assert [r["task vectors"] for r in table] == ["dense", "factored"]
+    assert_breakdown(breakdown, "task vectors", {kind: result[kind] for kind in ("dense", "factored")})
     for cells in table:
         run = result[cells["task vectors"]]
         assert_timing(cells["step"], run["step"])
@@ -281,3 +292,40 @@ def test_every_benchmark_has_build_parser_and_main_with_argv(script):
     assert isinstance(module.build_parser(), argparse.ArgumentParser)
     argv = inspect.signature(module.main).parameters.get("argv")
     assert argv is not None and argv.default is None, f"{script}: main(argv=None)"
+
+
+def _expected_cell(ratios: dict, unreliable: dict, key: str) -> str | float:
+    if ratios.get(key) is not None:
+        return ratios[key]
+    return f"withheld ({unreliable[key]['reason']})"
+
+
+def test_bench_targets_give_each_target_the_ratio_its_json_holds():
+    files = [ROOT / "docs" / "results" / name for name in ("bench-concrete-step.json", "bench-lora-concrete.json",
+                                                          "bench-concrete-merge.json")]
+    markdown = render.RENDERERS["bench-targets"]([str(f) for f in files])
+    (table,) = tables(markdown)
+    step, lora, merge = (json.loads(f.read_text()) for f in files)
+    expected = [("≤ 0.30", step["ratios"]["peak_rss_anon"]),
+                ("", _expected_cell(step["ratios"], step["unreliable_ratios"], "step_time")),
+                ("≤ 1.0", _expected_cell(lora["ratios"], lora["unreliable_ratios"], "step_seconds")),
+                ("≤ 0.45", lora["ratios"]["peak_rss_anon_bytes"])]
+    largest = max(row["D"] for row in merge["rows"])
+    for row in merge["rows"]:
+        if row["impl"] == "pyfuse-cpp" and row["D"] == largest:
+            withheld = row.get("unreliable_ratios") or {}
+            expected += [("≥ 0.70", _expected_cell(row, withheld, "fwd_frac_of_copy")),
+                         ("≥ 0.60", _expected_cell(row, withheld, "kernel_bwd_frac_of_copy")),
+                         ("(< 1 for ≥ 0.70 to be possible)",
+                          _expected_cell(row, withheld, "noise_share_of_fwd_budget"))]
+    assert [cells["target"] for cells in table] == [target for target, _ in expected]
+    for cells, (_, figure) in zip(table, expected):
+        if isinstance(figure, str):
+            assert cells["ratio"] == figure
+        else:
+            assert_number(cells["ratio"], figure)
+    assert "base on disk" in table[0]["measured"]
+    sources = [line for line in markdown.splitlines() if line.startswith("- <sub>Source:")]
+    assert len(sources) == 3
+    for line, result in zip(sources, (step, lora, merge)):
+        assert result["provenance"]["commit"][:7] in line and f"`{result['provenance']['command']}`" in line
