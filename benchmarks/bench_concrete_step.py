@@ -14,7 +14,8 @@ fresh batch per task.
 - `fused`: pyfuse's `AdaptiveLoop.meta_step`: one fused merge per pass, the tasks' forward/backward one at
   a time into one flat gradient, one fused backward; task vectors in `--vector-dtype` (bf16 by default);
   with `--base-on-disk DIR` the base is a disk-backed buffer (`RunOptions.base_on_disk`: file pages, which
-  RssAnon does not count and the kernel may drop under memory pressure).
+  RssAnon does not count and the kernel may drop under memory pressure), with `--vectors-on-disk DIR` the
+  task vectors (`RunOptions.vectors_on_disk`).
 
 Each impl runs in its own subprocess (glibc's mmap threshold fixed, so freed blocks leave at once). The
 parent polls /proc/<pid>/status (RssAnon, VmRSS) while it runs; the child resets its VmHWM (via
@@ -110,8 +111,11 @@ def _fused(args, model, heads, images, ranks=None):
     names = [f"task{i}" for i in range(args.tasks)]
     tv = pyfuse.TaskVectors(layout, base, vectors, names, shard=segments if ranks is not None else None)
     if args.base_on_disk:
-        tv = tv.with_base_on_disk(args.base_on_disk)
+        tv = tv.on_disk(args.base_on_disk)
         base = tv.base  # the in-memory copy is dropped here
+    if args.vectors_on_disk:
+        tv = tv.on_disk(args.vectors_on_disk, base=False, vectors=True)
+    del vectors
     if ranks is None:
         # The merged values replace the model's weights in every call: let them share the base's memory (as the
         # authors' code uses the pre-trained weights themselves as the base), not hold a second copy of D floats.
@@ -129,6 +133,7 @@ def _fused(args, model, heads, images, ranks=None):
                         RunOptions(progress=False, backend=args.backend))
     return loop.meta_step, {"backend": loop.backend, "vector_dtype": args.vector_dtype,
                             "base": "disk" if args.base_on_disk else "memory",
+                            "vectors_in": "disk" if args.vectors_on_disk else "memory",
                             "task_vector_bytes": loop.merger.task_vectors.nbytes, "elements": hi - lo,
                             "numel": layout.numel}
 
@@ -228,8 +233,9 @@ def _measure(impl: str, args) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--classes", str(args.classes),
                "--backend", args.backend, "--vector-dtype", args.vector_dtype, "--hidden", str(args.hidden),
                "--layers", str(args.layers), "--image-size", str(args.image_size)]
-    if args.base_on_disk:
-        command += ["--base-on-disk", args.base_on_disk]
+    for option in ("base_on_disk", "vectors_on_disk"):
+        if getattr(args, option):
+            command += [f"--{option.replace('_', '-')}", getattr(args, option)]
     # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors (as in the
     # other benchmarks), not what the allocator kept of freed ones: the eager side's peaks spread 14-18 GiB without
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ,
@@ -288,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-on-disk", metavar="DIR",
                         help="the fused impl holds its base in a disk-backed buffer in DIR (pyfuse.memory.disk_buffer: "
                              "file pages, not anonymous memory; the file is unlinked at once)")
+    parser.add_argument("--vectors-on-disk", metavar="DIR",
+                        help="the fused impl holds its task vectors in a disk-backed buffer in DIR (likewise)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=("fused", "eager"), help=argparse.SUPPRESS)
     add_tower_options(parser)
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"impl": impl, "backend": r.get("backend", "-"), "spread_pct": 100 * r["step"]["spread"], **r}
             for impl, r in results.items()]
     print_table(rows, [("impl", "impl", ""), ("backend", "backend", ""), ("vector_dtype", "vectors", ""),
-                       ("base", "base", ""),
+                       ("base", "base", ""), ("vectors_in", "vectors in", ""),
                        ("median_step_seconds", "step s", ".2f"), ("spread_pct", "spread %", ".0f"),
                        ("median_step_cpu_seconds", "step CPU s", ".2f"),
                        ("peak_rss_anon_gib", "RssAnon GiB", ".2f"),

@@ -123,7 +123,7 @@ def _child(args) -> None:
         build_seconds = time.perf_counter() - start
         del adapters
         if args.base_on_disk:
-            tv = tv.with_base_on_disk(args.base_on_disk)  # the in-memory base goes with the object it replaces
+            tv = tv.on_disk(args.base_on_disk)  # the in-memory base goes with the object it replaces
         # The merged values replace these weights in every call: let them share the base's memory.
         parameters = dict(model.named_parameters())
         for name, view in tv.layout.unflatten(tv.base).items():

@@ -450,7 +450,8 @@ def bench_concrete_step(args: list[str]) -> str:
     """`bench-concrete-step FILE`: one Concrete AdaMerging outer step, pyfuse (fused) against the authors' (eager)."""
     result = load_result(args[0])
     table = step_table(result["results"], "impl", [
-        ("backend", text("backend")), ("vectors", text("vector_dtype")), ("base", text("base")),
+        ("backend", text("backend")), ("vectors", text("vector_dtype")), ("base in", text("base")),
+        ("vectors in", text("vectors_in")),
         ("step", timed("step")), ("step CPU", timed("step_cpu")), ("peak RssAnon GiB", value("peak_rss_anon_gib")),
         ("VmHWM GiB", value("vmhwm_gib")), ("threads", text("threads"))])
     return bench_page(result, args[0], [table, breakdown_table(result["results"], "impl")], result.get("ratios"),
@@ -463,7 +464,7 @@ def bench_lora_concrete(args: list[str]) -> str:
     result = load_result(args[0])
     forms = {kind: result[kind] for kind in ("dense", "factored")}
     table = step_table(forms, "task vectors", [
-        ("task-vector GiB", value("task_vector_bytes", 2**-30)), ("base", text("base")),
+        ("task-vector GiB", value("task_vector_bytes", 2**-30)), ("base in", text("base")),
         ("peak RssAnon GiB", value("peak_rss_anon_bytes", 2**-30)),
         ("step", timed("step")), ("step CPU", timed("step_cpu")), ("threads", text("threads"))])
     note = (f"{result['model']}. Largest difference of the merged parameters, factored against dense: "
@@ -479,6 +480,10 @@ def _ratio_or_withheld(ratios: dict[str, Any], unreliable: dict[str, Any], key: 
     return f"withheld ({entry['reason']})" if entry else ""
 
 
+def _where(storage: str | None) -> str:
+    return "on disk" if storage == "disk" else "in memory"
+
+
 def _target_rows(result: dict[str, Any], path: str) -> list[dict[str, str]]:
     """The rows one benchmark JSON gives the targets table (see `bench_targets`)."""
     kind, threads = result["benchmark"], result["provenance"].get("threads")
@@ -487,7 +492,7 @@ def _target_rows(result: dict[str, Any], path: str) -> list[dict[str, str]]:
     if kind == "concrete_step":
         fused = result["results"]["fused"]
         what = (f"one Concrete AdaMerging step, CLIP ViT-B/32, {result['config']['tasks']} {fused['vector_dtype']} "
-                f"task vectors, base {'on disk' if fused.get('base') == 'disk' else 'in memory'}; pyfuse / the "
+                f"task vectors {_where(fused.get('vectors_in'))}, base {_where(fused.get('base'))}; pyfuse / the "
                 f"authors' algorithm, {threads} thread(s)")
         return [{"what": f"{what}: peak RssAnon", "figure": _ratio_or_withheld(ratios, unreliable, "peak_rss_anon"),
                  "target": "≤ 0.30", "source": source},

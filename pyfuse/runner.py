@@ -90,9 +90,9 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
     options = RunOptions(out_dir=out_dir, resume=resume, allow_nonfinite=allow_nonfinite, **{**config.run, **run})
     device = resolve_device(options.device or "cpu")  # a bad device fails before any model is loaded
     autocast_dtype(options.autocast)
-    if options.base_on_disk:
+    if options.base_on_disk or options.vectors_on_disk:
         if device.type != "cpu":
-            raise ValueError(f"base_on_disk holds the base in a CPU buffer; this run computes on {device}")
+            raise ValueError(f"base_on_disk and vectors_on_disk hold CPU buffers; this run computes on {device}")
         check_on_disk(out_dir)
     check_trusted(config, trust_code, source)
     inputs = [path for path in (config.base, *config.models) if isinstance(path, (str, os.PathLike))]
@@ -117,7 +117,8 @@ def run_adaptive(config: MergeConfig, out_dir: str | os.PathLike, *, resume: boo
                                                    dtype=VECTOR_DTYPES[config.vector_dtype],
                                                    progress=options.progress, allow_nonfinite=allow_nonfinite,
                                                    shard_of=shard_of, device=device,
-                                                   base_dir=out_dir if options.base_on_disk else None)
+                                                   base_dir=out_dir if options.base_on_disk else None,
+                                                   vectors_dir=out_dir if options.vectors_on_disk else None)
             if force and not resume and writes:  # as a static merge replaces it: nothing earlier stays beside
                 remove_replaced(target)
         if ranks is not None:

@@ -23,7 +23,7 @@ from .finite import check_finite
 from .io.lora import factored
 from .io.sources import TensorSource, open_source
 from .layout import FlatLayout
-from .memory import disk_buffer
+from .memory import disk_buffer, is_disk_backed
 from .ops.factors import LoraFactors
 from .ops.profiling import nvtx_range
 from .progress import progress_bar
@@ -94,14 +94,24 @@ class TaskVectors:
         return TaskVectors(self.layout, self.base.to(device), self.vectors.to(device), list(self.names),
                            {key: t.to(device) for key, t in self.carried.items()}, self.shard)
 
-    def with_base_on_disk(self, near: str | os.PathLike) -> TaskVectors:
-        """The same task vectors with the base copied into a disk-backed buffer beside `near`
-        (`pyfuse.memory.disk_buffer`): file pages, which the kernel may drop and re-read under memory
-        pressure, instead of anonymous memory. The copy is this object's until it is dropped."""
-        if self.base.device.type != "cpu":
-            raise ValueError(f"a disk-backed base is a CPU buffer; this base is on {self.base.device}")
-        base = disk_buffer(self.base.numel(), self.base.dtype, near).copy_(self.base)
-        return dataclasses.replace(self, base=base)
+    def on_disk(self, near: str | os.PathLike, *, base: bool = True, vectors: bool = False) -> TaskVectors:
+        """The same task vectors with the base and / or the (dense) task vectors copied into disk-backed buffers
+        beside `near` (`pyfuse.memory.disk_buffer`): file pages, which the kernel may drop and re-read under
+        memory pressure, instead of anonymous memory. Buffers already disk-backed are kept; the in-memory ones
+        stay this object's until it is dropped."""
+        if vectors and self.factored:
+            raise ValueError(f"factored LoRA task vectors are kept as their factors ({self.nbytes:,} bytes): only "
+                             "dense task vectors go on disk")
+        moved = {}
+        for name, wanted in (("base", base), ("vectors", vectors)):
+            tensor = getattr(self, name)
+            if not wanted or is_disk_backed(tensor):
+                continue
+            if tensor.device.type != "cpu":
+                raise ValueError(f"a disk-backed buffer is a CPU buffer; these task vectors' {name} is on "
+                                 f"{tensor.device}")
+            moved[name] = disk_buffer(tensor.numel(), tensor.dtype, near).view(tensor.shape).copy_(tensor)
+        return dataclasses.replace(self, **moved) if moved else self
 
     def require_whole(self, what: str) -> None:
         """Raise, naming `what`, if these task vectors are a shard."""
@@ -179,6 +189,7 @@ class TaskVectors:
         shard_of: tuple[int, int] | None = None,
         device: torch.device | str = "cpu",
         base_dir: str | os.PathLike | None = None,
+        vectors_dir: str | os.PathLike | None = None,
     ) -> TaskVectors:
         """Build from a base and n fine-tuned models (state dicts, modules or safetensors paths).
 
@@ -188,14 +199,15 @@ class TaskVectors:
         tensor raises, naming the model and the tensor, unless `allow_nonfinite`. With `shard_of` = (rank,
         world size), only that rank's segments (`pyfuse.distributed.segment_shards`) are read and held. The
         buffers are allocated on `device` and filled one tensor at a time, so a GPU run never holds them on the
-        CPU. With `base_dir` (CPU only), the base is a disk-backed buffer there (`pyfuse.memory.disk_buffer`).
+        CPU. With `base_dir` / `vectors_dir` (CPU only), the base / the task vectors are disk-backed buffers there
+        (`pyfuse.memory.disk_buffer`).
         """
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"task vectors are stored as one of {_STORAGE_DTYPES}, got {dtype}")
         if not finetuned:
             raise ValueError("need at least one fine-tuned model")
-        if base_dir is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"a disk-backed base (base_dir) is a CPU buffer, not one on {device}")
+        if (base_dir is not None or vectors_dir is not None) and torch.device(device).type != "cpu":
+            raise ValueError(f"disk-backed buffers (base_dir, vectors_dir) are CPU buffers, not ones on {device}")
         names = list(names) if names is not None else [f"task{i}" for i in range(len(finetuned))]
         if len(names) != len(finetuned) or len(set(names)) != len(names):
             raise ValueError(f"need {len(finetuned)} distinct task names, got {names}")
@@ -212,7 +224,8 @@ class TaskVectors:
         lo, hi = offsets[first], offsets[last]
         base_flat = (torch.empty(hi - lo, dtype=torch.float32, device=device) if base_dir is None
                      else disk_buffer(hi - lo, torch.float32, base_dir))
-        vectors = torch.empty(len(sources), hi - lo, dtype=dtype, device=device)
+        vectors = (torch.empty(len(sources), hi - lo, dtype=dtype, device=device) if vectors_dir is None
+                   else disk_buffer(len(sources) * (hi - lo), dtype, vectors_dir).view(len(sources), hi - lo))
         for index in progress_bar(range(first, last), desc="task vectors", disable=not progress):
             key, start, end = layout.names[index], offsets[index] - lo, offsets[index + 1] - lo
             with nvtx_range("taskvectors.read"):

@@ -132,13 +132,14 @@ def test_bench_concrete_merge(tmp_path):
 
 
 def test_bench_concrete_step(tmp_path):
-    result = run_bench("bench_concrete_step.py", tmp_path, "--base-on-disk", str(tmp_path), "--tasks", "2",
-                       "--batch", "1", "--hidden", "32", "--layers", "1", "--image-size", "32")
+    result = run_bench("bench_concrete_step.py", tmp_path, "--base-on-disk", str(tmp_path), "--vectors-on-disk",
+                       str(tmp_path), "--tasks", "2", "--batch", "1", "--hidden", "32", "--layers", "1",
+                       "--image-size", "32")
     markdown = rendered("bench-concrete-step", tmp_path / "bench_concrete_step.json")
     table, breakdown = tables(markdown)
     assert_breakdown(breakdown, "impl", result["results"])
     assert [r["impl"] for r in table] == ["fused", "eager"]
-    assert [r["base"] for r in table] == ["disk", ""]
+    assert [(r["base in"], r["vectors in"]) for r in table] == [("disk", "disk"), ("", "")]
     for cells in table:
         run = result["results"][cells["impl"]]
         assert_timing(cells["step"], run["step"])
@@ -324,7 +325,7 @@ def test_bench_targets_give_each_target_the_ratio_its_json_holds():
             assert cells["ratio"] == figure
         else:
             assert_number(cells["ratio"], figure)
-    assert "base on disk" in table[0]["measured"]
+    assert "task vectors on disk, base on disk" in table[0]["measured"]
     sources = [line for line in markdown.splitlines() if line.startswith("- <sub>Source:")]
     assert len(sources) == 3
     for line, result in zip(sources, (step, lora, merge)):

@@ -1,5 +1,6 @@
-"""`pyfuse.memory.disk_buffer` and the disk-backed base of an adaptive run (`base_on_disk`): file pages instead of
-anonymous memory, the same results, and the refusals (a file system in memory, a full disk, a GPU run)."""
+"""`pyfuse.memory.disk_buffer` and the disk-backed base and task vectors of an adaptive run (`base_on_disk`,
+`vectors_on_disk`): file pages instead of anonymous memory, the same results, and the refusals (a file system in
+memory, a full disk, a GPU run, factored task vectors)."""
 
 from __future__ import annotations
 
@@ -68,41 +69,61 @@ def _loop(task_vectors, options):
     return AdaptiveLoop(tiny_clip(), task_vectors, tasks, settings, options)
 
 
-def test_a_disk_backed_base_gives_the_same_run_bit_for_bit(tmp_path):
+def test_disk_backed_buffers_give_the_same_run_bit_for_bit(tmp_path):
     base, finetuned = clip_state_dicts()
     in_memory = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS), dtype=torch.bfloat16)
     on_disk = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS), dtype=torch.bfloat16,
-                                             base_dir=tmp_path)
-    assert is_disk_backed(on_disk.base) and not is_disk_backed(in_memory.base)
+                                             base_dir=tmp_path, vectors_dir=tmp_path)
+    assert is_disk_backed(on_disk.base) and is_disk_backed(on_disk.vectors)
+    assert not is_disk_backed(in_memory.base) and not is_disk_backed(in_memory.vectors)
     assert torch.equal(on_disk.base, in_memory.base) and torch.equal(on_disk.vectors, in_memory.vectors)
     assert list(tmp_path.iterdir()) == []
+    assert on_disk.on_disk(tmp_path, vectors=True) is on_disk  # nothing left to move
 
+    out = tmp_path / "out"
     runs = []
-    for task_vectors, options in ((in_memory, RunOptions(progress=False, backend="cpp")),
-                                  (on_disk, RunOptions(progress=False, backend="cpp")),
-                                  (in_memory, RunOptions(progress=False, backend="cpp", base_on_disk=True,
-                                                         out_dir=tmp_path / "out"))):
+    for task_vectors, options, expected in (
+            (in_memory, RunOptions(progress=False, backend="cpp"), (False, False)),
+            (on_disk, RunOptions(progress=False, backend="cpp"), (True, True)),
+            (in_memory, RunOptions(progress=False, backend="cpp", base_on_disk=True, out_dir=out), (True, False)),
+            (in_memory, RunOptions(progress=False, backend="cpp", vectors_on_disk=True, out_dir=out), (False, True))):
         loop = _loop(task_vectors, options)
-        assert is_disk_backed(loop.merger.task_vectors.base) == (task_vectors is on_disk or options.base_on_disk)
+        held = loop.merger.task_vectors
+        assert (is_disk_backed(held.base), is_disk_backed(held.vectors)) == expected
         runs.append([loop.meta_step(t) for t in range(2)] + [loop.merged_flat()])
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
     for run in runs[1:]:
         assert run[:2] == runs[0][:2]
         assert torch.equal(run[2], runs[0][2])
 
 
-def test_base_on_disk_is_refused_without_out_dir_or_off_the_cpu(tmp_path):
+def test_factored_task_vectors_stay_factored_in_memory(tmp_path):
+    from pyfuse.models.lora import LoraAdapter
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    factors = {"0.weight": (torch.randn(2, 6), torch.randn(4, 2)), "1.weight": (torch.randn(2, 4), torch.randn(3, 2))}
+    task_vectors = pyfuse.TaskVectors.from_lora(model, [LoraAdapter("a", factors, 2, 1.0)])
+    assert task_vectors.factored
+    with pytest.raises(ValueError, match="factored LoRA task vectors are kept as their factors .* only dense"):
+        task_vectors.on_disk(tmp_path, vectors=True)
+    assert is_disk_backed(task_vectors.on_disk(tmp_path).base)
+
+
+def test_disk_backed_buffers_are_refused_without_out_dir_or_off_the_cpu(tmp_path):
     base, finetuned = clip_state_dicts()
     task_vectors = pyfuse.TaskVectors.from_models(base, finetuned, names=list(CLIP_TASKS))
-    with pytest.raises(ValueError, match="base_on_disk puts the base in out_dir: give out_dir"):
-        _loop(task_vectors, RunOptions(progress=False, base_on_disk=True))
-    with pytest.raises(ValueError, match="base_on_disk must be true or false"):
-        RunOptions(base_on_disk="yes")
-    with pytest.raises(ValueError, match="a disk-backed base .base_dir. is a CPU buffer, not one on cuda"):
-        pyfuse.TaskVectors.from_models(base, finetuned, base_dir=tmp_path, device="cuda")
+    for option in ("base_on_disk", "vectors_on_disk"):
+        with pytest.raises(ValueError, match="base_on_disk and vectors_on_disk put their buffers beside out_dir"):
+            _loop(task_vectors, RunOptions(progress=False, **{option: True}))
+        with pytest.raises(ValueError, match=f"{option} must be true or false"):
+            RunOptions(**{option: "yes"})
+    for option in ("base_dir", "vectors_dir"):
+        with pytest.raises(ValueError, match="disk-backed buffers .base_dir, vectors_dir. are CPU buffers, not ones "
+                                             "on cuda"):
+            pyfuse.TaskVectors.from_models(base, finetuned, device="cuda", **{option: tmp_path})
 
 
-def test_a_config_run_with_base_on_disk_builds_the_base_there(tmp_path, monkeypatch):
+def test_a_config_run_with_buffers_on_disk_builds_them_there(tmp_path, monkeypatch):
     root = save_clip_dirs(tmp_path / "clip")
     config = {
         "method": "concrete_task_arithmetic", "base": str(root / "base"),
@@ -110,21 +131,21 @@ def test_a_config_run_with_base_on_disk_builds_the_base_there(tmp_path, monkeypa
         "tasks": {name: {"factory": "tests.adaptive_helpers:clip_task", "kwargs": {"name": name}}
                   for name in CLIP_TASKS},
         "parameters": {"steps": 1, "seed": 1},
-        "run": {"progress": False, "backend": "cpp", "base_on_disk": True},
+        "run": {"progress": False, "backend": "cpp", "base_on_disk": True, "vectors_on_disk": True},
     }
     built = []
     real = pyfuse.TaskVectors.from_models.__func__
 
     def spy(cls, *args, **kwargs):
-        built.append(kwargs.get("base_dir"))
+        built.append((kwargs.get("base_dir"), kwargs.get("vectors_dir")))
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(pyfuse.TaskVectors, "from_models", classmethod(spy))
     on_disk = run_from_config(config, tmp_path / "disk", trust_code=True)
-    assert built == [tmp_path / "disk"]
-    config["run"]["base_on_disk"] = False
+    assert built == [(tmp_path / "disk", tmp_path / "disk")]
+    config["run"].update(base_on_disk=False, vectors_on_disk=False)
     in_memory = run_from_config(config, tmp_path / "memory", trust_code=True)
-    assert built[-1] is None
+    assert built[-1] == (None, None)
     assert torch.equal(on_disk.flat, in_memory.flat) and torch.equal(on_disk.logits, in_memory.logits)
     assert not any(p.name.startswith(".pyfuse-buffer") for p in tmp_path.rglob("*"))
 

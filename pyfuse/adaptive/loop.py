@@ -50,7 +50,6 @@ from ..finite import check_finite
 from ..io.atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from ..io.identity import InputIdentity, new_digest, update_digest
 from ..io.lock import output_lock
-from ..memory import is_disk_backed
 from ..ops import DEFAULT_TEMPERATURE, MODES
 from ..ops.backends import BACKENDS, resolve
 from ..ops.profiling import nvtx_range
@@ -132,9 +131,10 @@ class RunOptions:
             coefficients and optimiser state are created there.
         autocast: run the model's forward passes (adaptation and evaluation) under autocast in "bf16" or
             "fp16" (None: in the model's dtype). The fused merge op stays outside it (fp32 accumulation).
-        base_on_disk: hold the base in a disk-backed buffer in `out_dir` (`pyfuse.memory.disk_buffer`: file
+        base_on_disk: hold the base in a disk-backed buffer beside `out_dir` (`pyfuse.memory.disk_buffer`: file
             pages, which the kernel may drop and re-read under memory pressure, not anonymous memory); CPU runs.
-            `pyfuse adapt` builds it there directly; a loop given an in-memory base copies it there.
+            `pyfuse merge` builds it there directly; a loop given an in-memory base copies it there.
+        vectors_on_disk: the same for the dense task vectors (`[n, D]`, the largest buffer a run only reads).
     """
 
     out_dir: str | os.PathLike | None = None
@@ -149,6 +149,7 @@ class RunOptions:
     device: str | torch.device | None = None
     autocast: str | None = None
     base_on_disk: bool = False
+    vectors_on_disk: bool = False
 
     def __post_init__(self) -> None:
         for name, least in (("checkpoint_every", 0), ("eval_every", 1)):
@@ -156,7 +157,8 @@ class RunOptions:
             if not (value is None and name == "eval_every") and (
                     isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        for name in ("eval_start", "progress", "resume", "allow_nonfinite", "base_on_disk"):
+        for name in ("eval_start", "progress", "resume", "allow_nonfinite", "base_on_disk",
+                     "vectors_on_disk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         backends = ("auto", *BACKENDS)
@@ -187,10 +189,11 @@ class AdaptiveLoop:
         if self.options.device is not None:
             task_vectors, tasks = place_run(model, task_vectors, tasks, resolve_device(self.options.device))
         self.device = task_vectors.base.device
-        if self.options.base_on_disk and not is_disk_backed(task_vectors.base):
+        if self.options.base_on_disk or self.options.vectors_on_disk:
             if self.options.out_dir is None:
-                raise ValueError("base_on_disk puts the base in out_dir: give out_dir")
-            task_vectors = task_vectors.with_base_on_disk(self.options.out_dir)
+                raise ValueError("base_on_disk and vectors_on_disk put their buffers beside out_dir: give out_dir")
+            task_vectors = task_vectors.on_disk(self.options.out_dir, base=self.options.base_on_disk,
+                                                vectors=self.options.vectors_on_disk)
         self.merger = ConcreteMerger(
             model, task_vectors, coefficients=settings.coefficients, init=settings.init, clamp=settings.clamp,
             temperature=settings.temperature, seed=settings.seed, rescale=settings.rescale,
