@@ -86,7 +86,8 @@ def concrete_step_child(args: argparse.Namespace) -> None:
     with distributed.group() as ranks, PeakRssAnon() as memory:
         problem = argparse.Namespace(tasks=args.am_tasks, batch=args.am_batch, classes=10, steps=args.am_steps,
                                      vector_dtype="bfloat16", backend="auto", hidden=args.hidden,
-                                     layers=args.layers, image_size=args.image_size)
+                                     layers=args.layers, image_size=args.image_size, base_on_disk=None,
+                                     vectors_on_disk=None)
         step, info = _fused(problem, *_setup(problem), ranks=ranks)
         for t in range(args.am_warmup):
             step(t)

@@ -123,7 +123,8 @@ def test_a_config_run_on_two_ranks_loads_each_rank_its_shard(one_process, tmp_pa
         "tasks": {name: {"factory": "tests.adaptive_helpers:digits_task", "kwargs": {"name": name}} for name in TASKS},
         "parameters": {"granularity": "layer", "meta_steps": 3, "adamerging_steps": 2, "mask_lr": 0.05, "lr": 0.01,
                        "eval_mask": "relaxed", "seed": 3},
-        "run": {"progress": False, "backend": "reference"},
+        # each rank's shard of the base and task vectors goes straight into disk-backed buffers
+        "run": {"progress": False, "backend": "reference", "base_on_disk": True, "vectors_on_disk": True},
     }
     ranks = run_ranks(tmp_path, _from_config, config, str(tmp_path / "out"))
     for result in ranks:
