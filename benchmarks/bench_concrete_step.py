@@ -237,7 +237,7 @@ def _measure(impl: str, args) -> dict:
         if getattr(args, option):
             command += [f"--{option.replace('_', '-')}", getattr(args, option)]
     # A fixed mmap threshold makes glibc return every large block at once, so RssAnon tracks live tensors (as in the
-    # other benchmarks), not what the allocator kept of freed ones: the eager side's peaks spread 14-18 GiB without
+    # other benchmarks), not what the allocator kept of freed ones: without it the eager side peaked at 14-18 GiB
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ,
                                                                            "MALLOC_MMAP_THRESHOLD_": "65536"})
     events: dict[str, dict] = {}

@@ -110,8 +110,8 @@ def disk_buffer(numel: int, dtype: torch.dtype, near: str | os.PathLike) -> torc
     reserved in full (a full disk fails here, not later as SIGBUS) and unlinked at once: nothing is left there,
     even after a crash. The pages count in RssFile; once written back the kernel may drop them under memory
     pressure and read them again when touched, where anonymous memory would need swap. Meant for buffers that
-    are written once and then only read (the base of an adaptive run). A file system that keeps files in memory
-    (tmpfs) is refused: the buffer would stay resident.
+    are written once and then only read (the base and task vectors of an adaptive run). A file system that keeps
+    files in memory (tmpfs) is refused: the buffer would stay resident.
     """
     check_on_disk(near)
     directory = nearest_directory(near)
