@@ -13,11 +13,11 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lora_con
 HIDDEN, LAYERS, TASKS, RANK = 64, 2, 3, 4
 
 
-def test_tiny_run_writes_the_required_figures(tmp_path):
+def test_tiny_run_writes_the_required_figures(tmp_path, disk_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(SCRIPT), "--tasks", str(TASKS), "--rank", str(RANK), "--hidden", str(HIDDEN),
                "--mlp", "96", "--layers", str(LAYERS), "--heads", "4", "--vocab", "32", "--batch", "1", "--seq", "4",
-               "--steps", "1", "--base-on-disk", str(tmp_path), "--json", str(out)]
+               "--steps", "1", "--base-on-disk", str(disk_path), "--json", str(out)]
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     result = json.loads(out.read_text())
     keys = {"task_vector_bytes", "peak_rss_anon_bytes", "step_seconds"}

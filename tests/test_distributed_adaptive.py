@@ -113,7 +113,7 @@ def _save_digits_models(root: str) -> None:
         save_file(state, f"{root}/{name}.safetensors")
 
 
-def test_a_config_run_on_two_ranks_loads_each_rank_its_shard(one_process, tmp_path):
+def test_a_config_run_on_two_ranks_loads_each_rank_its_shard(one_process, tmp_path, disk_path):
     # the models are trained in a fresh process, as the reference's are (the suite's own may differ in the bits)
     run_alone(tmp_path, _save_digits_models, str(tmp_path))
     config = {
@@ -126,7 +126,7 @@ def test_a_config_run_on_two_ranks_loads_each_rank_its_shard(one_process, tmp_pa
         # each rank's shard of the base and task vectors goes straight into disk-backed buffers
         "run": {"progress": False, "backend": "reference", "base_on_disk": True, "vectors_on_disk": True},
     }
-    ranks = run_ranks(tmp_path, _from_config, config, str(tmp_path / "out"))
+    ranks = run_ranks(tmp_path, _from_config, config, str(disk_path / "out"))
     for result in ranks:
         _same(result, one_process)
     shards = ranks[0]["report"]["distributed"]["shards"]

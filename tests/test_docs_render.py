@@ -131,9 +131,9 @@ def test_bench_concrete_merge(tmp_path):
     assert_ratios_and_source(markdown, result, {}, unreliable)
 
 
-def test_bench_concrete_step(tmp_path):
-    result = run_bench("bench_concrete_step.py", tmp_path, "--base-on-disk", str(tmp_path), "--vectors-on-disk",
-                       str(tmp_path), "--tasks", "2", "--batch", "1", "--hidden", "32", "--layers", "1",
+def test_bench_concrete_step(tmp_path, disk_path):
+    result = run_bench("bench_concrete_step.py", tmp_path, "--base-on-disk", str(disk_path), "--vectors-on-disk",
+                       str(disk_path), "--tasks", "2", "--batch", "1", "--hidden", "32", "--layers", "1",
                        "--image-size", "32")
     markdown = rendered("bench-concrete-step", tmp_path / "bench_concrete_step.json")
     table, breakdown = tables(markdown)
