@@ -77,17 +77,17 @@ def concrete_step_child(args: argparse.Namespace) -> None:
     """In each rank: `bench_concrete_step`'s fused problem (CLIP ViT-B/32 tower, random task vectors), whose
     loop splits its tasks over the ranks; times `--am-steps` outer steps after `--am-warmup` untimed ones and
     prints this rank's figures."""
-    from bench_concrete_step import _fused, _setup
+    from bench_concrete_step import _fused, _setup, build_parser
 
     from pyfuse import distributed
     from pyfuse.memory import PeakRssAnon
 
     torch.set_num_threads(1)
     with distributed.group() as ranks, PeakRssAnon() as memory:
-        problem = argparse.Namespace(tasks=args.am_tasks, batch=args.am_batch, classes=10, steps=args.am_steps,
-                                     vector_dtype="bfloat16", backend="auto", hidden=args.hidden,
-                                     layers=args.layers, image_size=args.image_size, base_on_disk=None,
-                                     vectors_on_disk=None)
+        # bench_concrete_step's own options, its defaults for the rest (bf16 vectors, auto backend, 10 classes)
+        problem = build_parser().parse_args([
+            "--tasks", str(args.am_tasks), "--batch", str(args.am_batch), "--steps", str(args.am_steps),
+            "--hidden", str(args.hidden), "--layers", str(args.layers), "--image-size", str(args.image_size)])
         step, info = _fused(problem, *_setup(problem), ranks=ranks)
         for t in range(args.am_warmup):
             step(t)

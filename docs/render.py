@@ -505,9 +505,9 @@ def _target_rows(result: dict[str, Any], path: str) -> list[dict[str, str]]:
                 {"what": f"{what}: peak RssAnon", "figure": number(ratios.get("peak_rss_anon_bytes")),
                  "target": "≤ 0.45", "source": source}]
     if kind == "concrete_merge":
-        rows = []
+        rows, largest = [], max(r["D"] for r in result["rows"])
         for row in result["rows"]:
-            if row["impl"] != "pyfuse-cpp" or row["D"] != max(r["D"] for r in result["rows"]):
+            if row["impl"] != "pyfuse-cpp" or row["D"] != largest:
                 continue
             what = f"fused op (C++), D = {row['D'] / 1e6:.1f}M, {row['dtype']} task vectors, {threads} thread(s)"
             withheld = row.get("unreliable_ratios") or {}

@@ -94,13 +94,14 @@ def nearest_directory(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_on_disk(path: str | os.PathLike) -> None:
-    """Raise unless `nearest_directory(path)` is on a file system that keeps its files on a disk."""
+def check_on_disk(path: str | os.PathLike) -> Path:
+    """`nearest_directory(path)`, or raise unless it is on a file system that keeps its files on a disk."""
     directory = nearest_directory(path)
     kind = filesystem_type(directory)
     if kind in MEMORY_FILESYSTEMS:
         raise ValueError(f"{directory} is on {kind}, which keeps its files in memory: a disk-backed buffer there "
                          "would stay resident; give a directory on a disk")
+    return directory
 
 
 def disk_buffer(numel: int, dtype: torch.dtype, near: str | os.PathLike) -> torch.Tensor:
@@ -113,11 +114,10 @@ def disk_buffer(numel: int, dtype: torch.dtype, near: str | os.PathLike) -> torc
     are written once and then only read (the base and task vectors of an adaptive run). A file system that keeps
     files in memory (tmpfs) is refused: the buffer would stay resident.
     """
-    check_on_disk(near)
-    directory = nearest_directory(near)
+    directory = check_on_disk(near)
     if numel == 0:
         return torch.empty(0, dtype=dtype)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     free = shutil.disk_usage(directory).free
     if free < nbytes:
         raise OSError(f"{directory}: a disk-backed buffer needs {nbytes:,} bytes, {free:,} are free")
